@@ -1,0 +1,227 @@
+"""The job config: one typed section per component, composed here, loaded from TOML.
+
+Loading reports every problem at once (schema errors from pydantic plus cross-field
+checks), each naming the dotted key and what to change, before Ray is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from models.config import LossConfig, ModelConfig, Strict
+from pipelines.config import DataConfig
+
+
+class ConfigError(Exception):
+    """A config that cannot run; ``problems`` holds one line per offending key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    """Run name; the run directory is output_dir/name. Starting a run again with the
+    same name resumes from its latest checkpoint."""
+    output_dir: str = "runs"
+    """Where run directories live (relative paths are taken from the working directory)."""
+    seed: int = 0
+    """Seeds model init, shuffling and dropout."""
+
+
+class OptimConfig(Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Applied to weight matrices only; biases, norms and the logit scale are excluded."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup steps; 0 uses warmup_fraction."""
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    """Warmup as a fraction of total steps when warmup_steps is 0."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Global gradient-norm clipping (0 disables)."""
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(default=128, ge=1)
+    """Pairs per optimizer step over all workers; each worker takes global/num_workers."""
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    log_every: int = Field(default=10, ge=1)
+    """Report training metrics every N steps."""
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """How many of the latest checkpoints to keep."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    eval_batch_size: int = Field(default=256, ge=1)
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker with NCCL; false runs on CPU with gloo."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs reserved per worker; also sets its torch thread count."""
+
+
+class JobConfig(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.train.global_batch_size // self.scaling.num_workers
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).expanduser().absolute() / self.run.name
+
+
+def cross_field_problems(cfg: JobConfig) -> list[str]:
+    """Checks that span sections; each message names the key and the fix."""
+    problems: list[str] = []
+    workers = cfg.scaling.num_workers
+    if cfg.train.global_batch_size % workers:
+        lower = cfg.train.global_batch_size - cfg.train.global_batch_size % workers
+        problems.append(
+            f"train.global_batch_size = {cfg.train.global_batch_size} is not divisible by "
+            f"scaling.num_workers = {workers}: use a multiple of {workers}, e.g. {max(lower, workers)}"
+        )
+    towers = {"anchor": cfg.model.anchor, "positive": cfg.model.positive_tower}
+    for view_name, tower in towers.items():
+        view = getattr(cfg.data, view_name)
+        tower_key = "model.anchor" if cfg.model.shared_tower else f"model.{view_name}"
+        if view.kind == "text" and tower.type != "text":
+            problems.append(
+                f"data.{view_name}.kind = \"text\" (column {view.column!r}) but {tower_key}.type = "
+                f"\"{tower.type}\" is an image tower: set {tower_key}.type = \"text\" or point "
+                f"data.{view_name} at an image column"
+            )
+        if view.kind == "image" and tower.type == "text":
+            problems.append(
+                f"data.{view_name}.kind = \"image\" (column {view.column!r}) but {tower_key}.type = "
+                f"\"text\": use an image tower (type = \"conv\" or \"vit\") or a text column"
+            )
+    if cfg.model.shared_tower and cfg.data.anchor.kind != cfg.data.positive.kind:
+        problems.append(
+            "model.shared_tower = true needs both views of one kind, but data.anchor.kind = "
+            f"{cfg.data.anchor.kind!r} and data.positive.kind = {cfg.data.positive.kind!r}: "
+            "set shared_tower = false and give [model.positive]"
+        )
+    if cfg.data.label_column is None and cfg.data.class_names:
+        problems.append("data.class_names is set but data.label_column is not: name the label column or drop class_names")
+    if cfg.data.class_names and not any("{}" in t for t in cfg.data.prompt_templates):
+        problems.append("data.prompt_templates: every template needs a `{}` for the class name")
+    if cfg.data.anchor.column == cfg.data.positive.column:
+        problems.append(
+            f"data.anchor.column and data.positive.column are both {cfg.data.anchor.column!r}: "
+            "a pair needs two different columns"
+        )
+    if cfg.train.precision == "bf16" and not cfg.scaling.use_gpu:
+        problems.append("train.precision = \"bf16\" needs scaling.use_gpu = true: use \"auto\" or \"fp32\" on CPU")
+    return problems
+
+
+_TOWER_TAGS = {"text", "conv", "vit"}
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    problems = []
+    for item in err.errors():
+        # pydantic puts the union's discriminator tag (text/conv/vit) into the location;
+        # users never write it, so drop it from the key we show.
+        parts = [str(p) for p in item["loc"]]
+        loc = ".".join(p for i, p in enumerate(parts) if not (i and p in _TOWER_TAGS))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling against `clray config show`"
+        elif item["type"] == "missing":
+            msg = "required key is missing: add it"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        problems.append(f"{loc or '(top level)'}: {msg}")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as a TOML value, else as a plain string."""
+    if "=" not in text:
+        raise ConfigError("--set", [f"{text!r}: write overrides as key=value, e.g. optim.lr=3e-4"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", [f"{text!r}: the key must be a dotted path like scaling.num_workers"])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError("--set", [f"{text!r}: {part!r} is a value, not a section"])
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"no such config file: {path}"])
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, _format_pydantic(err)) from None
+    problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    raw = apply_overrides(read_toml(path), overrides or [])
+    return validate(raw, source=str(path))
+
+
+def dump_toml(cfg: JobConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

@@ -1,0 +1,125 @@
+"""Typed configs for everything in ``models/``: towers, the dual encoder and the loss.
+
+They live here, not in ``jobs/``, so a plain torchrun script can build a model from a
+dict without importing Ray or the job layer. ``jobs.config`` composes them into the
+job config. Every model rejects unknown keys so a typo is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base for all config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextTowerConfig(Strict):
+    """A Hugging Face ``transformers`` encoder for one text view."""
+
+    type: Literal["text"] = "text"
+    pretrained: str | None = None
+    """Local directory of a saved ``transformers`` model (``save_pretrained`` layout).
+    Nothing is downloaded: a hub id that is not a local directory is an error."""
+    config: dict[str, Any] | None = None
+    """A ``transformers`` config dict (must contain ``model_type``) for a randomly
+    initialised encoder, e.g. ``{model_type="bert", hidden_size=64, ...}``."""
+    tokenizer: str = "char"
+    """``char`` (clray's built-in character tokenizer, needs no files) or a local
+    directory with a saved tokenizer. Defaults to ``pretrained`` when that is set."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """How token states become one vector: masked mean, or the first token."""
+    max_length: int = Field(default=32, ge=2)
+    """Tokens per text after truncation."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TextTowerConfig:
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError(
+                "set exactly one of `pretrained` (a local model directory) or `config` "
+                "(a transformers config dict with model_type) for a text tower"
+            )
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` needs a `model_type` key, e.g. model_type = \"bert\"")
+        return self
+
+
+class ConvTowerConfig(Strict):
+    """A small convolutional image encoder (fast on CPU; the quickstart uses it)."""
+
+    type: Literal["conv"] = "conv"
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    """Output channels of each conv block (conv-BN-ReLU-conv-BN-ReLU)."""
+    image_size: int = Field(default=32, ge=4)
+    """Images are resized to image_size x image_size before encoding."""
+    image_mode: Literal["L", "RGB"] = "RGB"
+    """Pillow mode images are converted to: L (grayscale) or RGB."""
+
+
+class VitTowerConfig(Strict):
+    """A ViT image encoder built from a ``transformers`` ViTConfig (random init)."""
+
+    type: Literal["vit"] = "vit"
+    config: dict[str, Any] = Field(default_factory=dict)
+    """ViTConfig keys (hidden_size, num_hidden_layers, patch_size, ...);
+    image_size and num_channels are filled from this section."""
+    pretrained: str | None = None
+    """Local directory of a saved ViT model; overrides `config` when set."""
+    image_size: int = Field(default=32, ge=4)
+    image_mode: Literal["L", "RGB"] = "RGB"
+    pooling: Literal["mean", "cls"] = "cls"
+
+
+TowerConfig = Annotated[
+    TextTowerConfig | ConvTowerConfig | VitTowerConfig, Field(discriminator="type")
+]
+
+
+class LogitScaleConfig(Strict):
+    init_temperature: float = Field(default=0.07, gt=0)
+    """Initial softmax temperature; the learnable parameter is log(1/temperature)."""
+    max_scale: float = Field(default=100.0, gt=0)
+    """The scale (1/temperature) is clamped to at most this in the forward pass."""
+    learnable: bool = True
+    """False freezes the temperature at init_temperature."""
+
+
+class ModelConfig(Strict):
+    anchor: TowerConfig = Field(default_factory=lambda: ConvTowerConfig())
+    """Tower that encodes the anchor view (`data.anchor`)."""
+    positive: TowerConfig | None = None
+    """Tower for the positive view; leave unset with shared_tower = true."""
+    shared_tower: bool = False
+    """One tower (and projection) for both views, e.g. symmetric text-text retrieval."""
+    embed_dim: int = Field(default=128, ge=1)
+    """Shared embedding dimension both projections map to."""
+    projection: Literal["linear", "mlp", "none"] = "linear"
+    """Head on top of each tower; `none` needs the tower width to equal embed_dim."""
+    logit_scale: LogitScaleConfig = Field(default_factory=LogitScaleConfig)
+
+    @model_validator(mode="after")
+    def _towers(self) -> ModelConfig:
+        if self.shared_tower and self.positive is not None:
+            raise ValueError("shared_tower = true uses the anchor tower for both views: remove [model.positive]")
+        if not self.shared_tower and self.positive is None:
+            raise ValueError("set [model.positive] (the positive view's tower) or shared_tower = true")
+        return self
+
+    @property
+    def positive_tower(self) -> TextTowerConfig | ConvTowerConfig | VitTowerConfig:
+        return self.anchor if self.shared_tower else self.positive  # type: ignore[return-value]
+
+
+class LossConfig(Strict):
+    type: Literal["infonce"] = "infonce"
+    """The objective. `infonce` = CLIP's softmax loss over gathered candidates."""
+    symmetric: bool = True
+    """Average anchor->positive and positive->anchor directions (CLIP); false keeps only
+    anchor->positive."""
+    gather: bool = True
+    """Score local anchors against candidates from every worker (exact gradients through
+    the gather). False restricts negatives to the worker's own batch."""

@@ -1,0 +1,58 @@
+"""Typed config for the data section: where shards are and how columns map to views."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from models.config import Strict
+
+
+class ViewConfig(Strict):
+    column: str
+    """Parquet column holding this view."""
+    kind: Literal["text", "image"]
+    """text: a string column; image: encoded PNG/JPEG bytes (binary column)."""
+
+
+class DataConfig(Strict):
+    train: list[str]
+    """Training shards: directories, globs or .parquet files (a single string is accepted)."""
+    eval: list[str] = Field(default_factory=list)
+    """Held-out shards for the end-of-run evaluation (empty: no evaluation)."""
+    anchor: ViewConfig
+    positive: ViewConfig
+    id_column: str = "id"
+    """Unique row id; quarantined rows are reported by it."""
+    label_column: str | None = None
+    """Optional integer class label; enables zero-shot accuracy on the eval split."""
+    class_names: list[str] = Field(default_factory=list)
+    """Name of each label value (index = label) for zero-shot prompts."""
+    prompt_templates: list[str] = Field(default_factory=lambda: ["{}"])
+    """Zero-shot prompts; `{}` is replaced by the class name; embeddings are averaged."""
+    batches: Literal["examples"] = "examples"
+    """examples: rows are shuffled and batched here (mined packed batches: later)."""
+    shuffle: Literal["global", "local", "none"] = "local"
+    """global: full random shuffle each epoch (all-to-all); local: shuffled block order
+    plus a shuffle buffer on each worker; none: file order."""
+    shuffle_buffer: int = Field(default=2048, ge=1)
+    """Rows in each worker's local shuffle buffer (shuffle = local)."""
+    preprocess_batch_size: int = Field(default=256, ge=1)
+    """Rows per map_batches call for validation, decoding and tokenization."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs Ray Data may use for preprocessing beside the training workers."""
+    prefetch_batches: int = Field(default=2, ge=0)
+    """Batches each worker prefetches while the current step runs."""
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _listify(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one training shard, directory or glob")
+        return value
