@@ -7,10 +7,10 @@ checks), each naming the dotted key and what to change, before Ray is touched.
 from __future__ import annotations
 
 import copy
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import Field, ValidationError
 
 from models.config import LossConfig, ModelConfig, Strict
@@ -85,7 +85,7 @@ class ScalingConfig(Strict):
 class JobConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -140,6 +140,14 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
             f"data.anchor.column and data.positive.column are both {cfg.data.anchor.column!r}: "
             "a pair needs two different columns"
         )
+    for key, tower in (("model.anchor", cfg.model.anchor), ("model.positive", cfg.model.positive)):
+        for attr in ("pretrained", "tokenizer"):
+            value = getattr(tower, attr, None) if tower is not None else None
+            if value and value != "char" and not Path(value).expanduser().is_dir():
+                problems.append(
+                    f"{key}.{attr} = {value!r} is not a local directory: clray never downloads "
+                    "models; save one with save_pretrained() and give its path"
+                )
     if cfg.train.precision == "bf16" and not cfg.scaling.use_gpu:
         problems.append("train.precision = \"bf16\" needs scaling.use_gpu = true: use \"auto\" or \"fp32\" on CPU")
     return problems

@@ -1,0 +1,39 @@
+"""Ray Data side of clray: find shards, check them, quarantine bad rows, build datasets.
+
+Importing this package does not import Ray; the functions that need it import it
+when called, so config loading stays fast and Ray-free.
+"""
+
+from pipelines.dataset import (
+    PreparedData,
+    build_datasets,
+    data_task_cpus,
+    local_shuffle_buffer_size,
+    model_inputs,
+    quiet_ray_data,
+    read_shards,
+    steps_per_epoch,
+)
+from pipelines.errors import DataError
+from pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
+from pipelines.sources import check_schema, resolve_shards
+from pipelines.validate import ValidationReport, quarantine_pass, row_problems
+
+__all__ = [
+    "CLASS_NAMES",
+    "DataError",
+    "PreparedData",
+    "ValidationReport",
+    "build_datasets",
+    "check_schema",
+    "data_task_cpus",
+    "local_shuffle_buffer_size",
+    "model_inputs",
+    "quarantine_pass",
+    "quiet_ray_data",
+    "read_shards",
+    "resolve_shards",
+    "row_problems",
+    "steps_per_epoch",
+    "write_quickstart_corpus",
+]

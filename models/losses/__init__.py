@@ -1,0 +1,16 @@
+"""Contrastive objectives behind one interface, chosen by ``LossConfig.type``."""
+
+from __future__ import annotations
+
+from models.config import LossConfig
+from models.losses.base import ContrastiveLoss, LossOutput
+from models.losses.infonce import InfoNCE
+
+__all__ = ["ContrastiveLoss", "InfoNCE", "LossOutput", "build_loss"]
+
+
+def build_loss(cfg: LossConfig) -> ContrastiveLoss:
+    """The loss object a config describes; the training step never names a concrete class."""
+    if cfg.type == "infonce":
+        return InfoNCE(symmetric=cfg.symmetric, gather=cfg.gather)
+    raise ValueError(f"unknown loss.type {cfg.type!r}; expected one of: infonce")

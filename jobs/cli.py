@@ -1,0 +1,216 @@
+"""The ``clray`` command line. ``main(argv)`` takes an argv list so tests call it in-process.
+
+User mistakes (config, data, a failed run) end as one clear message and exit code 2;
+never a Ray traceback. ``--verbose`` shows worker logs for debugging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.toml"
+QUICKSTART_DATA = Path("data/quickstart")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clray", description="Contrastive representation learning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values are TOML)",
+        )
+
+    train = sub.add_parser("train", help="train a dual encoder from a TOML config")
+    train.add_argument("config")
+    add_set(train)
+    train.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+
+    quick = sub.add_parser("quickstart", help="write the digits corpus (if missing) and train on it")
+    quick.add_argument("--data-dir", default=str(QUICKSTART_DATA))
+    add_set(quick)
+    quick.add_argument("--verbose", action="store_true")
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config with every default")
+    show.add_argument("config")
+    add_set(show)
+
+    data = sub.add_parser("data", help="corpus utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    qs = data_sub.add_parser("quickstart", help="write the handwritten-digits image-caption corpus")
+    qs.add_argument("out_dir")
+    qs.add_argument("--shards", type=int, default=4)
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--bad-rows", type=int, default=4, help="deliberately broken rows, to show quarantine")
+    return parser
+
+
+def _print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    # Plain Text, not markup: messages quote config sections like [model.positive].
+    text = Text("error: ", style="bold red") + Text(message)
+    Console(stderr=True, soft_wrap=True).print(text, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressView:
+    """Renders worker events: a progress bar during training, then nothing else."""
+
+    def __init__(self, console: Any):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "data":
+            plan = event["plan"]
+            self.console.print(
+                f"data: {plan['num_train_rows']} training rows, {plan['steps_per_epoch']} steps/epoch, "
+                f"{plan['total_steps']} steps in all"
+            )
+            if event["quarantined"]:
+                reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event["reasons"].items()))
+                self.console.print(
+                    f"[yellow]quarantined {event['quarantined']} bad rows[/] ({reasons}) -> {event['quarantine_path']}"
+                )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=plan["total_steps"], stats="starting workers...")
+        elif kind == "resumed":
+            self.console.print(f"resumed from checkpoint at step {event['step']} (epoch {event['epoch']})")
+            if self.task is not None:
+                self.progress.update(self.task, completed=event["step"])
+        elif kind == "train" and self.task is not None:
+            stats = (
+                f"loss {event['loss']:.4f}  temp {event['temperature']:.4f}  "
+                f"acc {event.get('accuracy', 0):.3f}  {event['samples_per_s']:.0f} samples/s  "
+                f"data wait {100 * event['data_wait_fraction']:.0f}%"
+            )
+            self.progress.update(self.task, completed=event["step"], stats=stats)
+        elif kind == "eval":
+            self.stop()
+            self.console.print("evaluating on the held-out split: done")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
+
+def _print_summary(console: Any, summary: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"clray run: {summary.run_dir}", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", f"{summary.steps} ({summary.steps_per_epoch}/epoch)")
+    table.add_row("training rows", str(summary.train_rows))
+    for key in ("loss", "temperature", "accuracy", "pos_sim", "neg_sim", "samples_per_s", "data_wait_fraction"):
+        if key in summary.final_train:
+            table.add_row(f"train {key}", _fmt(summary.final_train[key]))
+    for key, value in sorted(summary.eval.items()):
+        table.add_row(key, _fmt(value))
+    table.add_row("wall time (s)", f"{summary.wall_seconds:.1f}")
+    console.print(table)
+    paths = Table(show_header=False, box=None)
+    paths.add_row("checkpoints", "\n".join(summary.checkpoints) or "-")
+    paths.add_row("export", summary.export_dir or "-")
+    quarantine = (
+        f"{summary.quarantine_path} ({summary.quarantined_rows} rows)" if summary.quarantine_path else "none (no bad rows)"
+    )
+    paths.add_row("quarantine", quarantine)
+    paths.add_row("metrics", str(Path(summary.run_dir) / "metrics.jsonl"))
+    console.print(paths)
+
+
+def _train(config_path: str | Path, overrides: list[str], verbose: bool) -> int:
+    from rich.console import Console
+
+    from jobs.config import load_config
+    from jobs.train import run_training
+
+    console = Console()
+    cfg = load_config(config_path, overrides)
+    view = ProgressView(console)
+    try:
+        summary = run_training(cfg, verbose=verbose, on_event=view)
+    finally:
+        view.stop()
+    _print_summary(console, summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+
+    from jobs.config import ConfigError
+    from jobs.train import TrainingError
+    from pipelines.errors import DataError
+
+    try:
+        if args.command == "train":
+            return _train(args.config, args.overrides, args.verbose)
+        if args.command == "quickstart":
+            from pipelines.quickstart import write_quickstart_corpus
+
+            data_dir = Path(args.data_dir)
+            if not (data_dir / "train").is_dir():
+                info = write_quickstart_corpus(data_dir)
+                print(f"wrote the quickstart corpus to {data_dir} ({info.get('train_rows', '?')} train rows)")
+            overrides = [f'data.train="{data_dir / "train"}"', f'data.eval="{data_dir / "eval"}"', *args.overrides]
+            return _train(QUICKSTART_CONFIG, overrides, args.verbose)
+        if args.command == "config":
+            from jobs.config import dump_toml, load_config
+
+            print(dump_toml(load_config(args.config, args.overrides)), end="")
+            return 0
+        if args.command == "data":
+            from pipelines.quickstart import write_quickstart_corpus
+
+            info = write_quickstart_corpus(args.out_dir, num_shards=args.shards, seed=args.seed, bad_rows=args.bad_rows)
+            for key, value in info.items():
+                print(f"{key}: {value}")
+            return 0
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as exc:
+        _print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _print_error("interrupted; start the same run again to resume from its last checkpoint")
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The training loop that runs on every Ray Train worker.
+
+Read top to bottom: build model and engine, restore, then per epoch take exactly
+``steps_per_epoch`` batches from this worker's shard, step, report, checkpoint; at the
+end evaluate and export. Every place the worker touches Ray is marked ``# [ray]``;
+everything else is plain torch + DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.config import JobConfig
+from jobs.engine import build_engine, use_bf16
+
+CHECKPOINT_TAG = "state"
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+
+
+@dataclass
+class Plan:
+    """Decided on the driver so every rank agrees: no rank can run a different count."""
+
+    steps_per_epoch: int
+    total_steps: int
+    local_shuffle_buffer: int | None
+    num_train_rows: int
+
+
+class ShardExhaustedError(RuntimeError):
+    pass
+
+
+class MetricWindow:
+    """Accumulates per-step numbers between two reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.data_time = 0.0
+        self.step_time = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, float], data_time: float, step_time: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+        self.data_time += data_time
+        self.step_time += step_time
+
+    def reduce(self, global_batch: int) -> dict[str, float]:
+        """Average over steps and ranks (one small all_reduce)."""
+        keys = sorted(self.sums)
+        local = torch.tensor(
+            [self.sums[k] / max(1, self.steps) for k in keys] + [self.data_time, self.step_time],
+            dtype=torch.float64,
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local)
+            local /= dist.get_world_size()
+        out = {k: float(v) for k, v in zip(keys, local[: len(keys)], strict=True)}
+        data_time, step_time = float(local[-2]), float(local[-1])
+        elapsed = time.perf_counter() - self.started
+        out["samples_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
+        out["data_wait_fraction"] = data_time / max(step_time, 1e-9)
+        return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_model_dtype(batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
+    if not bf16:
+        return batch
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def train_step(engine: Any, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """One optimizer step: encode, loss over gathered candidates, backward, step.
+
+    Returns the loss output and the logit scale the step used: under ZeRO-3 the scale
+    parameter is partitioned outside forward, so this is where its value is readable."""
+    anchor, positive, scale = engine(batch)
+    out = loss_fn(anchor, positive, logit_scale=scale)
+    engine.backward(out.loss)
+    engine.step()
+    return out, float(scale.detach().float())
+
+
+def save_checkpoint(engine: Any, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:
+    """DeepSpeed writes its shards on every rank; Ray merges the ranks' directories."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="clray-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"train_state": asdict(state)})
+        torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        ray.train.report(  # [ray]
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+        )
+
+
+def restore_checkpoint(engine: Any, checkpoint: Any, rank: int) -> TrainState:
+    with checkpoint.as_directory() as path:
+        _, client = engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        rng_file = Path(path) / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    if not client or "train_state" not in client:
+        raise RuntimeError(f"checkpoint {checkpoint.path} has no clray train state: was it written by clray?")
+    return TrainState(**client["train_state"])
+
+
+def _next_batch(batches: Any, state: TrainState, plan: Plan, rank: int) -> dict[str, torch.Tensor]:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ShardExhaustedError(
+            f"rank {rank}: the data shard ran out after {state.step_in_epoch} of "
+            f"{plan.steps_per_epoch} batches in epoch {state.epoch}; the corpus changed since "
+            "the driver counted it, or rows were lost in preprocessing"
+        ) from None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train  # [ray]
+
+    cfg = JobConfig.model_validate(config["job"])
+    plan = Plan(**config["plan"])
+    progress = config.get("progress")
+    ctx = ray.train.get_context()  # [ray]
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    if cfg.scaling.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # [ray]
+    else:
+        device = torch.device("cpu")
+    bf16 = use_bf16(cfg)
+
+    from models.dual_encoder import DualEncoder
+    from models.losses import build_loss
+
+    _seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = DualEncoder(cfg.model).to(device)
+    loss_fn = build_loss(cfg.loss)
+    engine = build_engine(model, cfg, plan.total_steps)
+    _seed_everything(cfg.run.seed + 7919 * (rank + 1))  # distinct dropout streams per rank
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()  # [ray]
+    resumed_at = None
+    if checkpoint is not None:
+        state = restore_checkpoint(engine, checkpoint, rank)
+        resumed_at = state.step
+        if rank == 0 and progress is not None:
+            progress.put({"event": "resumed", "step": state.step, "epoch": state.epoch})
+
+    def publish(item: dict[str, Any]) -> None:
+        if rank == 0 and progress is not None:
+            progress.put(item)
+
+    shard = ray.train.get_dataset_shard("train")  # [ray]
+    window = MetricWindow()
+    last_report_had_checkpoint = resumed_at is not None
+    gb = cfg.train.global_batch_size
+    while state.step < plan.total_steps:
+        batches = iter(
+            shard.iter_torch_batches(  # [ray]
+                batch_size=cfg.local_batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=plan.local_shuffle_buffer,
+                local_shuffle_seed=None,
+                prefetch_batches=cfg.data.prefetch_batches,
+                device=device,
+            )
+        )
+        # Mid-epoch resume: this epoch already consumed step_in_epoch batches per rank.
+        for _ in range(state.step_in_epoch):
+            _next_batch(batches, state, plan, rank)
+        window.reset()
+        while state.step_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            batch = _to_model_dtype(_next_batch(batches, state, plan, rank), bf16)
+            t1 = time.perf_counter()
+            out, scale = train_step(engine, loss_fn, batch)
+            t2 = time.perf_counter()
+            state.step += 1
+            state.step_in_epoch += 1
+            state.samples_seen += gb
+            window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
+
+            final = state.step == plan.total_steps
+            if state.step % cfg.train.log_every == 0 or final:
+                metrics = window.reduce(gb)
+                window.reset()
+                metrics.update(
+                    step=state.step,
+                    epoch=state.epoch,
+                    samples_seen=state.samples_seen,
+                    temperature=1.0 / scale,
+                    lr=float(engine.get_lr()[0]),
+                )
+                publish({"event": "train", **metrics})
+                every = cfg.train.checkpoint_every
+                if final or (every and state.step % every == 0):
+                    save_checkpoint(engine, state, rank, metrics)
+                    last_report_had_checkpoint = True
+                else:
+                    ray.train.report(metrics)  # [ray]
+                    last_report_had_checkpoint = False
+            elif cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(engine, state, rank, {"step": state.step, "epoch": state.epoch})
+                last_report_had_checkpoint = True
+        if state.step_in_epoch >= plan.steps_per_epoch:
+            for _ in batches:  # drain the remainder (< one batch) so the next epoch starts clean
+                pass
+            state.epoch += 1
+            state.step_in_epoch = 0
+    if not last_report_had_checkpoint:
+        save_checkpoint(engine, state, rank, {"step": state.step, "epoch": state.epoch})
+
+    from jobs.evaluate import evaluate
+
+    eval_metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None  # [ray]
+    if eval_shard is not None:
+        eval_metrics.update(evaluate(engine.module, cfg, eval_shard, device, bf16))
+        publish({"event": "eval", **eval_metrics})
+
+    export_dir = config.get("export_dir")
+    if export_dir:
+        _export(engine, cfg, export_dir, rank)
+        publish({"event": "exported", "path": export_dir})
+    ray.train.report({**eval_metrics, "final": True})  # [ray]
+
+
+def _export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
+    """Rank 0 writes the HF-format export; under ZeRO-3 all ranks first gather the weights."""
+    from models.export import export_model
+
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if rank == 0:
+                export_model(engine.module, cfg.model, export_dir)
+    elif rank == 0:
+        export_model(engine.module, cfg.model, export_dir)
+    if dist.is_initialized():
+        dist.barrier()

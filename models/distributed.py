@@ -1,0 +1,104 @@
+"""The only place ``models/`` talks to ``torch.distributed``.
+
+Plain ``torch.distributed`` (gloo or nccl), no Ray: whoever launched the processes
+(Ray Train, torchrun, a test's ``mp.spawn``) has already called ``init_process_group``.
+Every helper degrades to the single-process answer when no process group exists, so
+the same model and loss code runs in a notebook, a unit test and a cluster job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward routes every rank's gradient back to the rank that owns the rows.
+
+    Why the backward is "all-reduce, then take my slice": rank r's loss uses every rank's
+    rows, so the gradient w.r.t. rank s's rows is the sum over r of what each rank's loss
+    says about them. Summing the incoming gradients across ranks and keeping this rank's
+    slice computes exactly that. The data-parallel engine then averages parameter
+    gradients over ranks, which turns "sum of per-rank local-mean losses" into the mean
+    over the global batch: the result equals one process on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        ctx.rank = dist.get_rank()
+        ctx.rows = tensor.shape[0]
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # all_reduce is in place; autograd owns `grad`
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0, with gradients flowing back to each owner.
+
+    Every rank must pass the same shape (clray's batching guarantees equal local batch
+    sizes) and every rank must later run backward through the result, because the
+    backward is itself a collective. Returns ``tensor`` unchanged outside a process group.
+    """
+    if world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's equal-shape ``tensor`` along dim 0, detached (evaluation, mining)."""
+    if world_size() == 1:
+        return tensor.detach()
+    tensor = tensor.detach().contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def _collective_device() -> torch.device:
+    """nccl only moves CUDA tensors; gloo only CPU ones (for these helpers' small tensors)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (small things: counts, metric dicts)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(value: float) -> float:
+    """Mean of a python float over ranks, for logging a loss or metric every rank computed."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / world_size()

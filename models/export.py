@@ -1,0 +1,202 @@
+"""Write a trained dual encoder as a directory other tools can load, and read it back.
+
+Layout of an export directory::
+
+    clray_model.json       ModelConfig + tower output dims (what load_exported rebuilds from)
+    model.safetensors      the whole DualEncoder state dict (towers, heads, logit_scale)
+    anchor_tower/          text towers only: a Hugging Face model + tokenizer directory
+                           that is also a sentence-transformers model directory
+    positive_tower/        the same for a separate positive text tower
+
+The text tower directories are the hand-off to the wider ecosystem:
+``transformers.AutoModel.from_pretrained(d)`` gives the encoder, and
+``SentenceTransformer(d)`` gives our normalised embeddings end to end (encoder ->
+pooling -> projection -> L2 norm). The sentence-transformers files are written by hand,
+in the long-standing ``sentence_transformers.models.*`` format that every release from
+2.x to 6.x reads, so exporting never needs sentence-transformers installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig, TextTowerConfig
+from models.dual_encoder import DualEncoder
+from models.preprocess import build_tokenizer
+
+CONFIG_FILE = "clray_model.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    # Own CPU copies: safetensors refuses tensors that share storage (tied weights, views).
+    save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}, str(path))
+
+
+def _dense_module(dir_: Path, linear: nn.Linear, activation: str) -> None:
+    _write_json(
+        dir_ / "config.json",
+        {
+            "in_features": linear.in_features,
+            "out_features": linear.out_features,
+            "bias": linear.bias is not None,
+            "activation_function": activation,
+        },
+    )
+    tensors = {"linear.weight": linear.weight}
+    if linear.bias is not None:
+        tensors["linear.bias"] = linear.bias
+    _save_tensors(dir_ / WEIGHTS_FILE, tensors)
+
+
+def _projection_as_dense(projection: nn.Module) -> list[tuple[nn.Linear, str]]:
+    """The projection head as sentence-transformers Dense layers (Linear + activation each).
+
+    Dense applies its activation after its linear layer, so Linear-GELU-Linear is two
+    Dense modules: (Linear1, GELU) then (Linear2, Identity). ``nn.GELU()``'s default
+    (exact erf) is what sentence-transformers instantiates from the class name.
+    """
+    identity = "torch.nn.modules.linear.Identity"
+    if isinstance(projection, nn.Identity):
+        return []
+    if isinstance(projection, nn.Linear):
+        return [(projection, identity)]
+    if isinstance(projection, nn.Sequential) and len(projection) == 3:
+        first, act, second = projection
+        if isinstance(first, nn.Linear) and isinstance(act, nn.GELU) and act.approximate == "none":
+            return [(first, "torch.nn.modules.activation.GELU"), (second, identity)]
+    raise TypeError(f"cannot express projection {projection} as sentence-transformers Dense modules")
+
+
+def _export_text_tower(
+    dir_: Path, tower: nn.Module, projection: nn.Module, cfg: TextTowerConfig, views: str
+) -> None:
+    tower.model.save_pretrained(str(dir_))
+    build_tokenizer(cfg).save_pretrained(str(dir_))
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    _write_json(dir_ / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False})
+    _write_json(
+        dir_ / "config_sentence_transformers.json",
+        {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"},
+    )
+
+    def add_module(kind: str) -> Path:
+        idx = len(modules)
+        modules.append(
+            {"idx": idx, "name": str(idx), "path": f"{idx}_{kind}", "type": f"sentence_transformers.models.{kind}"}
+        )
+        return dir_ / f"{idx}_{kind}"
+
+    _write_json(
+        add_module("Pooling") / "config.json",
+        {
+            "word_embedding_dimension": tower.output_dim,
+            "pooling_mode_cls_token": cfg.pooling == "cls",
+            "pooling_mode_mean_tokens": cfg.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": True,
+        },
+    )
+    for linear, activation in _projection_as_dense(projection):
+        _dense_module(add_module("Dense"), linear, activation)
+    _write_json(add_module("Normalize") / "config.json", {})
+    _write_json(dir_ / "modules.json", modules)
+
+    (dir_ / "README.md").write_text(
+        f"# clray text tower ({views})\n\n"
+        "Exported by clray. Two ways to load it:\n\n"
+        "- `SentenceTransformer(this_dir).encode(texts)` reproduces clray's normalised\n"
+        f"  embeddings: encoder -> {cfg.pooling} pooling -> projection -> L2 norm\n"
+        f"  (modules {', '.join(m['path'] for m in modules[1:])}).\n"
+        "- `transformers.AutoModel.from_pretrained(this_dir)` gives the bare encoder (token\n"
+        "  states; clray trained it without the pooler head, so a pooler, if the\n"
+        "  architecture has one, is freshly initialised and unused).\n"
+    )
+
+
+def export_model(model: DualEncoder, cfg: ModelConfig, out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``model`` to ``out_dir`` (replacing it) and return the path.
+
+    The directory is assembled next to its destination and renamed into place, so a
+    crash mid-export never leaves a half-written model that looks complete. Pass the
+    plain module (``engine.module`` under DeepSpeed), with ZeRO-3 parameters gathered.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        towers = {"anchor": (model.anchor_tower, model.anchor_projection, cfg.anchor)}
+        if not cfg.shared_tower:
+            towers["positive"] = (model.positive_tower, model.positive_projection, cfg.positive_tower)
+        _write_json(
+            tmp / CONFIG_FILE,
+            {
+                "format": "clray-dual-encoder",
+                "format_version": FORMAT_VERSION,
+                "model": cfg.model_dump(mode="json"),
+                "tower_output_dims": {view: tower.output_dim for view, (tower, _, _) in towers.items()},
+            },
+        )
+        _save_tensors(tmp / WEIGHTS_FILE, model.state_dict())
+        for view, (tower, projection, tower_cfg) in towers.items():
+            if isinstance(tower_cfg, TextTowerConfig):
+                views = "anchor and positive views" if cfg.shared_tower else f"{view} view"
+                _export_text_tower(tmp / f"{view}_tower", tower, projection, tower_cfg, views)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _from_export_dir(tower_cfg: Any, tower_dir: Path) -> Any:
+    """A text tower config pointing at the exported model and tokenizer instead of its origin."""
+    if not isinstance(tower_cfg, TextTowerConfig):
+        return tower_cfg
+    data = tower_cfg.model_dump()
+    data.update(pretrained=str(tower_dir), config=None, tokenizer=str(tower_dir))
+    return TextTowerConfig.model_validate(data)
+
+
+def load_exported(export_dir: str | os.PathLike[str]) -> DualEncoder:
+    """Rebuild the DualEncoder an export holds, in eval mode, needing nothing but that directory."""
+    from safetensors.torch import load_file
+
+    root = Path(export_dir)
+    meta = json.loads((root / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{root / CONFIG_FILE} has format_version {meta.get('format_version')!r}; this clray "
+            f"reads version {FORMAT_VERSION}"
+        )
+    cfg = ModelConfig.model_validate(meta["model"])
+    updates = {"anchor": _from_export_dir(cfg.anchor, root / "anchor_tower")}
+    if not cfg.shared_tower:
+        updates["positive"] = _from_export_dir(cfg.positive, root / "positive_tower")
+    cfg = ModelConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
+
+    model = DualEncoder(cfg)
+    model.load_state_dict(load_file(str(root / WEIGHTS_FILE)), strict=True)
+    return model.eval()

@@ -1,0 +1,186 @@
+"""Encoders ("towers") that turn one view's model inputs into one vector per example.
+
+Every tower has the same small surface, ``output_dim`` and ``forward(inputs, prefix)``,
+so the dual encoder, the export code and the training loop never branch on the tower
+kind. A tower reads its inputs by the key names fixed in :mod:`models.preprocess`
+(``{prefix}_input_ids``/``{prefix}_attention_mask`` or ``{prefix}_pixel_values``), which
+lets one batch dict carry both views and lets a shared tower encode either of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from models.preprocess import _local_dir, build_tokenizer, tokenizer_source
+
+IMAGE_CHANNELS = {"L": 1, "RGB": 3}
+
+
+def _without_pooler(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """Build a ``transformers`` model without its pooler head when the class has one.
+
+    We pool token states ourselves, so a BERT/ViT pooler would be parameters that never
+    receive a gradient: DDP then needs ``find_unused_parameters`` and optimizers carry
+    dead state. Not every architecture accepts ``add_pooling_layer`` (DistilBERT does
+    not), hence the fallback.
+    """
+    try:
+        return factory(*args, add_pooling_layer=False, **kwargs)
+    except TypeError as exc:
+        if "add_pooling_layer" not in str(exc):
+            raise
+        return factory(*args, **kwargs)
+
+
+def _pool_tokens(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(dim=1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    # clamp: an all-padding row (never produced by our tokenizer, which always adds
+    # [CLS]/[SEP]) would otherwise give 0/0.
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class TextTower(nn.Module):
+    """A ``transformers`` encoder plus masked-mean or CLS pooling over its last hidden state.
+
+    The pooling matches sentence-transformers' ``Pooling`` module exactly, which is what
+    lets an exported tower reproduce our embeddings under ``SentenceTransformer``.
+    """
+
+    def __init__(self, cfg: TextTowerConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.cfg = cfg
+        tokenizer = build_tokenizer(cfg)
+        if cfg.pretrained is not None:
+            path = str(_local_dir(cfg.pretrained, "text tower `pretrained`"))
+            self.model = _without_pooler(AutoModel.from_pretrained, path, local_files_only=True)
+            fix = "point `tokenizer` at the directory of the tokenizer this model was trained with"
+        else:
+            hf_kwargs = dict(cfg.config or {})
+            # A randomly initialised embedding table must cover every id the tokenizer
+            # can emit; defaulting to the tokenizer's size avoids a silent index error
+            # (or a wasted 30k-row table) when the config dict leaves it out.
+            hf_kwargs.setdefault("vocab_size", len(tokenizer))
+            if tokenizer.pad_token_id is not None:
+                hf_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+            self.model = _without_pooler(AutoModel.from_config, AutoConfig.for_model(**hf_kwargs))
+            fix = "remove vocab_size from the tower's config to use the tokenizer's size"
+        # An id past the table is an opaque IndexError mid-training (or a device assert on
+        # GPU); catch the mismatch at build time instead.
+        table = self.model.get_input_embeddings().num_embeddings
+        if table < len(tokenizer):
+            raise ValueError(
+                f"text tower has {table} token embeddings (vocab_size) but its tokenizer "
+                f"({tokenizer_source(cfg)!r}) has {len(tokenizer)} tokens: {fix}"
+            )
+        self.output_dim: int = int(self.model.config.hidden_size)
+
+    def forward(self, inputs: dict[str, Tensor], prefix: str) -> Tensor:
+        mask = inputs[f"{prefix}_attention_mask"]
+        out = self.model(input_ids=inputs[f"{prefix}_input_ids"], attention_mask=mask)
+        return _pool_tokens(out.last_hidden_state, mask, self.cfg.pooling)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm, not BatchNorm: it needs no batch statistics, so an embedding does not
+    depend on which rank or batch its image landed in, W workers compute exactly what one
+    process would, and train and eval behave the same."""
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ConvTower(nn.Module):
+    """A small VGG-style CNN: cheap enough that the CPU quickstart trains in minutes."""
+
+    def __init__(self, cfg: ConvTowerConfig) -> None:
+        super().__init__()
+        if not cfg.channels:
+            raise ValueError("conv tower `channels` must list at least one block width, e.g. [32, 64]")
+        if cfg.image_size >> (len(cfg.channels) - 1) < 1:
+            raise ValueError(
+                f"conv tower: {len(cfg.channels)} blocks halve a {cfg.image_size}px image below 1px; "
+                "use fewer `channels` entries or a larger `image_size`"
+            )
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        in_ch = IMAGE_CHANNELS[cfg.image_mode]
+        for i, out_ch in enumerate(cfg.channels):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers += [
+                # No conv bias: the norm that follows has its own shift.
+                nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                _group_norm(out_ch),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
+                _group_norm(out_ch),
+                nn.ReLU(inplace=True),
+            ]
+            in_ch = out_ch
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.output_dim: int = cfg.channels[-1]
+
+    def forward(self, inputs: dict[str, Tensor], prefix: str) -> Tensor:
+        return self.net(inputs[f"{prefix}_pixel_values"])
+
+
+class VitTower(nn.Module):
+    """A ``transformers`` ViT with CLS or mean-of-patches pooling."""
+
+    def __init__(self, cfg: VitTowerConfig) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        self.cfg = cfg
+        num_channels = IMAGE_CHANNELS[cfg.image_mode]
+        if cfg.pretrained is not None:
+            path = str(_local_dir(cfg.pretrained, "vit tower `pretrained`"))
+            self.model = _without_pooler(ViTModel.from_pretrained, path, local_files_only=True)
+            got = (self.model.config.image_size, self.model.config.num_channels)
+            if got != (cfg.image_size, num_channels):
+                raise ValueError(
+                    f"pretrained ViT at {cfg.pretrained!r} expects image_size={got[0]}, "
+                    f"num_channels={got[1]}; set the tower's image_size = {got[0]} and "
+                    f"image_mode = {'L' if got[1] == 1 else 'RGB'!r}"
+                )
+        else:
+            vit_kwargs = dict(cfg.config)
+            for key, value in (("image_size", cfg.image_size), ("num_channels", num_channels)):
+                if key in vit_kwargs and vit_kwargs[key] != value:
+                    raise ValueError(
+                        f"vit tower: set image size / channels with the section's `image_size` and "
+                        f"`image_mode`, not `config.{key}` (the decoder resizes to those)"
+                    )
+                vit_kwargs[key] = value
+            self.model = ViTModel(ViTConfig(**vit_kwargs), add_pooling_layer=False)
+        self.output_dim: int = int(self.model.config.hidden_size)
+
+    def forward(self, inputs: dict[str, Tensor], prefix: str) -> Tensor:
+        hidden = self.model(pixel_values=inputs[f"{prefix}_pixel_values"]).last_hidden_state
+        if self.cfg.pooling == "cls":
+            return hidden[:, 0]
+        return hidden[:, 1:].mean(dim=1)  # patch tokens only; CLS is not an image region
+
+
+Tower = TextTower | ConvTower | VitTower
+
+
+def build_tower(cfg: TextTowerConfig | ConvTowerConfig | VitTowerConfig) -> nn.Module:
+    """The tower a config section describes (one entry point, so callers never switch on type)."""
+    if isinstance(cfg, TextTowerConfig):
+        return TextTower(cfg)
+    if isinstance(cfg, ConvTowerConfig):
+        return ConvTower(cfg)
+    if isinstance(cfg, VitTowerConfig):
+        return VitTower(cfg)
+    raise TypeError(f"unknown tower config type {type(cfg).__name__}")
+

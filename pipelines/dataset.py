@@ -1,0 +1,386 @@
+"""The one place that turns a data config into Ray Datasets of model inputs.
+
+Everything a run needs to know about its data is settled here on the driver, before
+any worker starts: which files, whether their schema fits the config, which rows are
+bad (quarantined, counted, written down), and how many good rows there are — the row
+count fixes ``steps_per_epoch``, which every rank must agree on or the collectives hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from models.preprocess import ImageDecodeError, preprocess_view
+from pipelines._compat import avoid_fsspec_http_import_race
+from pipelines.config import DataConfig
+from pipelines.errors import DataError
+from pipelines.sources import check_schema, required_columns, resolve_shards
+from pipelines.validate import (
+    PATH_COLUMN,
+    ValidationReport,
+    image_decodes,
+    image_tower,
+    quarantine_pass,
+    row_problems,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+Tower = TextTowerConfig | ConvTowerConfig | VitTowerConfig
+
+VIEWS = ("anchor", "positive")
+
+MAX_DATA_TASK_CPUS = 0.5
+"""Largest logical-CPU request of one data task (read + validate + preprocess)."""
+
+
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's progress bars, which garble logs and test output.
+
+    A training run reports its own progress per step; per-operator bars from a driver,
+    a split coordinator and several workers only interleave into noise. Also applies
+    the fsspec import work-around on this process (see ``pipelines._compat``).
+    """
+    import ray.data
+
+    avoid_fsspec_http_import_race()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
+def data_task_cpus(data_cfg: DataConfig) -> float:
+    """Logical CPUs each Ray Data task asks for: at most half a CPU.
+
+    The job starts Ray with ``data.num_cpus`` logical CPUs beyond the training
+    workers', and Ray Train keeps Ray Data within that spare budget. Asking for half a
+    CPU lets two data tasks run per spare CPU (one decoding while the other's output is
+    being shipped), and a budget below one CPU (e.g. ``num_cpus = 0.5``) still fits a
+    task; asking for a whole CPU would leave a fractional budget unable to run any.
+    Read, validate and preprocess use the same request so Ray can fuse them into one
+    task (it only fuses operators whose requests match; it still keeps them apart when
+    it splits a file's blocks to raise parallelism, as with a few small files).
+    """
+    return min(MAX_DATA_TASK_CPUS, data_cfg.num_cpus)
+
+
+def local_shuffle_buffer_size(data_cfg: DataConfig) -> int | None:
+    """The ``local_shuffle_buffer_size`` the worker passes to ``iter_torch_batches``.
+
+    With ``shuffle = "local"`` the dataset only shuffles file order; rows are mixed in
+    each worker's buffer, which costs memory for ``shuffle_buffer`` rows and no
+    all-to-all exchange.
+    """
+    return data_cfg.shuffle_buffer if data_cfg.shuffle == "local" else None
+
+
+def steps_per_epoch(num_rows: int, global_batch_size: int) -> int:
+    """Optimizer steps in one epoch: full global batches only.
+
+    Every rank must run the same number of steps or a collective waits forever, so the
+    driver fixes the count from the valid-row total and each worker takes exactly this
+    many local batches; the remainder (fewer rows than one global batch) is skipped.
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
+    steps = num_rows // global_batch_size
+    if steps < 1:
+        raise DataError(
+            f"only {num_rows} valid training row(s), fewer than one global batch of "
+            f"{global_batch_size}: lower train.global_batch_size to at most {max(num_rows, 1)} "
+            "or add training data (data.train)"
+        )
+    return steps
+
+
+@contextlib.contextmanager
+def _legacy_parquet_reader() -> Iterator[None]:
+    # Ray Data 2.60's default (V2) Parquet reader starts up to 32 footer-reading actors
+    # on every execution, i.e. every epoch: seconds of start-up per epoch on a laptop,
+    # and its threaded listing hits the fsspec import race in worker processes. For
+    # local shards the V1 reader is both faster and sufficient. read_parquet consults
+    # the flag only while building the plan, so it is restored right after.
+    # Revisit when s3:// sources land (V2's parallel footer reads pay off there).
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
+def read_shards(
+    files: list[str],
+    data_cfg: DataConfig,
+    *,
+    include_paths: bool = False,
+    shuffle_files_seed: int | None = None,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:
+    """Read only the columns the config names, from an already-resolved file list.
+
+    ``include_paths`` adds the source file as a ``path`` column for the quarantine
+    report; it is skipped when a data column is itself called ``path`` (Ray would
+    silently overwrite it). ``shuffle_files_seed`` shuffles file order with a
+    different, reproducible order on every execution (epoch).
+    """
+    import ray.data
+
+    avoid_fsspec_http_import_race()
+    columns = list(required_columns(data_cfg))
+    shuffle = None
+    if shuffle_files_seed is not None:
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=True)
+    with _legacy_parquet_reader():
+        return ray.data.read_parquet(
+            files,
+            columns=columns,
+            include_paths=include_paths and PATH_COLUMN not in columns,
+            shuffle=shuffle,
+            num_cpus=num_cpus if num_cpus is not None else data_task_cpus(data_cfg),
+            file_extensions=None,
+        )
+
+
+def _towers(data_cfg: DataConfig, anchor_tower: Tower, positive_tower: Tower) -> dict[str, Tower]:
+    towers = {"anchor": anchor_tower, "positive": positive_tower}
+    for view_name, tower in towers.items():
+        view = getattr(data_cfg, view_name)
+        if view.kind == "image":
+            image_tower(tower, f"data.{view_name}")
+        elif tower.type != "text":
+            raise DataError(
+                f"data.{view_name} is a text view but its tower is an image tower "
+                f"(type = \"{tower.type}\"): use a text tower or an image column"
+            )
+    return towers
+
+
+def _preprocess(
+    table: pa.Table, data_cfg: DataConfig, towers: dict[str, Tower], include_ids: bool
+) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for view_name, tower in towers.items():
+        values = table.column(getattr(data_cfg, view_name).column).to_pylist()
+        arrays.update(preprocess_view(tower, values, view_name))
+    if include_ids:
+        ids = table.column(data_cfg.id_column).combine_chunks().cast(pa.string()).to_pylist()
+        arrays["id"] = np.asarray(ids, dtype=object)
+    if data_cfg.label_column is not None:
+        labels = table.column(data_cfg.label_column).to_numpy(zero_copy_only=False)
+        arrays["label"] = labels.astype(np.int64)
+    return arrays
+
+
+def _model_inputs(
+    table: pa.Table,
+    data_cfg: DataConfig,
+    anchor_tower: Tower,
+    positive_tower: Tower,
+    include_ids: bool,
+) -> Iterator[dict[str, np.ndarray]]:
+    # Drops exactly the rows the quarantine pass recorded, but decodes each image only
+    # once in the common case: cheap checks first, then preprocess, and only a batch
+    # that holds an undecodable image pays for a per-row decode check.
+    towers = {"anchor": anchor_tower, "positive": positive_tower}
+    problems = row_problems(table, data_cfg, anchor_tower, positive_tower, decode_images=False)
+    keep = [i for i, problem in enumerate(problems) if problem is None]
+    if len(keep) < table.num_rows:
+        table = table.take(pa.array(keep, pa.int64()))
+    if table.num_rows == 0:
+        return
+    try:
+        arrays = _preprocess(table, data_cfg, towers, include_ids)
+    except ImageDecodeError:
+        decodable = np.ones(table.num_rows, dtype=bool)
+        for view_name, tower in towers.items():
+            view = getattr(data_cfg, view_name)
+            if view.kind == "image":
+                images = table.column(view.column).to_pylist()
+                decodable &= np.array([image_decodes(image, tower) for image in images], dtype=bool)
+        table = table.filter(pa.array(decodable))
+        if table.num_rows == 0:
+            return
+        arrays = _preprocess(table, data_cfg, towers, include_ids)
+    yield arrays
+
+
+def model_inputs(
+    ds: ray.data.Dataset,
+    data_cfg: DataConfig,
+    anchor_tower: Tower,
+    positive_tower: Tower,
+    *,
+    include_ids: bool = False,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:
+    """Validate, drop bad rows and preprocess both views into model input arrays.
+
+    Output columns follow ``models.preprocess`` (``anchor_*``, ``positive_*``) plus
+    ``label`` (int64, when ``data.label_column`` is set) and, with ``include_ids``,
+    ``id`` (strings). Ids are off by default because Ray's default collate cannot turn
+    strings into tensors; with them on, pass ``collate_fn=pipelines.collate.TorchCollate()``
+    to ``iter_torch_batches``.
+    """
+    _towers(data_cfg, anchor_tower, positive_tower)
+    return ds.map_batches(
+        _model_inputs,
+        batch_format="pyarrow",
+        batch_size=data_cfg.preprocess_batch_size,
+        fn_kwargs={
+            "data_cfg": data_cfg,
+            "anchor_tower": anchor_tower,
+            "positive_tower": positive_tower,
+            "include_ids": include_ids,
+        },
+        num_cpus=num_cpus if num_cpus is not None else data_task_cpus(data_cfg),
+    )
+
+
+def sibling_quarantine_path(quarantine_path: str | os.PathLike[str], split: str) -> Path:
+    """Where another split's quarantine goes: ``quarantine.parquet`` -> ``quarantine-eval.parquet``."""
+    path = Path(quarantine_path)
+    return path.with_name(f"{path.stem}-{split}{path.suffix or '.parquet'}")
+
+
+@dataclass
+class PreparedData:
+    """Everything the trainer needs from the data side, settled on the driver."""
+
+    train: ray.data.Dataset
+    """Model inputs for training (lazy; executes once per epoch)."""
+    eval: ray.data.Dataset | None
+    """Model inputs for the held-out split in file order, or None without data.eval."""
+    report: ValidationReport
+    """Quarantine report of the training split."""
+    num_train_rows: int
+    """Valid training rows: what steps_per_epoch is computed from."""
+    eval_report: ValidationReport | None = None
+    num_eval_rows: int = 0
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+
+
+def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
+    # Both splits are resolved and checked before raising, so one error lists them all.
+    problems: list[str] = []
+    resolved: dict[str, list[str]] = {"train": [], "eval": []}
+    for split in ("train", "eval"):
+        specs = getattr(data_cfg, split)
+        if not specs:
+            continue
+        key = f"data.{split}"
+        try:
+            resolved[split] = resolve_shards(specs, key)
+            check_schema(resolved[split], data_cfg, key)
+        except DataError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise DataError(problems)
+    return resolved["train"], resolved["eval"]
+
+
+def build_datasets(
+    data_cfg: DataConfig,
+    anchor_tower_cfg: Tower,
+    positive_tower_cfg: Tower,
+    *,
+    quarantine_path: str | os.PathLike[str],
+    seed: int,
+    train_files: list[str] | None = None,
+    eval_files: list[str] | None = None,
+    include_ids: bool = False,
+) -> PreparedData:
+    """Resolve, check, validate and wire up the train and eval datasets.
+
+    The quarantine pass reads the corpus once up front; it is what makes the row count
+    (and so the step count) exact, and what guarantees no bad row disappears unrecorded.
+    Eval rows are quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``.
+    ``train_files``/``eval_files``: lists the caller already resolved and schema-checked
+    (``resolve_shards`` + ``check_schema``); when None, that is done here. ``include_ids``
+    adds the string ``id`` column (see ``model_inputs``).
+
+    Shuffling (``data.shuffle``), seeded from ``seed`` so a rerun sees the same orders,
+    with a different order every epoch (Ray re-seeds per execution):
+      - global: ``random_shuffle`` of the raw rows before decoding (moving encoded
+        bytes is cheaper than decoded arrays);
+      - local: file order shuffled per epoch while streaming, plus the worker's
+        shuffle buffer (``local_shuffle_buffer_size``);
+      - none: file order.
+    """
+    import ray.data
+
+    quiet_ray_data()
+    towers = _towers(data_cfg, anchor_tower_cfg, positive_tower_cfg)
+    if train_files is None or (eval_files is None and data_cfg.eval):
+        train_files, eval_files = _resolve_and_check(data_cfg)
+    eval_files = eval_files or []
+    task_cpus = data_task_cpus(data_cfg)
+
+    report = quarantine_pass(
+        read_shards(train_files, data_cfg, include_paths=True),
+        data_cfg,
+        towers["anchor"],
+        towers["positive"],
+        quarantine_path=quarantine_path,
+        num_cpus=task_cpus,
+    )
+    if report.valid_rows == 0:
+        raise DataError(
+            f"data.train: all {report.total_rows} row(s) failed validation; see "
+            f"{report.quarantine_path} for each row's reason"
+        )
+
+    if data_cfg.shuffle == "local":
+        train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed)
+    else:
+        train_raw = read_shards(train_files, data_cfg)
+    if data_cfg.shuffle == "global":
+        seed_config = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
+    train = model_inputs(
+        train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
+    )
+
+    eval_ds = None
+    eval_report = None
+    if eval_files:
+        eval_report = quarantine_pass(
+            read_shards(eval_files, data_cfg, include_paths=True),
+            data_cfg,
+            towers["anchor"],
+            towers["positive"],
+            quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
+            num_cpus=task_cpus,
+        )
+        eval_ds = model_inputs(
+            read_shards(eval_files, data_cfg),
+            data_cfg,
+            towers["anchor"],
+            towers["positive"],
+            include_ids=include_ids,
+        )
+
+    return PreparedData(
+        train=train,
+        eval=eval_ds,
+        report=report,
+        num_train_rows=report.valid_rows,
+        eval_report=eval_report,
+        num_eval_rows=eval_report.valid_rows if eval_report else 0,
+        train_files=train_files,
+        eval_files=eval_files,
+    )

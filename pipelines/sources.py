@@ -1,0 +1,183 @@
+"""Finding the shards a config names and checking their schema before Ray runs.
+
+Both checks run on the driver and read only file listings and Parquet footers, so a
+mistyped path or a renamed column fails in a second with a message naming the config
+key, instead of minutes later inside a Ray task with a stack trace.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import DataConfig
+from pipelines.errors import DataError
+
+_GLOB_CHARS = set("*?[")
+
+
+def _is_uri(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def _resolve_remote(spec: str, key: str) -> list[str]:
+    # Seam for object stores: a later change resolves s3:// URIs here with a pyarrow
+    # S3FileSystem (listing prefixes, expanding globs) and returns the URIs unchanged.
+    scheme = spec.split("://", 1)[0]
+    if scheme == "s3":
+        raise DataError(
+            f"{key}: {spec!r}: s3:// URIs are not supported yet; copy the shards to a "
+            "local directory (or a shared mount) and point at it"
+        )
+    raise DataError(
+        f"{key}: {spec!r}: unsupported URI scheme {scheme!r}; give a local directory, "
+        "glob or .parquet file"
+    )
+
+
+def _hidden(relative: Path) -> bool:
+    # Writers leave markers such as _SUCCESS, _metadata or .crc files next to shards.
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+def _parquet_in_dir(directory: Path) -> list[str]:
+    return [
+        os.path.abspath(path)
+        for path in directory.rglob("*.parquet")
+        if path.is_file() and not _hidden(path.relative_to(directory))
+    ]
+
+
+def _resolve_local(spec: str, key: str) -> list[str]:
+    path_text = os.path.expanduser(spec.removeprefix("file://"))
+    if _GLOB_CHARS & set(path_text):
+        matches = sorted(glob.glob(path_text, recursive=True))
+        if not matches:
+            raise DataError(f"{key}: the glob {spec!r} matches no files")
+        found: list[str] = []
+        for match in matches:
+            if os.path.isdir(match):
+                found.extend(_parquet_in_dir(Path(match)))
+            elif match.endswith(".parquet"):
+                found.append(os.path.abspath(match))
+        if not found:
+            raise DataError(
+                f"{key}: the glob {spec!r} matches {len(matches)} path(s) but no .parquet "
+                f"files (e.g. {matches[0]!r})"
+            )
+        return found
+    path = Path(path_text)
+    if path.is_dir():
+        found = _parquet_in_dir(path)
+        if not found:
+            raise DataError(f"{key}: the directory {spec!r} contains no .parquet files")
+        return found
+    if path.is_file():
+        # An explicit file is taken as named, whatever its extension.
+        return [os.path.abspath(path)]
+    raise DataError(f"{key}: {spec!r} does not exist (no such file, directory or glob match)")
+
+
+def resolve_shards(specs: list[str], key: str) -> list[str]:
+    """Expand directories, globs and files into one sorted, de-duplicated file list.
+
+    Ray Data could expand paths itself, but resolving on the driver lets an empty match
+    fail with the config key that named it, and gives the row count, the schema check
+    and the quarantine report one exact list of files to talk about.
+    """
+    files: set[str] = set()
+    for spec in specs:
+        resolved = _resolve_remote(spec, key) if _is_uri(spec) else _resolve_local(spec, key)
+        files.update(resolved)
+    return sorted(files)
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def _is_binary(dtype: pa.DataType) -> bool:
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+
+
+def _is_id(dtype: pa.DataType) -> bool:
+    return _is_text(dtype) or pa.types.is_integer(dtype)
+
+
+def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.DataType], bool], str]]:
+    """Each column the run reads: its config key, a type test, and how to fix a bad type.
+
+    One table drives the schema check, the reads and the validation, so they cannot
+    disagree about which columns a run needs.
+    """
+    wanted: dict[str, tuple[str, Callable[[pa.DataType], bool], str]] = {}
+    for view_name in ("anchor", "positive"):
+        view = getattr(data_cfg, view_name)
+        view_key = f"data.{view_name}.column"
+        if view.kind == "text":
+            fix = (
+                "text views need a UTF-8 string column: cast it to string when writing the "
+                f"shards, or set data.{view_name}.kind = \"image\" if it holds encoded image bytes"
+            )
+            wanted[view.column] = (view_key, _is_text, fix)
+        else:
+            fix = (
+                "image views need the encoded PNG/JPEG bytes in a binary column: store the "
+                f"file contents, not a path, or set data.{view_name}.kind = \"text\""
+            )
+            wanted[view.column] = (view_key, _is_binary, fix)
+    wanted.setdefault(
+        data_cfg.id_column,
+        ("data.id_column", _is_id, "row ids must be a string or integer column"),
+    )
+    if data_cfg.label_column is not None:
+        wanted.setdefault(
+            data_cfg.label_column,
+            (
+                "data.label_column",
+                pa.types.is_integer,
+                "cast the labels to int64 when writing the shards, or unset data.label_column",
+            ),
+        )
+    return wanted
+
+
+def _missing_column_problem(file: str, column: str, key: str, have: list[str]) -> str:
+    close = difflib.get_close_matches(column, have, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{file}: no column {column!r} (named by {key}); the file has columns "
+        f"{', '.join(repr(c) for c in have) or '(none)'}{hint}"
+    )
+
+
+def check_schema(files: list[str], data_cfg: DataConfig, key: str) -> None:
+    """Check every shard's footer for the columns and types the config asks for.
+
+    Reading footers is cheap even for thousands of shards, and finding every problem
+    up front (not one per attempt) is what makes a broken corpus quick to fix.
+    """
+    problems: list[str] = []
+    wanted = required_columns(data_cfg)
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"{key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
+            continue
+        have = list(schema.names)
+        for column, (column_key, type_ok, fix) in wanted.items():
+            if column not in have:
+                problems.append(_missing_column_problem(file, column, column_key, have))
+                continue
+            dtype = schema.field(column).type
+            if not type_ok(dtype):
+                problems.append(f"{file}: column {column!r} ({column_key}) has type {dtype}: {fix}")
+    if problems:
+        raise DataError(problems)

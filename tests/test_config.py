@@ -1,0 +1,150 @@
+"""Config loading: every shipped config parses, problems are reported together by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.config import ConfigError, JobConfig, apply_overrides, load_config, validate
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+def minimal(**data_overrides) -> dict:
+    data = {
+        "train": "shards/",
+        "anchor": {"column": "image", "kind": "image"},
+        "positive": {"column": "caption", "kind": "text"},
+    }
+    data.update(data_overrides)
+    return {
+        "data": data,
+        "model": {
+            "anchor": {"type": "conv"},
+            "positive": {"type": "text", "config": {"model_type": "bert"}},
+        },
+    }
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+    assert cfg.train.global_batch_size % cfg.scaling.num_workers == 0
+
+
+def test_shipped_configs_exist() -> None:
+    assert any(p.name == "quickstart.toml" for p in CONFIGS)
+
+
+def test_defaults_fill_in() -> None:
+    cfg = validate(minimal())
+    assert cfg.train.zero_stage == 2
+    assert cfg.model.logit_scale.init_temperature == pytest.approx(0.07)
+    assert cfg.model.logit_scale.max_scale == 100
+    assert cfg.data.train == ["shards/"]
+
+
+def test_unknown_keys_are_all_reported_with_their_path() -> None:
+    raw = minimal()
+    raw["data"]["colum"] = "x"
+    raw["model"]["anchor"]["chanels"] = [8]
+    raw["optimiser"] = {}
+    problems = problems_of(raw)
+    joined = "\n".join(problems)
+    assert len(problems) == 3
+    assert "data.colum: unknown key" in joined
+    assert "model.anchor.chanels: unknown key" in joined
+    assert "optimiser: unknown key" in joined
+
+
+def test_cross_field_problems_are_reported_together() -> None:
+    raw = minimal(anchor={"column": "image", "kind": "text"})
+    raw["train"] = {"global_batch_size": 129}
+    problems = problems_of(raw)
+    joined = "\n".join(problems)
+    assert len(problems) == 2
+    assert "train.global_batch_size = 129 is not divisible by scaling.num_workers = 2" in joined
+    assert "e.g. 128" in joined
+    assert 'data.anchor.kind = "text"' in joined and "model.anchor.type" in joined
+
+
+def test_image_view_with_text_tower_is_rejected() -> None:
+    raw = minimal(positive={"column": "caption", "kind": "image"})
+    (problem,) = problems_of(raw)
+    assert "data.positive.kind = \"image\"" in problem and "model.positive.type" in problem
+
+
+def test_missing_pretrained_directory_is_named() -> None:
+    raw = minimal()
+    raw["model"]["positive"] = {"type": "text", "pretrained": "/no/such/model"}
+    (problem,) = problems_of(raw)
+    assert problem.startswith("model.positive.pretrained = '/no/such/model' is not a local directory")
+
+
+def test_text_tower_needs_exactly_one_source() -> None:
+    raw = minimal()
+    raw["model"]["positive"] = {"type": "text"}
+    (problem,) = problems_of(raw)
+    assert problem.startswith("model.positive:") and "exactly one of `pretrained`" in problem
+
+
+def test_shared_tower_rules() -> None:
+    raw = minimal()
+    raw["model"]["shared_tower"] = True
+    problems = problems_of(raw)
+    assert any("remove [model.positive]" in p for p in problems)
+
+
+def test_overrides_are_typed_toml_values() -> None:
+    raw = apply_overrides(minimal(), ["optim.lr=3e-4", "scaling.num_workers=4", "scaling.use_gpu=true", "run.name=abc"])
+    cfg = validate(raw)
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.scaling.num_workers == 4
+    assert cfg.scaling.use_gpu is True
+    assert cfg.run.name == "abc"
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\ntrain = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_config_show_prints_resolved_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    quickstart = next(p for p in CONFIGS if p.name == "quickstart.toml")
+    assert main(["config", "show", str(quickstart), "--set", "optim.lr=3e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "lr = 0.0003" in out
+    assert "zero_stage = 2" in out  # defaults are shown, not only what the file sets
+    assert "prefetch_batches = 2" in out
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ntrain = "x"\n[data.anchor]\ncolumn = "a"\nkind = "image"\n[train]\nepochz = 3\n')
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "data.positive: required key is missing" in err
+    assert "model: required key is missing" in err
+    assert "train.epochz: unknown key" in err
+    assert "Traceback" not in err
