@@ -81,6 +81,8 @@ class ProgressView:
         )
 
         self.console = console
+        # Outside a terminal (CI logs, pipes) a redrawn bar is noise: print one line per report.
+        self.lines = not console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]train[/]"),
             BarColumn(),
@@ -91,6 +93,7 @@ class ProgressView:
             transient=False,
         )
         self.task = None
+        self.total = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -105,19 +108,24 @@ class ProgressView:
                 self.console.print(
                     f"[yellow]quarantined {event['quarantined']} bad rows[/] ({reasons}) -> {event['quarantine_path']}"
                 )
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=plan["total_steps"], stats="starting workers...")
+            self.total = plan["total_steps"]
+            if not self.lines:
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=self.total, stats="starting workers...")
         elif kind == "resumed":
             self.console.print(f"resumed from checkpoint at step {event['step']} (epoch {event['epoch']})")
             if self.task is not None:
                 self.progress.update(self.task, completed=event["step"])
-        elif kind == "train" and self.task is not None:
+        elif kind == "train":
             stats = (
                 f"loss {event['loss']:.4f}  temp {event['temperature']:.4f}  "
                 f"acc {event.get('accuracy', 0):.3f}  {event['samples_per_s']:.0f} samples/s  "
                 f"data wait {100 * event['data_wait_fraction']:.0f}%"
             )
-            self.progress.update(self.task, completed=event["step"], stats=stats)
+            if self.task is not None:
+                self.progress.update(self.task, completed=event["step"], stats=stats)
+            elif self.lines:
+                self.console.print(f"step {event['step']}/{self.total}  {stats}", highlight=False)
         elif kind == "eval":
             self.stop()
             self.console.print("evaluating on the held-out split: done")

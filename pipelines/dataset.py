@@ -9,6 +9,7 @@ count fixes ``steps_per_epoch``, which every rank must agree on or the collectiv
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    # Ray Data logs every execution plan at INFO on the driver; the full logs stay in
+    # the Ray session's log directory.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def data_task_cpus(data_cfg: DataConfig) -> float:

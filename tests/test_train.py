@@ -43,62 +43,83 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_image_text_run_checkpoints_resumes_evaluates_and_exports(ray_session, corpus: Path, tmp_path: Path) -> None:
-    common = ["run.name=\"digits\"", "train.checkpoint_every=4", "train.log_every=2", "optim.warmup_steps=0",
-              "optim.warmup_fraction=0.0"]
-    cfg = load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=8"))
-    first = run_training(cfg)
+def test_quickstart_command_reaches_target(ray_session, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The README's first command, as a user runs it: corpus, 2 workers, eval, summary."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "quickstart"
+    summary = json.loads((run_dir / "summary.json").read_text())
 
-    # Ran the planned steps on 2 workers, quarantined exactly the 4 broken rows.
-    assert first.steps == 8
-    assert first.quarantined_rows == 4
-    quarantine = pq.read_table(first.quarantine_path).to_pylist()
+    assert summary["eval"]["eval/zero_shot_accuracy"] >= 0.80  # chance is 0.10
+    assert "eval/zero_shot_accuracy" in out and "quarantine" in out
+    # Quarantined exactly the 4 deliberately broken rows, with their ids and reasons.
+    assert summary["quarantined_rows"] == 4
+    quarantine = pq.read_table(summary["quarantine_path"]).to_pylist()
     assert sorted(r["id"] for r in quarantine) == [f"bad-{i:04d}" for i in range(4)]
-    assert all(r["reason"] for r in quarantine)
-    assert first.steps_per_epoch == first.train_rows // 128
-    assert [Path(p).name for p in first.checkpoints] == ["checkpoint_00000004", "checkpoint_00000008"]
-    events = [e for e in read_events(Path(first.run_dir)) if e["event"] == "train"]
-    assert [e["step"] for e in events] == [2, 4, 6, 8]
+    assert all(r["reason"] and r["file"].endswith(".parquet") for r in quarantine)
+    # Every rank ran the same planned number of steps.
+    assert summary["steps"] == summary["steps_per_epoch"] * 15 == (summary["train_rows"] // 128) * 15
+    events = [e for e in read_events(run_dir) if e["event"] == "train"]
+    assert [e["step"] for e in events][-1] == summary["steps"]
     for key in ("loss", "temperature", "pos_sim", "neg_sim", "accuracy", "samples_per_s", "data_wait_fraction"):
         assert math.isfinite(events[-1][key]), key
     assert 0.0 <= events[-1]["data_wait_fraction"] <= 1.0
-    assert events[-1]["loss"] < events[0]["loss"]
-    # Evaluation on the held-out split.
-    for key in ("eval/a2p_R@1", "eval/a2p_R@5", "eval/a2p_R@10", "eval/p2a_R@1", "eval/zero_shot_accuracy"):
-        assert key in first.eval, key
-    assert first.eval["eval/zero_shot_accuracy"] > 0.2  # chance is 0.1; 8 steps already learn
+    assert events[-1]["loss"] < events[0]["loss"] - 1.0
+    assert events[-1]["pos_sim"] > events[-1]["neg_sim"] + 0.3
+    for key in ("eval/a2p_R@1", "eval/a2p_R@5", "eval/a2p_R@10", "eval/p2a_R@1", "eval/p2a_R@10"):
+        assert 0.0 <= summary["eval"][key] <= 1.0, key
+    assert [Path(p).name for p in summary["checkpoints"]] == [f"checkpoint_{summary['steps']:08d}"]
 
-    # Same name again with a longer budget: resumes at step 9, keeping optimizer, scheduler,
-    # step and samples seen; keeps only the last 2 checkpoints.
-    cfg2 = load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=14"))
-    second = run_training(cfg2)
-    assert second.resumed_from_step == 8
-    assert second.steps == 14
+    # The export loads without Ray and classifies digits like the trained model did.
+    from models.export import load_exported
+
+    model = load_exported(summary["export_dir"])
+    with torch.no_grad():
+        texts = model.encode_positive(_text_batch(model, ["the digit 3", "a handwritten seven"]))
+    assert texts.shape == (2, 64)
+    assert torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_same_run_name_resumes_model_optimizer_scheduler_and_counters(ray_session, corpus: Path, tmp_path: Path) -> None:
+    common = ['run.name="digits"', "train.checkpoint_every=4", "train.log_every=2", "optim.warmup_steps=0",
+              "optim.warmup_fraction=0.0", "train.keep_checkpoints=2"]
+    first = run_training(load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=8")))
+    assert first.steps == 8 and first.resumed_from_step is None
+    assert [Path(p).name for p in first.checkpoints] == ["checkpoint_00000004", "checkpoint_00000008"]
+    exported = _state(first.export_dir)
+
+    # Started again with the same name and nothing left to do: the trained weights come
+    # back from the checkpoint (a fresh init with the same seed would differ).
+    again = run_training(load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=8")))
+    assert again.resumed_from_step == 8 and again.steps == 8
+    for key, value in _state(again.export_dir).items():
+        torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
+
+    # With a longer budget it continues at step 9 and crosses the epoch boundary (11 steps).
+    cfg = load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=14"))
+    second = run_training(cfg)
+    assert second.resumed_from_step == 8 and second.steps == 14 and second.epochs == 1
     assert [Path(p).name for p in second.checkpoints] == ["checkpoint_00000012", "checkpoint_00000014"]
     events = [e for e in read_events(Path(second.run_dir)) if e["event"] == "train"]
-    resumed = [e for e in events if e["step"] > 8]
+    resumed = [e for e in events if e["time"] > max(e2["time"] for e2 in events if e2["step"] == 8)]
     assert [e["step"] for e in resumed] == [10, 12, 14]
     assert resumed[-1]["samples_seen"] == 14 * 128
     # The LR scheduler resumed at step 8, not 0: step 10's lr is the cosine at 10/14.
-    expected_lr = cfg2.optim.lr * warmup_cosine(14, 0, cfg2.optim.min_lr_ratio)(10)
+    expected_lr = cfg.optim.lr * warmup_cosine(14, 0, cfg.optim.min_lr_ratio)(10)
     assert resumed[0]["lr"] == pytest.approx(expected_lr, rel=1e-6)
-    # The model resumed too: its loss continues from where run one ended, far below a fresh start.
-    assert resumed[0]["loss"] < events[0]["loss"]
 
-    # The export loads without Ray and embeds like the trained model.
-    from models.export import load_exported
 
-    model = load_exported(second.export_dir)
-    with torch.no_grad():
-        texts = model.encode_positive(_text_batch(model, ["the digit 3", "a handwritten seven"]))
-    assert texts.shape == (2, cfg.model.embed_dim)
-    assert torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+def _state(export_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(export_dir) / "model.safetensors"))
 
 
 def _text_batch(model, texts: list[str]) -> dict[str, torch.Tensor]:
     from models.preprocess import preprocess_view
 
-    tower = model.config.positive_tower
+    tower = model.cfg.positive_tower
     return {k: torch.from_numpy(v) for k, v in preprocess_view(tower, texts, "positive").items()}
 
 
