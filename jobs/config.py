@@ -62,6 +62,11 @@ class TrainConfig(Strict):
     """Stop after this many optimizer steps (overrides epochs when smaller)."""
     log_every: int = Field(default=10, ge=1)
     """Report training metrics every N steps."""
+    report_every: int = Field(default=0, ge=0)
+    """Also send metrics to Ray (ray.train.report, what Tune schedulers read) every N
+    steps; 0: only with checkpoints and at the end. Ray Train's controller takes one
+    report per worker per poll (2 s), so reporting faster than that stalls training;
+    progress and metrics.jsonl get every log_every step regardless."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -162,6 +162,10 @@ def _next_batch(batches: Any, state: TrainState, plan: Plan, rank: int) -> dict[
         ) from None
 
 
+def _every(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train  # [ray]
 
@@ -232,6 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
 
             final = state.step == plan.total_steps
+            metrics: dict[str, Any] = {}
             if state.step % cfg.train.log_every == 0 or final:
                 metrics = window.reduce(gb)
                 window.reset()
@@ -243,16 +248,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     lr=float(engine.get_lr()[0]),
                 )
                 publish({"event": "train", **metrics})
-                every = cfg.train.checkpoint_every
-                if final or (every and state.step % every == 0):
-                    save_checkpoint(engine, state, rank, metrics)
-                    last_report_had_checkpoint = True
-                else:
-                    ray.train.report(metrics)  # [ray]
-                    last_report_had_checkpoint = False
-            elif cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(engine, state, rank, {"step": state.step, "epoch": state.epoch})
+            # Every rank takes the same branch: the decision depends on the step alone.
+            if final or _every(state.step, cfg.train.checkpoint_every):
+                save_checkpoint(engine, state, rank, metrics or {"step": state.step, "epoch": state.epoch})
                 last_report_had_checkpoint = True
+            elif _every(state.step, cfg.train.report_every):
+                ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
+                last_report_had_checkpoint = False
         if state.step_in_epoch >= plan.steps_per_epoch:
             for _ in batches:  # drain the remainder (< one batch) so the next epoch starts clean
                 pass

@@ -297,6 +297,25 @@ def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
     return resolved["train"], resolved["eval"]
 
 
+def preprocessed_row_bytes(towers: dict[str, Tower], data_cfg: DataConfig) -> int:
+    """Bytes one training row occupies after preprocessing: exact, since token ids,
+    masks and pixel tensors all have shapes fixed by the config."""
+    total = 8 if data_cfg.label_column else 0
+    for tower in towers.values():
+        if tower.type == "text":
+            total += 2 * 8 * tower.max_length  # input_ids + attention_mask, int64
+        else:
+            channels = 1 if tower.image_mode == "L" else 3
+            total += 4 * channels * tower.image_size**2  # float32 pixels
+    return total
+
+
+def should_cache(data_cfg: DataConfig, preprocessed_bytes: int) -> bool:
+    if data_cfg.cache == "auto":
+        return preprocessed_bytes <= data_cfg.cache_max_gb * 2**30
+    return data_cfg.cache == "always"
+
+
 def build_datasets(
     data_cfg: DataConfig,
     anchor_tower_cfg: Tower,
@@ -324,6 +343,8 @@ def build_datasets(
       - local: file order shuffled per epoch while streaming, plus the worker's
         shuffle buffer (``local_shuffle_buffer_size``);
       - none: file order.
+    With ``data.cache`` the preprocessed set is materialised once instead, and global /
+    local shuffles reorder rows / blocks of that cached set each epoch.
     """
     import ray.data
 
@@ -348,16 +369,27 @@ def build_datasets(
             f"{report.quarantine_path} for each row's reason"
         )
 
-    if data_cfg.shuffle == "local":
-        train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed)
+    seed_config = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(towers, data_cfg)):
+        # Preprocess once; each epoch then only reorders blocks held in memory.
+        train = model_inputs(
+            read_shards(train_files, data_cfg), data_cfg, towers["anchor"], towers["positive"],
+            include_ids=include_ids,
+        ).materialize()
+        if data_cfg.shuffle == "global":
+            train = train.random_shuffle(seed=seed_config, num_cpus=task_cpus)
+        elif data_cfg.shuffle == "local":
+            train = train.randomize_block_order(seed=seed_config)
     else:
-        train_raw = read_shards(train_files, data_cfg)
-    if data_cfg.shuffle == "global":
-        seed_config = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-        train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
-    train = model_inputs(
-        train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
-    )
+        if data_cfg.shuffle == "local":
+            train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed)
+        else:
+            train_raw = read_shards(train_files, data_cfg)
+        if data_cfg.shuffle == "global":
+            train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
+        train = model_inputs(
+            train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
+        )
 
     eval_ds = None
     eval_report = None
