@@ -134,6 +134,23 @@ def _export_text_tower(
     )
 
 
+def _plain_copy(model: DualEncoder, cfg: ModelConfig) -> DualEncoder:
+    """A fresh fp32 CPU model holding ``model``'s current weights.
+
+    Exporting from this copy, never from the live training module, keeps DeepSpeed out of
+    the files: a ZeRO-3 module carries partitioning hooks and placeholder tensors that
+    ``save_pretrained`` may read instead of the gathered weights (seen on GPU with
+    transformers 5.17: size-0 tensors in the saved tower), and bf16 training weights
+    become fp32 here so every loader can read them."""
+    weights = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+        for k, v in model.state_dict().items()
+    }
+    copy = DualEncoder(cfg)
+    copy.load_state_dict(weights, strict=True)
+    return copy.eval()
+
+
 def export_model(model: DualEncoder, cfg: ModelConfig, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``out_dir`` (replacing it) and return the path.
 
@@ -141,6 +158,7 @@ def export_model(model: DualEncoder, cfg: ModelConfig, out_dir: str | os.PathLik
     crash mid-export never leaves a half-written model that looks complete. Pass the
     plain module (``engine.module`` under DeepSpeed), with ZeRO-3 parameters gathered.
     """
+    model = _plain_copy(model, cfg)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

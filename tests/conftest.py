@@ -20,3 +20,10 @@ def ray_session() -> Iterator[None]:
     quiet_ray_data()
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs Ray is an integration test (`-m "not integration"` skips them)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -55,10 +55,11 @@ class InfoNCE(ContrastiveLoss):
                 "same shape: row i of each is one pair"
             )
         # Softmax over thousands of columns in fp16/bf16 loses the target's probability
-        # mass to rounding; the [b, W*b] logits are small enough to do in fp32.
-        anchor = anchor.float()
-        positive = positive.float()
-        scale = logit_scale.float()
+        # mass to rounding; the [b, W*b] logits are small enough to do in (at least) fp32.
+        dtype = torch.promote_types(anchor.dtype, torch.float32)
+        anchor = anchor.to(dtype)
+        positive = positive.to(dtype)
+        scale = logit_scale.to(dtype)
 
         local_rows = anchor.shape[0]
         if self.gather and world_size() > 1:
