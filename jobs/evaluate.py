@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from jobs.config import JobConfig
@@ -85,6 +84,3 @@ def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, 
     finally:
         model.train(was_training)
 
-
-def summarize_eval(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if k.startswith("eval/") and np.isscalar(v)}

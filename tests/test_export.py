@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_BERT
 
 from models.config import ModelConfig
 from models.dual_encoder import DualEncoder
 from models.export import export_model, load_exported
 from models.preprocess import tokenize
 
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
 # The last text is longer than max_length: truncation must agree everywhere.
 TEXTS = ["a small red boat", "Hello, World!", "x", "a considerably longer caption that gets truncated"]
 

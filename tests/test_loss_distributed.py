@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import TINY_BERT
 
 from models.config import LossConfig, ModelConfig
 from models.dual_encoder import DualEncoder
@@ -26,13 +27,8 @@ from models.losses import build_loss
 
 GLOBAL_BATCH = 8
 SEQ_LEN = 12
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 32,
+NO_DROPOUT_BERT = {
+    **TINY_BERT,
     "hidden_dropout_prob": 0.0,  # dropout would make ranks and reference draw different masks
     "attention_probs_dropout_prob": 0.0,
 }
@@ -46,7 +42,7 @@ VARIANTS = {
 def _model() -> DualEncoder:
     torch.manual_seed(0)
     cfg = ModelConfig.model_validate(
-        {"anchor": {"type": "text", "config": TINY_BERT, "max_length": SEQ_LEN}, "shared_tower": True, "embed_dim": 16}
+        {"anchor": {"type": "text", "config": NO_DROPOUT_BERT, "max_length": SEQ_LEN}, "shared_tower": True, "embed_dim": 16}
     )
     # float64: the check is about which terms the gradient sums, not about fp32 summation
     # order (a gradient like token_type_embeddings sums nearly-cancelling terms over every

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_BERT
 from torch import nn
 
 from models.config import (
@@ -21,14 +22,6 @@ from models.metrics import retrieval_metrics, zero_shot_accuracy
 from models.preprocess import build_tokenizer, tokenize
 from models.towers import build_tower
 
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 4}
 
 
