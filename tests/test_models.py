@@ -52,6 +52,31 @@ def test_text_tower_shape_and_vocab_default(pooling: str) -> None:
     assert out.shape == (3, 32)
 
 
+def test_text_tower_loads_a_local_pretrained_directory(tmp_path) -> None:
+    """`pretrained` = a save_pretrained directory: weights and tokenizer come from disk."""
+    source = build_tower(text_cfg())
+    source.model.save_pretrained(tmp_path / "enc")
+    build_tokenizer(text_cfg()).save_pretrained(tmp_path / "enc")
+
+    cfg = TextTowerConfig.model_validate({"pretrained": str(tmp_path / "enc"), "max_length": 16})
+    loaded = build_tower(cfg)
+    for (name, want), (_, got) in zip(source.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    from models.preprocess import tokenizer_source
+
+    assert tokenizer_source(cfg) == str(tmp_path / "enc")
+    inputs = text_inputs(cfg, ["the digit 7", "a handwritten seven"], "anchor")
+    source.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs, "anchor"), source(inputs, "anchor"))
+
+
+def test_text_tower_pretrained_must_be_local() -> None:
+    with pytest.raises(FileNotFoundError, match="clray never downloads"):
+        build_tower(TextTowerConfig.model_validate({"pretrained": "sentence-transformers/all-MiniLM-L6-v2"}))
+
+
 def test_text_tower_mean_pooling_ignores_padding() -> None:
     cfg = text_cfg()
     tower = build_tower(cfg).eval()
