@@ -61,6 +61,8 @@ def quiet_ray_data() -> None:
     # Ray Data logs every execution plan at INFO on the driver; the full logs stay in
     # the Ray session's log directory.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ...and warns that bars are off, which is what we asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def data_task_cpus(data_cfg: DataConfig) -> float:
