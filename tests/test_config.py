@@ -148,3 +148,16 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path, capsys: pyt
     assert "model: required key is missing" in err
     assert "train.epochz: unknown key" in err
     assert "Traceback" not in err
+
+
+def test_readme_example_config_parses(tmp_path: Path) -> None:
+    """The config shown in the README is valid (its model path swapped for a real dir)."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"A config, image–text.*?```toml\n(.*?)```", readme, re.S)
+    assert block, "README lost its example config"
+    example = tmp_path / "example.toml"
+    example.write_text(block.group(1).replace("/models/all-MiniLM-L6-v2", str(tmp_path)))
+    cfg = load_config(example)
+    assert cfg.model.anchor.type == "vit" and cfg.scaling.use_gpu
