@@ -123,3 +123,9 @@ class LossConfig(Strict):
     gather: bool = True
     """Score local anchors against candidates from every worker (exact gradients through
     the gather). False restricts negatives to the worker's own batch."""
+    mode: Literal["gather", "tiled"] = "gather"
+    """gather: the [local rows x all candidates] logits are materialised (fastest while
+    they fit). tiled: log-sum-exp is accumulated over block x block tiles and tiles are
+    recomputed in backward, so that matrix never exists; same loss and gradients."""
+    block_size: int = Field(default=1024, ge=1)
+    """Rows and columns per tile in tiled mode."""

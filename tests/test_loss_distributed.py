@@ -36,7 +36,13 @@ VARIANTS = {
     "symmetric": LossConfig(symmetric=True, gather=True),
     "one_way": LossConfig(symmetric=False, gather=True),
     "local_only": LossConfig(symmetric=True, gather=False),
+    # Tiled mode, with a block that splits the 4 local rows and 8 candidates raggedly.
+    "tiled_symmetric": LossConfig(symmetric=True, gather=True, mode="tiled", block_size=3),
+    "tiled_one_way": LossConfig(symmetric=False, gather=True, mode="tiled", block_size=3),
 }
+# What each variant must equal: the plain (materialised-matrix) loss on one process.
+PLAIN_REFERENCE = {"symmetric": "symmetric", "one_way": "one_way",
+                   "tiled_symmetric": "symmetric", "tiled_one_way": "one_way"}
 
 
 def _model() -> DualEncoder:
@@ -168,10 +174,10 @@ def ranks_for(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("variant", ["symmetric", "one_way"])
+@pytest.mark.parametrize("variant", sorted(PLAIN_REFERENCE))
 def test_gathered_infonce_equals_single_process(world: int, variant: str, ranks_for, reference: dict) -> None:
     for result in ranks_for(world):
-        _assert_matches(result[variant], reference[variant])
+        _assert_matches(result[variant], reference[PLAIN_REFERENCE[variant]])
 
 
 def test_local_only_loss_differs_from_global(ranks_for, reference: dict) -> None:

@@ -12,5 +12,7 @@ __all__ = ["ContrastiveLoss", "InfoNCE", "LossOutput", "build_loss"]
 def build_loss(cfg: LossConfig) -> ContrastiveLoss:
     """The loss object a config describes; the training step never names a concrete class."""
     if cfg.type == "infonce":
-        return InfoNCE(symmetric=cfg.symmetric, gather=cfg.gather)
+        return InfoNCE(
+            symmetric=cfg.symmetric, gather=cfg.gather, tiled=cfg.mode == "tiled", block_size=cfg.block_size
+        )
     raise ValueError(f"unknown loss.type {cfg.type!r}; expected one of: infonce")

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from models.distributed import gather_with_grad, rank, world_size
 from models.losses.base import ContrastiveLoss, LossOutput
+from models.losses.tiled import tiled_cross_entropy
 
 
 class InfoNCE(ContrastiveLoss):
@@ -24,10 +25,12 @@ class InfoNCE(ContrastiveLoss):
     a different, weaker objective whose value depends on the number of workers).
     """
 
-    def __init__(self, symmetric: bool = True, gather: bool = True) -> None:
+    def __init__(self, symmetric: bool = True, gather: bool = True, tiled: bool = False, block_size: int = 1024) -> None:
         super().__init__()
         self.symmetric = symmetric
         self.gather = gather
+        self.tiled = tiled
+        self.block_size = block_size
 
     def forward(
         self,
@@ -70,6 +73,16 @@ class InfoNCE(ContrastiveLoss):
             offset = 0
             all_positive, all_anchor = positive, anchor
         targets = torch.arange(local_rows, device=anchor.device) + offset
+
+        if self.tiled:  # a logit bias is a shared offset: softmax ignores it
+            loss, stats = tiled_cross_entropy(anchor, all_positive, scale, targets, self.block_size)
+            if self.symmetric:
+                assert all_anchor is not None
+                loss_p2a, _ = tiled_cross_entropy(positive, all_anchor, scale, targets, self.block_size)
+                loss = (loss + loss_p2a) / 2
+            names = list(stats)
+            values = torch.stack([stats[n] for n in names]).tolist()  # one device sync
+            return LossOutput(loss=loss, metrics=dict(zip(names, values, strict=True)))
 
         sims = anchor @ all_positive.T  # [b, W*b] cosines of local anchors vs all positives
         logits = scale * sims
