@@ -22,6 +22,14 @@ def use_bf16(cfg: JobConfig) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
 
 
+def cast_batch(batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
+    """Floating inputs (pixels) to bf16 when the engine runs in bf16; DeepSpeed casts the
+    module, not its inputs. Token ids and masks stay integers."""
+    if not bf16:
+        return batch
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch_size,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from jobs.config import JobConfig
+from jobs.engine import cast_batch
 
 
 def _zero_shot_views(cfg: JobConfig) -> tuple[str, str] | None:
@@ -49,8 +50,7 @@ def class_prompt_embeddings(model: Any, cfg: JobConfig, text_view: str, device: 
 def embed_split(model: Any, batches: Any, bf16: bool, has_labels: bool) -> dict[str, torch.Tensor]:
     anchors, positives, labels = [], [], []
     for batch in batches:
-        if bf16:
-            batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+        batch = cast_batch(batch, bf16)
         anchors.append(model.encode_anchor(batch).float().cpu())
         positives.append(model.encode_positive(batch).float().cpu())
         if has_labels:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue as stdqueue
 import threading
 import time
 import traceback
@@ -225,7 +224,7 @@ def run_training(
     def drain(timeout: float) -> None:
         try:
             item = progress.get(timeout=timeout)
-        except (stdqueue.Empty, Exception):
+        except Exception:  # ray.util.queue.Empty on timeout; progress is best-effort
             return
         item = {"time": time.time(), **item}
         events.append(item)
@@ -258,7 +257,7 @@ def run_training(
     resumed = next((e["step"] for e in events if e.get("event") == "resumed"), None)
     summary = TrainSummary(
         run_dir=str(run_dir),
-        steps=int(final.get("step", train_events[-1]["step"] if train_events else 0)),
+        steps=int(final.get("step", 0)),
         epochs=int(final.get("epoch", 0)),
         steps_per_epoch=per_epoch,
         train_rows=prepared.num_train_rows,

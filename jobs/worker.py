@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.config import JobConfig
-from jobs.engine import build_engine, use_bf16
+from jobs.engine import build_engine, cast_batch, use_bf16
 
 CHECKPOINT_TAG = "state"
 
@@ -108,12 +108,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _to_model_dtype(batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
-    if not bf16:
-        return batch
-    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-
-
 def train_step(engine: Any, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """One optimizer step: encode, loss over gathered candidates, backward, step.
 
@@ -192,22 +186,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg, plan.total_steps)
     _seed_everything(cfg.run.seed + 7919 * (rank + 1))  # distinct dropout streams per rank
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()  # [ray]
-    resumed_at = None
-    if checkpoint is not None:
-        state = restore_checkpoint(engine, checkpoint, rank)
-        resumed_at = state.step
-        if rank == 0 and progress is not None:
-            progress.put({"event": "resumed", "step": state.step, "epoch": state.epoch})
-
     def publish(item: dict[str, Any]) -> None:
         if rank == 0 and progress is not None:
             progress.put(item)
 
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()  # [ray]
+    if checkpoint is not None:
+        state = restore_checkpoint(engine, checkpoint, rank)
+        publish({"event": "resumed", "step": state.step, "epoch": state.epoch})
+
     shard = ray.train.get_dataset_shard("train")  # [ray]
     window = MetricWindow()
-    last_report_had_checkpoint = resumed_at is not None
     gb = cfg.train.global_batch_size
     while state.step < plan.total_steps:
         batches = iter(
@@ -226,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window.reset()
         while state.step_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
             t0 = time.perf_counter()
-            batch = _to_model_dtype(_next_batch(batches, state, plan, rank), bf16)
+            batch = cast_batch(_next_batch(batches, state, plan, rank), bf16)
             t1 = time.perf_counter()
             out, scale = train_step(engine, loss_fn, batch)
             t2 = time.perf_counter()
@@ -248,20 +238,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     lr=float(engine.get_lr()[0]),
                 )
                 publish({"event": "train", **metrics})
-            # Every rank takes the same branch: the decision depends on the step alone.
+            # Every rank takes the same branch: the decision depends on the step alone. The
+            # final step always checkpoints, so a finished run (or one resumed at its end,
+            # which skips this loop) always has its last state saved.
             if final or _every(state.step, cfg.train.checkpoint_every):
                 save_checkpoint(engine, state, rank, metrics or {"step": state.step, "epoch": state.epoch})
-                last_report_had_checkpoint = True
             elif _every(state.step, cfg.train.report_every):
                 ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
-                last_report_had_checkpoint = False
         if state.step_in_epoch >= plan.steps_per_epoch:
             for _ in batches:  # drain the remainder (< one batch) so the next epoch starts clean
                 pass
             state.epoch += 1
             state.step_in_epoch = 0
-    if not last_report_had_checkpoint:
-        save_checkpoint(engine, state, rank, {"step": state.step, "epoch": state.epoch})
 
     from jobs.evaluate import evaluate
 

@@ -41,8 +41,7 @@ STEPS = 150
 
 
 def _setup(tmp_path: Path, zero_stage: int, precision: str):
-    from jobs.engine import build_engine
-    from jobs.worker import _to_model_dtype
+    from jobs.engine import build_engine, cast_batch
     from models.dual_encoder import DualEncoder
     from models.preprocess import preprocess_view
     from pipelines.quickstart import write_quickstart_corpus
@@ -58,7 +57,7 @@ def _setup(tmp_path: Path, zero_stage: int, precision: str):
         **preprocess_view(cfg.model.anchor, [r["image"] for r in rows], "anchor"),
         **preprocess_view(cfg.model.positive_tower, [r["caption"] for r in rows], "positive"),
     }
-    batch = _to_model_dtype({k: torch.from_numpy(v).cuda() for k, v in arrays.items()}, bf16=precision != "fp32")
+    batch = cast_batch({k: torch.from_numpy(v).cuda() for k, v in arrays.items()}, bf16=precision != "fp32")
     torch.manual_seed(0)
     engine = build_engine(DualEncoder(cfg.model).cuda(), cfg, total_steps=STEPS)
     return cfg, engine, batch, arrays
