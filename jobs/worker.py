@@ -108,16 +108,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train_step(engine: Any, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor]):
+def train_step(
+    engine: Any, loss_fn: torch.nn.Module, batch: dict[str, Any], gradcache_chunk: int | None = None
+) -> tuple[Any, float, float | None]:
     """One optimizer step: encode, loss over gathered candidates, backward, step.
 
-    Returns the loss output and the logit scale the step used: under ZeRO-3 the scale
-    parameter is partitioned outside forward, so this is where its value is readable."""
-    anchor, positive, scale = engine(batch)
-    out = loss_fn(anchor, positive, logit_scale=scale)
-    engine.backward(out.loss)
+    With ``gradcache_chunk`` the encoder runs in chunks of that many rows and their cached
+    embedding gradients are backpropagated chunk by chunk (:mod:`models.gradcache`); the
+    engine's gradient-accumulation boundary is set on the last chunk only, so ZeRO reduces
+    and partitions the summed gradients once.
+
+    Returns the loss output and the logit scale and bias the step used: under ZeRO-3
+    those parameters are partitioned outside forward, so this is where they are readable."""
+    from models.gradcache import gradcache_step
+    from models.losses import apply_loss
+
+    used: dict[str, Any] = {}
+
+    def compute(encoded: Any) -> Any:
+        used["scale"], used["bias"] = encoded.scale, encoded.bias
+        return apply_loss(loss_fn, encoded, batch)
+
+    if gradcache_chunk:
+        def backward(surrogate: torch.Tensor, last: bool) -> None:
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(surrogate)
+
+        device = next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).device
+        out = gradcache_step(engine, batch, gradcache_chunk, compute, backward, device=device)
+    else:
+        out = compute(engine(batch))
+        engine.backward(out.loss)
     engine.step()
-    return out, float(scale.detach().float())
+    bias = used["bias"]
+    return out, float(used["scale"].detach().float()), None if bias is None else float(bias.detach().float())
 
 
 def save_checkpoint(engine: Any, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:
@@ -183,6 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = DualEncoder(cfg.model).to(device)
     loss_fn = build_loss(cfg.loss)
+    gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     engine = build_engine(model, cfg, plan.total_steps)
     _seed_everything(cfg.run.seed + 7919 * (rank + 1))  # distinct dropout streams per rank
 
@@ -218,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             batch = cast_batch(_next_batch(batches, state, plan, rank), bf16)
             t1 = time.perf_counter()
-            out, scale = train_step(engine, loss_fn, batch)
+            engine.module.set_progress(state.step / max(1, plan.total_steps - 1))
+            out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk)
             t2 = time.perf_counter()
             state.step += 1
             state.step_in_epoch += 1
@@ -235,6 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     epoch=state.epoch,
                     samples_seen=state.samples_seen,
                     temperature=1.0 / scale,
+                    **({} if bias is None else {"logit_bias": bias}),
                     lr=float(engine.get_lr()[0]),
                 )
                 publish({"event": "train", **metrics})

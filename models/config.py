@@ -80,12 +80,38 @@ TowerConfig = Annotated[
 
 
 class LogitScaleConfig(Strict):
+    """The inverse temperature the loss multiplies cosine similarities by."""
+
+    mode: Literal["learnable", "fixed", "scheduled"] = "learnable"
+    """learnable: one global parameter, log(1/temperature), trained with the model (no
+    weight decay, clamped at max_scale in the forward pass). fixed: init_temperature for
+    the whole run. scheduled: moves from init_temperature to final_temperature over the
+    run along `schedule` (not trained)."""
     init_temperature: float = Field(default=0.07, gt=0)
-    """Initial softmax temperature; the learnable parameter is log(1/temperature)."""
+    """Initial softmax temperature (the one a Tune search usually varies)."""
+    final_temperature: float | None = Field(default=None, gt=0)
+    """Temperature at the last step when mode = "scheduled"."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """Shape of the scheduled temperature's path from init to final."""
     max_scale: float = Field(default=100.0, gt=0)
     """The scale (1/temperature) is clamped to at most this in the forward pass."""
+
+    @model_validator(mode="after")
+    def _schedule(self) -> LogitScaleConfig:
+        if self.mode == "scheduled" and self.final_temperature is None:
+            raise ValueError('mode = "scheduled" needs final_temperature (the temperature at the last step)')
+        if self.mode != "scheduled" and self.final_temperature is not None:
+            raise ValueError('final_temperature only applies to mode = "scheduled"; remove it or set that mode')
+        return self
+
+
+class LogitBiasConfig(Strict):
+    """The additive logit offset of the sigmoid loss (SigLIP); softmax losses ignore it."""
+
+    init: float = -10.0
+    """Initial bias. -10 (SigLIP's choice) starts every pair near "not a match", which
+    keeps the many negatives from dominating the first steps."""
     learnable: bool = True
-    """False freezes the temperature at init_temperature."""
 
 
 class ModelConfig(Strict):
@@ -100,6 +126,8 @@ class ModelConfig(Strict):
     projection: Literal["linear", "mlp", "none"] = "linear"
     """Head on top of each tower; `none` needs the tower width to equal embed_dim."""
     logit_scale: LogitScaleConfig = Field(default_factory=LogitScaleConfig)
+    logit_bias: LogitBiasConfig | None = None
+    """A learnable logit bias; the sigmoid loss (loss.type = "siglip") gets one by default."""
 
     @model_validator(mode="after")
     def _towers(self) -> ModelConfig:
@@ -115,17 +143,43 @@ class ModelConfig(Strict):
 
 
 class LossConfig(Strict):
-    type: Literal["infonce"] = "infonce"
-    """The objective. `infonce` = CLIP's softmax loss over gathered candidates."""
+    type: Literal["infonce", "siglip", "dcl", "supcon"] = "infonce"
+    """The objective. infonce: CLIP's softmax loss over gathered candidates (plus optional
+    hard-negative columns). siglip: pairwise sigmoid loss with a learnable bias. dcl:
+    decoupled contrastive loss (the positive is left out of the denominator). supcon:
+    supervised contrastive loss, every candidate with the anchor's label is a positive
+    (needs data.label_column)."""
     symmetric: bool = True
     """Average anchor->positive and positive->anchor directions (CLIP); false keeps only
-    anchor->positive."""
+    anchor->positive. siglip scores each pair once, so it has no second direction."""
     gather: bool = True
     """Score local anchors against candidates from every worker (exact gradients through
     the gather). False restricts negatives to the worker's own batch."""
-    mode: Literal["gather", "tiled"] = "gather"
+    mode: Literal["gather", "tiled", "ring"] = "gather"
     """gather: the [local rows x all candidates] logits are materialised (fastest while
     they fit). tiled: log-sum-exp is accumulated over block x block tiles and tiles are
-    recomputed in backward, so that matrix never exists; same loss and gradients."""
+    recomputed in backward, so that matrix never exists. ring: candidate blocks travel
+    around the ring of workers instead of being gathered (no worker holds them all),
+    tiled inside each block. All three give the same loss and gradients."""
     block_size: int = Field(default=1024, ge=1)
-    """Rows and columns per tile in tiled mode."""
+    """Rows and columns per tile in tiled and ring mode."""
+    hardness_beta: float = Field(default=0.0, ge=0)
+    """Hard-negative weighting (infonce, dcl): negatives are importance-weighted by
+    exp(beta * logit), normalised to mean 1 per anchor, so harder negatives count more.
+    0 turns it off."""
+    mask_same_id: bool = False
+    """Drop candidates whose id (data.id_column, or data.negative_id_column for hard
+    negatives) equals the anchor's id from the denominator: duplicates are not negatives."""
+    mask_same_label: bool = False
+    """Drop candidates that share the anchor's label (data.label_column) from the
+    denominator (infonce, dcl, siglip). supcon makes them positives instead."""
+    teacher_threshold: float | None = None
+    """Drop an anchor's hard negatives whose teacher similarity (data.negative_score_column)
+    exceeds this: they are probably unlabelled positives."""
+    gradcache: bool = False
+    """Compute embeddings in chunks of `chunk_size` without a graph, run the loss on the
+    whole global batch, then re-encode each chunk (same RNG) and backpropagate its cached
+    gradient: the batch can be far larger than activation memory allows. Combines with
+    every mode and ZeRO stage."""
+    chunk_size: int = Field(default=32, ge=1)
+    """Rows per re-encoded chunk with gradcache = true."""

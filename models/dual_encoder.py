@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,37 @@ def build_projection(kind: str, tower_dim: int, embed_dim: int) -> nn.Module:
     raise ValueError(f"unknown model.projection {kind!r}; expected linear, mlp or none")
 
 
+NEGATIVE_PREFIX = "negative"
+
+
+class Encoded(NamedTuple):
+    """Everything a loss needs from one forward pass."""
+
+    anchor: Tensor
+    """[b, d] unit-norm anchor embeddings."""
+    positive: Tensor
+    """[b, d] unit-norm positive embeddings."""
+    negatives: Tensor | None
+    """[b, k, d] unit-norm hard-negative embeddings (positive tower), when the batch has
+    ``negative_*`` inputs."""
+    scale: Tensor
+    """0-d logit scale (inverse temperature), clamped."""
+    bias: Tensor | None
+    """0-d logit bias, when the model has one (SigLIP)."""
+
+
+def scheduled_temperature(init: float, final: float, progress: float, schedule: str) -> float:
+    """Temperature at ``progress`` in [0, 1] of a run, from ``init`` to ``final``."""
+    progress = min(1.0, max(0.0, progress))
+    if schedule == "linear":
+        weight = progress
+    elif schedule == "cosine":
+        weight = 0.5 * (1 - math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown temperature schedule {schedule!r}; expected cosine or linear")
+    return init + (final - init) * weight
+
+
 class DualEncoder(nn.Module):
     """Anchor and positive towers mapped into one normalised embedding space.
 
@@ -62,12 +93,25 @@ class DualEncoder(nn.Module):
 
         scale_cfg = cfg.logit_scale
         # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views,
-        # which 0-d tensors cannot take.
+        # which 0-d tensors cannot take. Only mode = "learnable" trains it; "fixed" and
+        # "scheduled" keep it frozen (no optimizer state) and "scheduled" overwrites the
+        # value it uses through set_progress().
         self.logit_scale = nn.Parameter(
             torch.full((1,), math.log(1.0 / scale_cfg.init_temperature)),
-            requires_grad=scale_cfg.learnable,
+            requires_grad=scale_cfg.mode == "learnable",
         )
         self.max_log_scale = math.log(scale_cfg.max_scale)
+        # A buffer, not an attribute, so it follows .to(device) and dtype casts; not
+        # persistent because it is a function of the step, which checkpoints already hold.
+        self.register_buffer(
+            "scheduled_log_scale", torch.full((1,), math.log(1.0 / scale_cfg.init_temperature)), persistent=False
+        )
+        if cfg.logit_bias is not None:
+            self.logit_bias = nn.Parameter(
+                torch.full((1,), float(cfg.logit_bias.init)), requires_grad=cfg.logit_bias.learnable
+            )
+        else:
+            self.logit_bias = None
 
     def _encode(self, tower: nn.Module, projection: nn.Module, batch: dict[str, Tensor], prefix: str) -> Tensor:
         return F.normalize(projection(tower(batch, prefix)), dim=-1)
@@ -80,6 +124,26 @@ class DualEncoder(nn.Module):
         """Unit-norm embeddings of the ``positive_*`` inputs."""
         return self._encode(self.positive_tower, self.positive_projection, batch, "positive")
 
+    def has_negatives(self, batch: dict[str, Any]) -> bool:
+        return any(key.startswith(NEGATIVE_PREFIX + "_") for key in batch)
+
+    def encode_negatives(self, batch: dict[str, Tensor]) -> Tensor:
+        """[b, k, d] unit-norm embeddings of the ``negative_*`` inputs ([b, k, ...] each),
+        encoded by the positive tower: a hard negative is a wrong positive."""
+        inputs = {k: v for k, v in batch.items() if k.startswith(NEGATIVE_PREFIX + "_")}
+        b, k = next(iter(inputs.values())).shape[:2]
+        flat = {key: value.reshape(b * k, *value.shape[2:]) for key, value in inputs.items()}
+        return self._encode(self.positive_tower, self.positive_projection, flat, NEGATIVE_PREFIX).reshape(b, k, -1)
+
+    def set_progress(self, progress: float) -> None:
+        """Tell a scheduled temperature how far through the run training is (0 to 1)."""
+        cfg = self.cfg.logit_scale
+        if cfg.mode != "scheduled":
+            return
+        assert cfg.final_temperature is not None
+        temperature = scheduled_temperature(cfg.init_temperature, cfg.final_temperature, progress, cfg.schedule)
+        self.scheduled_log_scale.fill_(math.log(1.0 / temperature))
+
     def scale(self) -> Tensor:
         """The inverse temperature the loss multiplies cosines by, clamped at ``max_scale``.
 
@@ -90,11 +154,16 @@ class DualEncoder(nn.Module):
         silently undone. Clamping the value that is used is correct under any engine. The
         clamp also zeroes the gradient while the scale sits at the cap, so it cannot grow.
         """
-        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+        log_scale = self.scheduled_log_scale if self.cfg.logit_scale.mode == "scheduled" else self.logit_scale
+        return log_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(anchor embeddings, positive embeddings, logit scale): everything a loss needs."""
-        return self.encode_anchor(batch), self.encode_positive(batch), self.scale()
+    def bias(self) -> Tensor | None:
+        return None if self.logit_bias is None else self.logit_bias.squeeze(0)
+
+    def forward(self, batch: dict[str, Tensor]) -> Encoded:
+        """Embeddings of every view in the batch, logit scale and bias: everything a loss needs."""
+        negatives = self.encode_negatives(batch) if self.has_negatives(batch) else None
+        return Encoded(self.encode_anchor(batch), self.encode_positive(batch), negatives, self.scale(), self.bias())
 
     @property
     def temperature(self) -> float:
@@ -110,7 +179,7 @@ class DualEncoder(nn.Module):
 
         Decaying biases and norm gains pulls them toward zero for no regularisation
         benefit, and decaying ``logit_scale`` would drag the temperature back up toward 1
-        throughout training. Frozen parameters are left out so the optimizer holds no
+        throughout training (``logit_bias`` toward 0). Frozen parameters are left out so the optimizer holds no
         state for them.
         """
         decay: list[nn.Parameter] = []
@@ -118,7 +187,7 @@ class DualEncoder(nn.Module):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            if param.ndim >= 2 and name != "logit_scale":
+            if param.ndim >= 2 and name not in ("logit_scale", "logit_bias"):
                 decay.append(param)
             else:
                 no_decay.append(param)

@@ -70,7 +70,7 @@ def _train(engine, cfg, batch) -> tuple[list[float], list[float]]:
     loss_fn = build_loss(cfg.loss)
     losses, scales = [], []
     for _ in range(STEPS):
-        out, scale = train_step(engine, loss_fn, batch)
+        out, scale, _ = train_step(engine, loss_fn, batch)
         losses.append(out.loss.item())
         scales.append(scale)
     return losses, scales

@@ -74,7 +74,7 @@ def _rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, to
 
 def _loss_and_grads(model: DualEncoder, batch: dict[str, torch.Tensor], loss_cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
-    anchor, positive, scale = model(batch)
+    anchor, positive, _, scale, _ = model(batch)
     loss = build_loss(loss_cfg)(anchor, positive, logit_scale=scale).loss
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

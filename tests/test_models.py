@@ -132,7 +132,7 @@ def test_shared_tower_really_shares_parameters() -> None:
 
     texts = ["same text", "other"]
     batch = {**text_inputs(cfg.anchor, texts, "anchor"), **text_inputs(cfg.anchor, texts, "positive")}
-    anchor, positive, _ = model(batch)
+    anchor, positive, *_ = model(batch)
     torch.testing.assert_close(anchor, positive)
     # A gradient through the positive side alone lands on the (one) shared weights.
     model.encode_positive(batch).sum().backward()
@@ -180,11 +180,11 @@ def test_temperature_init_and_clamp_in_forward() -> None:
 
 
 def test_frozen_logit_scale_gets_no_grad() -> None:
-    cfg = shared_text_model(logit_scale={"learnable": False, "init_temperature": 0.05})
+    cfg = shared_text_model(logit_scale={"mode": "fixed", "init_temperature": 0.05})
     model = DualEncoder(cfg)
     assert not model.logit_scale.requires_grad
     batch = {**text_inputs(cfg.anchor, ["a", "b"], "anchor"), **text_inputs(cfg.anchor, ["a", "c"], "positive")}
-    anchor, positive, scale = model(batch)
+    anchor, positive, _, scale, _ = model(batch)
     InfoNCE()(anchor, positive, logit_scale=scale).loss.backward()
     assert model.logit_scale.grad is None
     assert model.temperature == pytest.approx(0.05)
@@ -281,7 +281,7 @@ def _train(model: DualEncoder, batch: dict[str, torch.Tensor], steps: int, lr: f
     losses = []
     model.train()
     for _ in range(steps):
-        anchor, positive, scale = model(batch)
+        anchor, positive, _, scale, _ = model(batch)
         out = loss_fn(anchor, positive, logit_scale=scale)
         opt.zero_grad()
         out.loss.backward()

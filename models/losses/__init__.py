@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from models.config import LossConfig
-from models.losses.base import ContrastiveLoss, LossOutput
+from models.losses.base import ContrastiveLoss, LossOutput, apply_loss, loss_side_inputs
 from models.losses.infonce import InfoNCE
 
-__all__ = ["ContrastiveLoss", "InfoNCE", "LossOutput", "build_loss"]
+__all__ = ["ContrastiveLoss", "InfoNCE", "LossOutput", "apply_loss", "build_loss", "loss_side_inputs"]
 
 
 def build_loss(cfg: LossConfig) -> ContrastiveLoss:

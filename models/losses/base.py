@@ -2,15 +2,31 @@
 
 One object per objective, each owning its distributed strategy (what it gathers, how
 it indexes targets), so the training step is the same few lines whatever the loss:
-``out = loss(anchor, positive, logit_scale=scale)``, ``backward(out.loss)``.
+``out = loss(anchor, positive, negatives, logit_scale=scale, **loss_side_inputs(batch))``,
+``backward(out.loss)``.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
+
+# Batch keys (written by the data pipeline) that carry per-row side information the
+# losses use, mapped to the loss keyword they feed.
+SIDE_INPUT_KEYS = {
+    "label": "labels",  # [b] int64 class label (supcon positives, label masking)
+    "id_key": "ids",  # [b] int64 hash of the row id (id masking)
+    "negative_id_key": "negative_ids",  # [b, k] int64 hash of each hard negative's id
+    "negative_score": "negative_scores",  # [b, k] teacher similarity of each hard negative
+}
+
+
+def loss_side_inputs(batch: dict[str, Any]) -> dict[str, Tensor]:
+    """The keyword arguments a loss takes from a training batch, for the keys it has."""
+    return {arg: batch[key] for key, arg in SIDE_INPUT_KEYS.items() if key in batch}
 
 
 @dataclass
@@ -29,12 +45,22 @@ class LossOutput:
 class ContrastiveLoss(nn.Module, abc.ABC):
     """Scores anchors against candidates and returns a :class:`LossOutput`.
 
-    Inputs are L2-normalised embeddings of this rank's local batch: ``anchor`` [b, d] and
-    ``positive`` [b, d], row i of each being a pair. ``negatives`` (extra hard-negative
-    candidates) and ``labels`` (class ids, for supervised objectives) are optional and
-    objective-specific. ``logit_scale`` is the multiplier on cosine similarities (the
-    inverse temperature, already exponentiated and clamped by the model), and
-    ``logit_bias`` an additive offset for objectives that learn one (SigLIP).
+    Inputs describe this rank's local batch of ``b`` pairs, all embeddings L2-normalised:
+
+    - ``anchor`` [b, d] and ``positive`` [b, d]: row i of each is a pair.
+    - ``negatives`` [b, k, d]: k hard negatives per anchor (positive-side embeddings).
+      Every rank's hard negatives join the candidate columns of every anchor.
+    - ``labels`` [b] int64: class ids (supcon positives; label masking). Negative = none.
+    - ``ids`` [b] int64: row id hashes (id masking). ``negative_ids`` [b, k] int64: the
+      hard negatives' id hashes. ``negative_scores`` [b, k]: teacher similarity of each
+      anchor's own hard negatives (teacher-threshold masking).
+    - ``logit_scale``: the multiplier on cosine similarities (inverse temperature, already
+      exponentiated and clamped by the model); ``logit_bias`` an additive offset for
+      objectives that learn one (SigLIP).
+
+    The returned loss is the mean over this rank's rows of a per-row loss; data-parallel
+    gradient averaging across ranks then gives exactly the single-process loss on the
+    concatenated global batch.
     """
 
     @abc.abstractmethod
@@ -47,5 +73,21 @@ class ContrastiveLoss(nn.Module, abc.ABC):
         *,
         logit_scale: Tensor,
         logit_bias: Tensor | None = None,
+        ids: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_scores: Tensor | None = None,
     ) -> LossOutput:
         raise NotImplementedError
+
+
+def apply_loss(loss_fn: ContrastiveLoss, encoded: Any, batch: dict[str, Any]) -> LossOutput:
+    """Run ``loss_fn`` on a model's :class:`~models.dual_encoder.Encoded` output and the
+    batch's side inputs (labels, ids, teacher scores): the one call every training step makes."""
+    return loss_fn(
+        encoded.anchor,
+        encoded.positive,
+        encoded.negatives,
+        logit_scale=encoded.scale,
+        logit_bias=encoded.bias,
+        **loss_side_inputs(batch),
+    )
