@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--shards", type=int, default=4)
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--bad-rows", type=int, default=4, help="deliberately broken rows, to show quarantine")
+    qs.add_argument(
+        "--hard-negatives", type=int, default=0, metavar="K",
+        help="add K hard negatives per training row (captions of the nearest images by pixels, "
+        "with ids and teacher scores) for data.negatives",
+    )
     return parser
 
 
@@ -207,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from pipelines.quickstart import write_quickstart_corpus
 
-            info = write_quickstart_corpus(args.out_dir, num_shards=args.shards, seed=args.seed, bad_rows=args.bad_rows)
+            info = write_quickstart_corpus(
+                args.out_dir, num_shards=args.shards, seed=args.seed, bad_rows=args.bad_rows,
+                hard_negatives=args.hard_negatives,
+            )
             for key, value in info.items():
                 print(f"{key}: {value}")
             return 0

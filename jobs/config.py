@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from models.config import LossConfig, ModelConfig, Strict
+from models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
 from pipelines.config import DataConfig
 
 
@@ -96,6 +96,17 @@ class JobConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
+    @model_validator(mode="after")
+    def _siglip_defaults(self) -> JobConfig:
+        """The sigmoid loss needs a logit bias and starts hotter than softmax losses
+        (SigLIP: temperature 0.1, bias -10); fill in what the user left unset."""
+        if self.loss.type == "siglip":
+            if self.model.logit_bias is None:
+                self.model.logit_bias = LogitBiasConfig()
+            if "init_temperature" not in self.model.logit_scale.model_fields_set:
+                self.model.logit_scale.init_temperature = 0.1
+        return self
+
     @property
     def local_batch_size(self) -> int:
         return self.train.global_batch_size // self.scaling.num_workers
@@ -153,8 +164,48 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
                     f"{key}.{attr} = {value!r} is not a local directory: clray never downloads "
                     "models; save one with save_pretrained() and give its path"
                 )
+    problems.extend(_loss_problems(cfg))
     if cfg.train.precision == "bf16" and not cfg.scaling.use_gpu:
         problems.append("train.precision = \"bf16\" needs scaling.use_gpu = true: use \"auto\" or \"fp32\" on CPU")
+    return problems
+
+
+def _loss_problems(cfg: JobConfig) -> list[str]:
+    """The loss keys that need data columns or rule each other out."""
+    loss, data = cfg.loss, cfg.data
+    problems: list[str] = []
+    if loss.type == "supcon" and data.label_column is None:
+        problems.append('loss.type = "supcon" takes its positives from labels: set data.label_column')
+    if loss.mask_same_label and data.label_column is None:
+        problems.append("loss.mask_same_label = true needs data.label_column (the labels to compare)")
+    if loss.teacher_threshold is not None and data.negative_score_column is None:
+        problems.append(
+            "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
+            "similarity, as `clray mine` writes it) and data.negatives"
+        )
+    if loss.hardness_beta > 0 and loss.type not in ("infonce", "dcl"):
+        problems.append(
+            f'loss.hardness_beta re-weights softmax negatives; loss.type = "{loss.type}" has none: '
+            'use infonce or dcl, or set hardness_beta = 0'
+        )
+    if loss.mode == "ring" and not loss.gather:
+        problems.append(
+            'loss.mode = "ring" exchanges candidates between workers, but loss.gather = false keeps '
+            'them local: set gather = true or mode = "tiled"'
+        )
+    if cfg.model.logit_bias is not None and loss.type != "siglip":
+        problems.append(
+            f'model.logit_bias only affects loss.type = "siglip" (a softmax over candidates ignores '
+            f'a shared offset): remove [model.logit_bias] for loss.type = "{loss.type}"'
+        )
+    for key in ("negative_id_column", "negative_score_column"):
+        if getattr(data, key) is not None and data.negatives is None:
+            problems.append(f"data.{key} describes hard negatives, but data.negatives is not set: set it or remove {key}")
+    if data.negatives is not None and data.negatives.kind != data.positive.kind:
+        problems.append(
+            f"data.negatives.kind = {data.negatives.kind!r} but data.positive.kind = {data.positive.kind!r}: "
+            "hard negatives are encoded by the positive tower, so they must be the positive view's kind"
+        )
     return problems
 
 

@@ -84,7 +84,7 @@ def _check_data(cfg: JobConfig) -> tuple[list[str], list[str]]:
     eval_files = resolve_shards(cfg.data.eval, "data.eval") if cfg.data.eval else []
     check_schema(train_files, cfg.data, "data.train")
     if eval_files:
-        check_schema(eval_files, cfg.data, "data.eval")
+        check_schema(eval_files, cfg.data.without_negatives(), "data.eval")
     return train_files, eval_files
 
 

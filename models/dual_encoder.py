@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.preprocess import INPUT_SUFFIXES, NEGATIVE_PREFIX
 from models.towers import build_tower
 
 
@@ -34,9 +35,6 @@ def build_projection(kind: str, tower_dim: int, embed_dim: int) -> nn.Module:
             )
         return nn.Identity()
     raise ValueError(f"unknown model.projection {kind!r}; expected linear, mlp or none")
-
-
-NEGATIVE_PREFIX = "negative"
 
 
 class Encoded(NamedTuple):
@@ -125,12 +123,13 @@ class DualEncoder(nn.Module):
         return self._encode(self.positive_tower, self.positive_projection, batch, "positive")
 
     def has_negatives(self, batch: dict[str, Any]) -> bool:
-        return any(key.startswith(NEGATIVE_PREFIX + "_") for key in batch)
+        return any(f"{NEGATIVE_PREFIX}_{suffix}" in batch for suffix in INPUT_SUFFIXES)
 
     def encode_negatives(self, batch: dict[str, Tensor]) -> Tensor:
         """[b, k, d] unit-norm embeddings of the ``negative_*`` inputs ([b, k, ...] each),
         encoded by the positive tower: a hard negative is a wrong positive."""
-        inputs = {k: v for k, v in batch.items() if k.startswith(NEGATIVE_PREFIX + "_")}
+        keys = [f"{NEGATIVE_PREFIX}_{suffix}" for suffix in INPUT_SUFFIXES]
+        inputs = {key: batch[key] for key in keys if key in batch}
         b, k = next(iter(inputs.values())).shape[:2]
         flat = {key: value.reshape(b * k, *value.shape[2:]) for key, value in inputs.items()}
         return self._encode(self.positive_tower, self.positive_projection, flat, NEGATIVE_PREFIX).reshape(b, k, -1)

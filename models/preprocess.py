@@ -21,6 +21,13 @@ import numpy as np
 
 from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
 
+NEGATIVE_PREFIX = "negative"
+INPUT_SUFFIXES = ("input_ids", "attention_mask", "pixel_values")
+"""Model-input keys are ``{view}_{suffix}``; other batch keys (``label``, ``id_key``,
+``negative_score``, ...) are side information for the loss."""
+"""Key prefix of hard-negative inputs (``negative_input_ids`` [b, k, L], ...), encoded by the
+positive tower."""
+
 CHAR_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Printable ASCII plus Latin-1 letters: enough for captions; anything else maps to [UNK].
 CHAR_ALPHABET = sorted(set(string.printable) - set("\t\n\r\x0b\x0c") | {chr(c) for c in range(0xC0, 0x100)})

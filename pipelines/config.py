@@ -26,7 +26,20 @@ class DataConfig(Strict):
     id_column: str = "id"
     """Unique row id; quarantined rows are reported by it."""
     label_column: str | None = None
-    """Optional integer class label; enables zero-shot accuracy on the eval split."""
+    """Optional integer class label; enables zero-shot accuracy on the eval split (and
+    loss.type = "supcon", loss.mask_same_label)."""
+    negatives: ViewConfig | None = None
+    """Hard negatives: a list column per row (texts, or encoded images), of the positive
+    view's kind, e.g. what `clray mine` writes. Encoded by the positive tower and added
+    to every anchor's candidates. Training split only."""
+    num_negatives: int = Field(default=1, ge=1)
+    """Hard negatives used per row (the first ones of each list); rows with fewer are
+    quarantined."""
+    negative_id_column: str | None = None
+    """List column of the hard negatives' ids (same order), for loss.mask_same_id."""
+    negative_score_column: str | None = None
+    """List column of the teacher's similarity between the anchor and each hard negative
+    (same order), for loss.teacher_threshold."""
     class_names: list[str] = Field(default_factory=list)
     """Name of each label value (index = label) for zero-shot prompts."""
     prompt_templates: list[str] = Field(default_factory=lambda: ["{}"])
@@ -50,6 +63,10 @@ class DataConfig(Strict):
     """Largest preprocessed training set `cache = "auto"` keeps in memory."""
     prefetch_batches: int = Field(default=2, ge=0)
     """Batches each worker prefetches while the current step runs."""
+
+    def without_negatives(self) -> DataConfig:
+        """This config for a split that has no hard negatives (evaluation)."""
+        return self.model_copy(update={"negatives": None, "negative_id_column": None, "negative_score_column": None})
 
     @field_validator("train", "eval", mode="before")
     @classmethod

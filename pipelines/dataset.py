@@ -9,18 +9,19 @@ count fixes ``steps_per_epoch``, which every rank must agree on or the collectiv
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from models.preprocess import ImageDecodeError, preprocess_view
+from models.preprocess import NEGATIVE_PREFIX, ImageDecodeError, preprocess_view
 from pipelines._compat import avoid_fsspec_http_import_race
 from pipelines.config import DataConfig
 from pipelines.errors import DataError
@@ -175,6 +176,37 @@ def _towers(data_cfg: DataConfig, anchor_tower: Tower, positive_tower: Tower) ->
     return towers
 
 
+def id_keys(values: list[Any]) -> np.ndarray:
+    """Stable int64 keys of row ids (as strings), so ids can travel as tensors and be
+    compared across workers (id masking): 8 bytes of BLAKE2b, the same on every host."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little", signed=True) for v in values),
+        dtype=np.int64,
+        count=len(values),
+    )
+
+
+def _negative_arrays(table: pa.Table, data_cfg: DataConfig, tower: Tower) -> dict[str, np.ndarray]:
+    """Hard-negative inputs shaped [rows, k, ...] (the first k of each row's list), plus
+    their id keys and teacher scores when configured. Rows with fewer than k were
+    quarantined before this runs."""
+    assert data_cfg.negatives is not None
+    k = data_cfg.num_negatives
+    lists = table.column(data_cfg.negatives.column).to_pylist()
+    flat = [value for row in lists for value in row[:k]]
+    arrays = {
+        key: value.reshape(len(lists), k, *value.shape[1:])
+        for key, value in preprocess_view(tower, flat, NEGATIVE_PREFIX).items()
+    }
+    if data_cfg.negative_id_column is not None:
+        ids = [value for row in table.column(data_cfg.negative_id_column).to_pylist() for value in row[:k]]
+        arrays["negative_id_key"] = id_keys(ids).reshape(len(lists), k)
+    if data_cfg.negative_score_column is not None:
+        scores = [row[:k] for row in table.column(data_cfg.negative_score_column).to_pylist()]
+        arrays["negative_score"] = np.asarray(scores, dtype=np.float32).reshape(len(lists), k)
+    return arrays
+
+
 def _preprocess(
     table: pa.Table, data_cfg: DataConfig, towers: dict[str, Tower], include_ids: bool
 ) -> dict[str, np.ndarray]:
@@ -182,12 +214,15 @@ def _preprocess(
     for view_name, tower in towers.items():
         values = table.column(getattr(data_cfg, view_name).column).to_pylist()
         arrays.update(preprocess_view(tower, values, view_name))
+    ids = table.column(data_cfg.id_column).combine_chunks().cast(pa.string()).to_pylist()
+    arrays["id_key"] = id_keys(ids)
     if include_ids:
-        ids = table.column(data_cfg.id_column).combine_chunks().cast(pa.string()).to_pylist()
         arrays["id"] = np.asarray(ids, dtype=object)
     if data_cfg.label_column is not None:
         labels = table.column(data_cfg.label_column).to_numpy(zero_copy_only=False)
         arrays["label"] = labels.astype(np.int64)
+    if data_cfg.negatives is not None:
+        arrays.update(_negative_arrays(table, data_cfg, towers["positive"]))
     return arrays
 
 
@@ -217,6 +252,12 @@ def _model_inputs(
             if view.kind == "image":
                 images = table.column(view.column).to_pylist()
                 decodable &= np.array([image_decodes(image, tower) for image in images], dtype=bool)
+        if data_cfg.negatives is not None and data_cfg.negatives.kind == "image":
+            k = data_cfg.num_negatives
+            lists = table.column(data_cfg.negatives.column).to_pylist()
+            decodable &= np.array(
+                [all(image_decodes(image, towers["positive"]) for image in row[:k]) for row in lists], dtype=bool
+            )
         table = table.filter(pa.array(decodable))
         if table.num_rows == 0:
             return
@@ -291,7 +332,7 @@ def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
         key = f"data.{split}"
         try:
             resolved[split] = resolve_shards(specs, key)
-            check_schema(resolved[split], data_cfg, key)
+            check_schema(resolved[split], data_cfg if split == "train" else data_cfg.without_negatives(), key)
         except DataError as err:
             problems.extend(err.problems)
     if problems:
@@ -299,16 +340,24 @@ def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
     return resolved["train"], resolved["eval"]
 
 
+def _view_bytes(tower: Tower) -> int:
+    if tower.type == "text":
+        return 2 * 8 * tower.max_length  # input_ids + attention_mask, int64
+    channels = 1 if tower.image_mode == "L" else 3
+    return 4 * channels * tower.image_size**2  # float32 pixels
+
+
 def preprocessed_row_bytes(towers: dict[str, Tower], data_cfg: DataConfig) -> int:
     """Bytes one training row occupies after preprocessing: exact, since token ids,
     masks and pixel tensors all have shapes fixed by the config."""
-    total = 8 if data_cfg.label_column else 0
-    for tower in towers.values():
-        if tower.type == "text":
-            total += 2 * 8 * tower.max_length  # input_ids + attention_mask, int64
-        else:
-            channels = 1 if tower.image_mode == "L" else 3
-            total += 4 * channels * tower.image_size**2  # float32 pixels
+    total = 8  # id_key
+    total += 8 if data_cfg.label_column else 0
+    total += sum(_view_bytes(tower) for tower in towers.values())
+    if data_cfg.negatives is not None:
+        k = data_cfg.num_negatives
+        total += k * _view_bytes(towers["positive"])
+        total += 8 * k if data_cfg.negative_id_column else 0
+        total += 4 * k if data_cfg.negative_score_column else 0
     return total
 
 
@@ -396,17 +445,18 @@ def build_datasets(
     eval_ds = None
     eval_report = None
     if eval_files:
+        eval_cfg = data_cfg.without_negatives()  # evaluation scores pairs; it reads no hard negatives
         eval_report = quarantine_pass(
-            read_shards(eval_files, data_cfg, include_paths=True),
-            data_cfg,
+            read_shards(eval_files, eval_cfg, include_paths=True),
+            eval_cfg,
             towers["anchor"],
             towers["positive"],
             quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
             num_cpus=task_cpus,
         )
         eval_ds = model_inputs(
-            read_shards(eval_files, data_cfg),
-            data_cfg,
+            read_shards(eval_files, eval_cfg),
+            eval_cfg,
             towers["anchor"],
             towers["positive"],
             include_ids=include_ids,

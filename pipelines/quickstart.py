@@ -54,6 +54,13 @@ SCHEMA = pa.schema(
     ]
 )
 
+NEGATIVE_FIELDS = [
+    pa.field("negative_captions", pa.list_(pa.string())),
+    pa.field("negative_ids", pa.list_(pa.string())),
+    pa.field("negative_scores", pa.list_(pa.float32())),
+]
+"""Columns added to the training shards with ``hard_negatives > 0``."""
+
 IMAGE_SIZE = 8
 """Images keep the native 8x8 resolution; towers resize them to their own image_size."""
 
@@ -111,10 +118,34 @@ def _bad_row(index: int, good_png: bytes) -> dict[str, Any]:
     return row
 
 
-def _write(rows: list[dict[str, Any]], path: Path) -> None:
+def _write(rows: list[dict[str, Any]], path: Path, schema: pa.Schema = SCHEMA) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema)
     pq.write_table(table, path)
+
+
+def _add_pixel_neighbours(rows: list[dict[str, Any]], pixels: np.ndarray, k: int) -> None:
+    """Give each row ``k`` hard negatives scored by a pixel-cosine "teacher".
+
+    The first ``k - 1`` are the most similar images of *other* digits (true hard
+    negatives); the last is the most similar image of the *same* digit: a deliberate
+    false negative, as an unfiltered miner would return, with a high teacher score for
+    ``loss.teacher_threshold`` (or ``loss.mask_same_label``) to catch. With ``k = 1`` only
+    the false negative is written."""
+    flat = pixels.reshape(len(pixels), -1).astype(np.float64)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True).clip(min=1e-12)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    labels = np.array([row["label"] for row in rows])
+    for i, row in enumerate(rows):
+        same = labels == labels[i]
+        other = np.flatnonzero(~same)
+        hard = other[np.argsort(-sims[i, other], kind="stable")[: k - 1]]
+        false_negative = int(np.argmax(np.where(same, sims[i], -np.inf)))
+        chosen = [*hard.tolist(), false_negative]
+        row["negative_captions"] = [rows[j]["caption"] for j in chosen]
+        row["negative_ids"] = [rows[j]["id"] for j in chosen]
+        row["negative_scores"] = [float(sims[i, j]) for j in chosen]
 
 
 def write_quickstart_corpus(
@@ -124,6 +155,7 @@ def write_quickstart_corpus(
     eval_fraction: float = 0.2,
     seed: int = 0,
     bad_rows: int = 4,
+    hard_negatives: int = 0,
 ) -> dict[str, Any]:
     """Write the digits corpus as Parquet shards and say where everything went.
 
@@ -134,6 +166,10 @@ def write_quickstart_corpus(
     Returns the file lists, ``train_rows``/``eval_rows`` (good rows), ``bad_rows`` (how
     many broken rows were added to the train shards) and ``bad_row_kinds`` (id -> what
     is broken), ``class_names`` (index = label) and ``image_size`` (8: native size).
+
+    ``hard_negatives = k > 0`` adds list columns to the training shards: for each row the
+    captions and ids of k hard negatives and their pixel-cosine teacher scores, the last
+    one a deliberate false negative (see ``_add_pixel_neighbours``).
     """
     from sklearn.datasets import load_digits
 
@@ -143,6 +179,8 @@ def write_quickstart_corpus(
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if bad_rows < 0:
         raise ValueError(f"bad_rows must be >= 0, got {bad_rows}")
+    if hard_negatives < 0:
+        raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
 
     digits = load_digits()
     images = digits.images
@@ -165,17 +203,24 @@ def write_quickstart_corpus(
     out = Path(out_dir)
     train_rows = [good_row(int(i)) for i in train_idx]
     eval_rows = [good_row(int(i)) for i in eval_idx]
+    train_schema = SCHEMA
+    if hard_negatives:
+        _add_pixel_neighbours(train_rows, images[train_idx], hard_negatives)
+        train_schema = pa.schema(list(SCHEMA) + NEGATIVE_FIELDS)
 
     shards = [list(chunk) for chunk in np.array_split(np.arange(len(train_rows)), num_shards)]
     shard_rows = [[train_rows[i] for i in chunk] for chunk in shards]
     bad = [_bad_row(i, train_rows[i % len(train_rows)]["image"]) for i in range(bad_rows)]
     for i, row in enumerate(bad):
+        if hard_negatives:
+            source = train_rows[i % len(train_rows)]
+            row.update({field.name: source[field.name] for field in NEGATIVE_FIELDS})
         shard_rows[i % num_shards].append(row)
 
     train_files = []
     for shard, rows in enumerate(shard_rows):
         path = out / "train" / f"part-{shard:05d}.parquet"
-        _write(rows, path)
+        _write(rows, path, train_schema)
         train_files.append(str(path))
     eval_files = []
     if eval_rows:
@@ -196,4 +241,5 @@ def write_quickstart_corpus(
         "class_names": list(CLASS_NAMES),
         "image_size": IMAGE_SIZE,
         "columns": {"id": "id", "image": "image", "caption": "caption", "label": "label"},
+        "hard_negatives": hard_negatives,
     }

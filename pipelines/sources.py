@@ -110,6 +110,13 @@ def _is_id(dtype: pa.DataType) -> bool:
     return _is_text(dtype) or pa.types.is_integer(dtype)
 
 
+def _list_of(item_ok: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    def ok(dtype: pa.DataType) -> bool:
+        return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and item_ok(dtype.value_type)
+
+    return ok
+
+
 def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.DataType], bool], str]]:
     """Each column the run reads: its config key, a type test, and how to fix a bad type.
 
@@ -136,6 +143,30 @@ def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.
         data_cfg.id_column,
         ("data.id_column", _is_id, "row ids must be a string or integer column"),
     )
+    if data_cfg.negatives is not None:
+        item = "string" if data_cfg.negatives.kind == "text" else "binary (encoded image bytes)"
+        wanted.setdefault(
+            data_cfg.negatives.column,
+            (
+                "data.negatives.column",
+                _list_of(_is_text if data_cfg.negatives.kind == "text" else _is_binary),
+                f"hard negatives need a list<{item}> column, one list per row",
+            ),
+        )
+    if data_cfg.negative_id_column is not None:
+        wanted.setdefault(
+            data_cfg.negative_id_column,
+            ("data.negative_id_column", _list_of(_is_id), "hard-negative ids need a list<string> or list<int64> column"),
+        )
+    if data_cfg.negative_score_column is not None:
+        wanted.setdefault(
+            data_cfg.negative_score_column,
+            (
+                "data.negative_score_column",
+                _list_of(pa.types.is_floating),
+                "teacher scores need a list<float> column, aligned with data.negatives",
+            ),
+        )
     if data_cfg.label_column is not None:
         wanted.setdefault(
             data_cfg.label_column,

@@ -94,6 +94,47 @@ def image_decodes(data: bytes, tower: ConvTowerConfig | VitTowerConfig) -> bool:
     return True
 
 
+def _list_problem(value: Any, column: str, k: int) -> str | None:
+    if value is None:
+        return f"{column}: null list"
+    if len(value) < k:
+        return f"{column}: fewer than data.num_negatives = {k} entries"
+    return None
+
+
+def _negative_problems(table: pa.Table, data_cfg: DataConfig, tower: Tower, decode: bool) -> list[str | None]:
+    """Hard-negative lists: at least k usable entries (the first k are trained on), and
+    aligned id / score lists at least as long."""
+    assert data_cfg.negatives is not None
+    k = data_cfg.num_negatives
+    column = data_cfg.negatives.column
+    out: list[str | None] = []
+    for value in table.column(column).to_pylist():
+        problem = _list_problem(value, column, k)
+        if problem is None:
+            if data_cfg.negatives.kind == "text":
+                items = _text_problems(value[:k], column)
+            else:
+                items = _image_problems(value[:k], column, image_tower(tower, "data.negatives"), decode)
+            problem = next((p for p in items if p is not None), None)
+        out.append(problem)
+    if data_cfg.negative_id_column is not None:
+        column = data_cfg.negative_id_column
+        for i, value in enumerate(table.column(column).to_pylist()):
+            problem = _list_problem(value, column, k)
+            if problem is None and any(v is None for v in value[:k]):
+                problem = f"{column}: null id"
+            out[i] = out[i] or problem
+    if data_cfg.negative_score_column is not None:
+        column = data_cfg.negative_score_column
+        for i, value in enumerate(table.column(column).to_pylist()):
+            problem = _list_problem(value, column, k)
+            if problem is None and any(v is None or v != v for v in value[:k]):
+                problem = f"{column}: null or NaN score"
+            out[i] = out[i] or problem
+    return out
+
+
 def row_problems(
     table: pa.Table,
     data_cfg: DataConfig,
@@ -121,6 +162,8 @@ def row_problems(
         else:
             decoder = image_tower(tower, f"data.{view_name}")
             per_check.append(_image_problems(values, view.column, decoder, decode_images))
+    if data_cfg.negatives is not None:
+        per_check.append(_negative_problems(table, data_cfg, positive_tower, decode_images))
     if data_cfg.label_column is not None:
         labels = table.column(data_cfg.label_column).to_pylist()
         num_classes = len(data_cfg.class_names)

@@ -161,3 +161,59 @@ def test_readme_example_config_parses(tmp_path: Path) -> None:
     example.write_text(block.group(1).replace("/models/all-MiniLM-L6-v2", str(tmp_path)))
     cfg = load_config(example)
     assert cfg.model.anchor.type == "vit" and cfg.scaling.use_gpu
+
+
+def test_siglip_gets_bias_and_its_own_initial_temperature() -> None:
+    raw = minimal()
+    raw["loss"] = {"type": "siglip"}
+    cfg = validate(raw)
+    assert cfg.model.logit_bias is not None and cfg.model.logit_bias.init == -10.0
+    assert cfg.model.logit_scale.init_temperature == pytest.approx(0.1)
+    # What the user sets explicitly is kept.
+    raw["model"]["logit_scale"] = {"init_temperature": 0.05}
+    raw["model"]["logit_bias"] = {"init": -5.0, "learnable": False}
+    cfg = validate(raw)
+    assert cfg.model.logit_scale.init_temperature == pytest.approx(0.05)
+    assert cfg.model.logit_bias.init == -5.0 and not cfg.model.logit_bias.learnable
+    # The resolved config round-trips (a Tune best-config file must parse again).
+    import tomllib
+
+    from jobs.config import dump_toml
+
+    again = validate(tomllib.loads(dump_toml(cfg)))
+    assert again.model.logit_bias == cfg.model.logit_bias
+
+
+def test_temperature_modes() -> None:
+    raw = minimal()
+    raw["model"]["logit_scale"] = {"mode": "scheduled", "init_temperature": 0.1, "final_temperature": 0.02}
+    assert validate(raw).model.logit_scale.final_temperature == pytest.approx(0.02)
+    raw["model"]["logit_scale"] = {"mode": "scheduled"}
+    assert any("final_temperature" in p for p in problems_of(raw))
+    raw["model"]["logit_scale"] = {"mode": "fixed", "final_temperature": 0.02}
+    assert any('only applies to mode = "scheduled"' in p for p in problems_of(raw))
+
+
+def test_loss_keys_that_need_data_columns_are_named() -> None:
+    raw = minimal()
+    raw["loss"] = {"type": "supcon", "mask_same_label": True, "teacher_threshold": 0.9, "hardness_beta": 0.5,
+                   "mode": "ring", "gather": False}
+    raw["model"]["logit_bias"] = {}
+    raw["data"]["negative_id_column"] = "neg_ids"
+    problems = problems_of(raw)
+    joined = "\n".join(problems)
+    for phrase in (
+        'loss.type = "supcon" takes its positives from labels: set data.label_column',
+        "loss.mask_same_label = true needs data.label_column",
+        "loss.teacher_threshold needs data.negative_score_column",
+        'loss.hardness_beta re-weights softmax negatives; loss.type = "supcon"',
+        'loss.mode = "ring" exchanges candidates between workers',
+        "model.logit_bias only affects loss.type = \"siglip\"",
+        "data.negative_id_column describes hard negatives, but data.negatives is not set",
+    ):
+        assert phrase in joined, phrase
+
+
+def test_negatives_must_match_the_positive_view_kind() -> None:
+    raw = minimal(negatives={"column": "neg_images", "kind": "image"})
+    assert any("data.negatives.kind = 'image' but data.positive.kind = 'text'" in p for p in problems_of(raw))

@@ -330,6 +330,7 @@ def test_build_datasets_yields_model_inputs(ray_session: None, corpus: Path, tmp
         "positive_input_ids",
         "positive_attention_mask",
         "id",
+        "id_key",
         "label",
     }
 
@@ -338,3 +339,95 @@ def torch_dtype(name: str) -> object:
     import torch
 
     return getattr(torch, name)
+
+
+# --- hard negatives ----------------------------------------------------------------
+
+
+def negatives_config(corpus: Path, **overrides: object) -> DataConfig:
+    return data_config(
+        corpus,
+        negatives={"column": "negative_captions", "kind": "text"},
+        num_negatives=2,
+        negative_id_column="negative_ids",
+        negative_score_column="negative_scores",
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def negatives_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits-negatives")
+    write_quickstart_corpus(out, hard_negatives=3)
+    return out
+
+
+def test_quickstart_hard_negatives(negatives_corpus: Path) -> None:
+    train = read_dir(negatives_corpus / "train")
+    assert train.schema.field("negative_captions").type == pa.list_(pa.string())
+    labels = dict(zip(train.column("id").to_pylist(), train.column("label").to_pylist(), strict=True))
+    for row in train.to_pylist()[:200]:
+        assert len(row["negative_captions"]) == len(row["negative_ids"]) == len(row["negative_scores"]) == 3
+        assert row["id"] not in row["negative_ids"]
+        # The first two are other digits, the last a deliberate false negative of the same digit.
+        assert [labels[i] == row["label"] for i in row["negative_ids"]] == [False, False, True]
+    # Held-out rows carry no negatives: evaluation does not read them.
+    assert "negative_captions" not in read_dir(negatives_corpus / "eval").schema.names
+
+
+def test_row_problems_checks_hard_negative_lists(corpus: Path) -> None:
+    cfg = negatives_config(corpus, anchor={"column": "a", "kind": "text"}, label_column=None, class_names=[])
+    table = pa.table(
+        {
+            "id": ["ok", "null-list", "short", "empty-item", "null-id", "nan-score", "long"],
+            "a": ["x"] * 7,
+            "caption": ["y"] * 7,
+            "negative_captions": [["n1", "n2"], None, ["n1"], ["n1", " "], ["n1", "n2"], ["n1", "n2"], ["a", "b", "c"]],
+            "negative_ids": [["i1", "i2"], ["i1", "i2"], ["i1", "i2"], ["i1", "i2"], ["i1", None], ["i1", "i2"], ["1", "2"]],
+            "negative_scores": [[0.1, 0.2], [0.1, 0.2], [0.1, 0.2], [0.1, 0.2], [0.1, 0.2], [0.1, float("nan")], [0.1, 0.2]],
+        }
+    )
+    problems = row_problems(table, cfg, TEXT_TOWER, TEXT_TOWER)
+    assert problems == [
+        None,
+        "negative_captions: null list",
+        "negative_captions: fewer than data.num_negatives = 2 entries",
+        "negative_captions: empty text",
+        "negative_ids: null id",
+        "negative_scores: null or NaN score",
+        None,  # longer lists are fine: the first num_negatives are used
+    ]
+
+
+def test_check_schema_wants_list_columns_for_negatives(tmp_path: Path, corpus: Path) -> None:
+    path = tmp_path / "flat.parquet"
+    pq.write_table(
+        pa.table({"id": ["a"], "image": [b"x"], "caption": ["c"], "label": [1],
+                  "negative_captions": ["not a list"], "negative_ids": [["x"]], "negative_scores": [[1]]}),
+        path,
+    )
+    with pytest.raises(DataError) as err:
+        check_schema([str(path)], negatives_config(corpus), "data.train")
+    text = str(err.value)
+    assert "'negative_captions' (data.negatives.column) has type string" in text and "list<string>" in text
+    assert "'negative_scores' (data.negative_score_column) has type list<element: int64>" in text
+
+
+@pytest.mark.integration
+def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus: Path, tmp_path: Path) -> None:
+    cfg = negatives_config(negatives_corpus)
+    prepared = build_datasets(cfg, IMAGE_TOWER, TEXT_TOWER, quarantine_path=tmp_path / "q.parquet", seed=0)
+    assert prepared.num_train_rows == 1438
+    batch = prepared.train.take_batch(batch_size=32)
+    assert batch["negative_input_ids"].shape == (32, 2, 24)
+    assert batch["negative_attention_mask"].shape == (32, 2, 24)
+    assert batch["negative_id_key"].shape == (32, 2) and batch["negative_id_key"].dtype == np.int64
+    assert batch["negative_score"].shape == (32, 2) and batch["negative_score"].dtype == np.float32
+    # A negative's id key equals the id key of the row it came from: id masking can match them.
+    from pipelines.dataset import id_keys
+
+    table = read_dir(negatives_corpus / "train")
+    by_key = dict(zip(id_keys(table.column("id").to_pylist()).tolist(), table.column("caption").to_pylist(), strict=True))
+    assert all(int(k) in by_key for k in batch["negative_id_key"].ravel())
+    assert prepared.eval is not None
+    assert not any(key.startswith("negative") for key in prepared.eval.take_batch(batch_size=4))
