@@ -325,3 +325,54 @@ def test_image_text_training_reduces_loss() -> None:
     batch = {"anchor_pixel_values": images, **text_inputs(cfg.positive, names, "positive")}
     first, last = _train(model, batch, steps=25, lr=3e-3)
     assert last < 0.5 * first, (first, last)
+
+
+# --- temperature modes, logit bias, hard negatives ---------------------------------
+
+
+def test_scheduled_temperature_follows_its_path_and_is_not_trained() -> None:
+    cfg = shared_text_model(
+        logit_scale={"mode": "scheduled", "init_temperature": 0.1, "final_temperature": 0.02, "schedule": "cosine"}
+    )
+    model = DualEncoder(cfg)
+    assert not model.logit_scale.requires_grad
+    assert model.temperature == pytest.approx(0.1)
+    model.set_progress(0.5)
+    assert model.temperature == pytest.approx(0.06, rel=1e-6)  # cosine midpoint
+    model.set_progress(1.0)
+    assert model.temperature == pytest.approx(0.02, rel=1e-6)
+    linear = DualEncoder(shared_text_model(
+        logit_scale={"mode": "scheduled", "init_temperature": 0.1, "final_temperature": 0.02, "schedule": "linear"}
+    ))
+    linear.set_progress(0.25)
+    assert linear.temperature == pytest.approx(0.08, rel=1e-6)
+    # Learnable and fixed temperatures ignore progress.
+    learnable = DualEncoder(shared_text_model())
+    learnable.set_progress(1.0)
+    assert learnable.temperature == pytest.approx(0.07)
+
+
+def test_logit_bias_is_a_parameter_without_weight_decay() -> None:
+    model = DualEncoder(shared_text_model(logit_bias={"init": -10.0}))
+    assert model.bias().item() == -10.0 and model.logit_bias.requires_grad
+    decayed = {id(p) for p in model.param_groups(0.1)[0]["params"]}
+    assert id(model.logit_bias) not in decayed and id(model.logit_scale) not in decayed
+    assert DualEncoder(shared_text_model()).bias() is None
+
+
+def test_hard_negatives_are_encoded_by_the_positive_tower() -> None:
+    cfg = shared_text_model()
+    model = DualEncoder(cfg).eval()
+    texts = ["one", "two", "three"]
+    negatives = ["x", "yy", "zzz", "one", "two", "three"]  # 3 rows x 2 negatives
+    batch = {**text_inputs(cfg.anchor, texts, "anchor"), **text_inputs(cfg.anchor, texts, "positive")}
+    neg = text_inputs(cfg.anchor, negatives, "negative")
+    batch.update({k: v.reshape(3, 2, -1) for k, v in neg.items()})
+    batch["negative_score"] = torch.zeros(3, 2)  # side inputs are not model inputs
+    with torch.no_grad():
+        out = model(batch)
+        assert out.negatives is not None and out.negatives.shape == (3, 2, 16)
+        # Row 2's second negative is the text "three": same embedding as that positive.
+        torch.testing.assert_close(out.negatives[2, 1], out.positive[2])
+        torch.testing.assert_close(out.negatives[0, 1], model.encode_positive(text_inputs(cfg.anchor, ["yy"], "positive"))[0])
+    assert model({k: v for k, v in batch.items() if not k.startswith("negative")}).negatives is None
