@@ -102,3 +102,46 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / world_size()
+
+
+# --- point-to-point (ring) ------------------------------------------------------------
+
+
+class PendingP2P:
+    """Sends and receives posted together; :meth:`wait` returns the receive buffers.
+
+    The send tensors are held until the exchange completes, so a caller may drop its
+    own references right after posting without the transport reading freed memory.
+    """
+
+    def __init__(self, works: list[Any], sent: list[Tensor], received: list[Tensor]) -> None:
+        self._works = works
+        self._sent = sent
+        self.received = received
+
+    def wait(self) -> list[Tensor]:
+        for work in self._works:
+            work.wait()
+        self._works, self._sent = [], []
+        return self.received
+
+
+def post_p2p(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> PendingP2P:
+    """Post ``(tensor, peer, tag)`` sends and receives at once, without waiting.
+
+    One ``batch_isend_irecv`` call, so a ring shift (every rank sends right and receives
+    from the left in the same call) cannot deadlock on NCCL, whose separate sends and
+    receives to one peer would otherwise queue behind each other. Every rank must post
+    matching calls in the same order; messages between one pair of ranks in one
+    direction are matched in posting order (and by tag where the backend uses tags).
+    """
+    sent = [tensor.contiguous() for tensor, _, _ in sends]
+    ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, (_, peer, tag) in zip(sent, sends, strict=True)]
+    ops += [dist.P2POp(dist.irecv, tensor, peer, tag=tag) for tensor, peer, tag in recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return PendingP2P(list(works), sent, [tensor for tensor, _, _ in recvs])
+
+
+def ring_peer(offset: int) -> int:
+    """The rank ``offset`` places to the right of this one on the ring (negative: left)."""
+    return (rank() + offset) % world_size()

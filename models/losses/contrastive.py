@@ -1,0 +1,244 @@
+"""InfoNCE, DCL, SupCon and SigLIP over candidates from every rank, in three memory modes.
+
+Each rank scores its own ``b`` anchors (direction a2p) against the candidate columns:
+every rank's positives followed by every rank's hard negatives (``negatives`` [b, k, d],
+flattened; each belongs to one anchor but is a candidate for all). ``symmetric`` adds
+the p2a direction (queries: this rank's positives; candidates: every rank's anchors)
+and averages the two; SigLIP scores each pair once and has no second direction. The
+loss is the mean over this rank's rows, so averaging gradients over ranks (DDP,
+DeepSpeed) gives exactly one process's gradient on the concatenated global batch.
+
+Modes (same loss and gradients, different memory):
+
+- ``gather``: candidates are all-gathered with autograd and the ``[b, W*b(1+k)]``
+  logits are materialised; plain autograd.
+- ``tiled``: the same gathered candidates, but the blockwise engine
+  (:mod:`models.losses.blockwise`) never materialises the logits.
+- ``ring``: candidates are not gathered; blocks travel between ranks
+  (:mod:`models.losses.ring`), scored tiled. Memory per rank does not grow with ``W``.
+
+Masks (:mod:`models.losses.columns`) remove a column from a row's loss entirely:
+``mask_same_id`` (same id hash: duplicates are not negatives), ``mask_same_label``
+(same known label, in-batch columns only), ``teacher_threshold`` (an anchor's own hard
+negative whose teacher score exceeds the threshold). A row's own target is never masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.distributed import all_gather_no_grad, gather_with_grad, rank, world_size
+from models.losses.base import ContrastiveLoss, LossOutput
+from models.losses.blockwise import BlockSource, Problem, blockwise_aggregates, full_aggregates
+from models.losses.columns import MaskSpec, negative_columns, pair_columns, row_meta
+from models.losses.objectives import finalize, make_kernel
+from models.losses.ring import RingBlocks
+
+MODES = ("gather", "tiled", "ring")
+
+
+class ContrastiveObjective(ContrastiveLoss):
+    """One objective (``objective``, set by each subclass) in one mode; see the module docstring."""
+
+    objective = ""
+
+    def __init__(
+        self,
+        *,
+        symmetric: bool = True,
+        gather: bool = True,
+        mode: str = "gather",
+        block_size: int = 1024,
+        hardness_beta: float = 0.0,
+        mask_same_id: bool = False,
+        mask_same_label: bool = False,
+        teacher_threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown loss.mode {mode!r}; expected one of: {', '.join(MODES)}")
+        if block_size < 1:
+            raise ValueError(f"loss.block_size must be at least 1, got {block_size}")
+        if hardness_beta < 0:
+            raise ValueError(f"loss.hardness_beta must be >= 0, got {hardness_beta}")
+        if hardness_beta > 0 and self.objective not in ("infonce", "dcl"):
+            raise ValueError(
+                f"loss.hardness_beta weights softmax negatives (infonce, dcl); loss.type = {self.objective!r} "
+                "has no softmax denominator to weight: set hardness_beta = 0"
+            )
+        if mask_same_label and self.objective == "supcon":
+            raise ValueError(
+                'loss.mask_same_label removes same-label candidates, but loss.type = "supcon" counts them as '
+                "positives: set mask_same_label = false"
+            )
+        self.symmetric = symmetric and self.objective != "siglip"
+        self.gather = gather
+        self.mode = mode
+        self.block_size = block_size
+        self.hardness_beta = float(hardness_beta)
+        self.mask_same_id = mask_same_id
+        self.mask_same_label = mask_same_label
+        self.teacher_threshold = teacher_threshold
+        self.kernel = make_kernel(self.objective, hardness_beta)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, symmetric={self.symmetric}, gather={self.gather}, block_size={self.block_size}, "
+                f"hardness_beta={self.hardness_beta}, mask_same_id={self.mask_same_id}, "
+                f"mask_same_label={self.mask_same_label}, teacher_threshold={self.teacher_threshold}")
+
+    def forward(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        negatives: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+        ids: Tensor | None = None,
+        negative_ids: Tensor | None = None,
+        negative_scores: Tensor | None = None,
+    ) -> LossOutput:
+        self._check(anchor, positive, negatives, labels, logit_bias, ids, negative_ids, negative_scores)
+        # Softmax over thousands of columns in fp16/bf16 loses the target's probability
+        # mass to rounding: score in (at least) fp32.
+        dtype = torch.promote_types(anchor.dtype, torch.float32)
+        anchor, positive = anchor.to(dtype), positive.to(dtype)
+        scale = logit_scale.to(dtype)
+        bias = logit_bias.to(dtype) if self.objective == "siglip" and logit_bias is not None else None
+        rows, device = anchor.shape[0], anchor.device
+
+        distributed = self.gather and world_size() > 1
+        offset = rank() * rows if distributed else 0
+        queries_meta = row_meta(rows, offset, ids, labels, device)
+        pairs_meta = pair_columns(rows, offset, ids, labels, device)
+        cands, cands_meta = positive, pairs_meta
+        if negatives is not None:
+            k = negatives.shape[1]
+            drop = None
+            if self.teacher_threshold is not None:
+                assert negative_scores is not None
+                drop = negative_scores > self.teacher_threshold
+            cands = torch.cat([positive, negatives.to(dtype).reshape(rows * k, -1)])
+            cands_meta = torch.cat([pairs_meta, negative_columns(rows, k, offset, negative_ids, drop, device)])
+        spec = MaskSpec(
+            same_id=self.mask_same_id,
+            same_label=self.mask_same_label,
+            teacher=self.teacher_threshold is not None,
+            label_positives=self.objective == "supcon",
+        )
+
+        target_cos = (anchor * positive).sum(dim=1)
+        target = scale * target_cos
+        if bias is not None:
+            target = target + bias
+        per_row, stats = self._direction(anchor, queries_meta, cands, cands_meta, target, scale, bias, spec, distributed)
+        if self.symmetric:
+            p2a, _ = self._direction(positive, queries_meta, anchor, pairs_meta, target, scale, bias, spec, distributed)
+            per_row = (per_row + p2a) / 2
+        return LossOutput(loss=per_row.mean(), metrics=_metrics(target_cos.detach(), stats))
+
+    def _direction(
+        self, queries: Tensor, queries_meta: Tensor, cands: Tensor, cands_meta: Tensor, target: Tensor,
+        scale: Tensor, bias: Tensor | None, spec: MaskSpec, distributed: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-row losses of one direction and its [rows, 3] metric statistics."""
+        if self.mode == "ring" and distributed:
+            problem = Problem(self.kernel, spec, self.block_size, RingBlocks())
+            aggregates, count, stats = blockwise_aggregates(
+                problem, queries, queries_meta, cands, cands_meta, scale, bias
+            )
+        else:
+            if distributed:
+                cands, cands_meta = gather_with_grad(cands), all_gather_no_grad(cands_meta)
+            if self.mode == "gather":
+                aggregates, count, stats = full_aggregates(
+                    self.kernel, spec, queries, queries_meta, cands, cands_meta, scale, bias
+                )
+            else:  # tiled, and ring within one rank
+                problem = Problem(self.kernel, spec, self.block_size, BlockSource())
+                aggregates, count, stats = blockwise_aggregates(
+                    problem, queries, queries_meta, cands, cands_meta, scale, bias
+                )
+        return finalize(self.objective, target, aggregates, count), stats
+
+    def _check(
+        self, anchor: Tensor, positive: Tensor, negatives: Tensor | None, labels: Tensor | None,
+        logit_bias: Tensor | None, ids: Tensor | None, negative_ids: Tensor | None, negative_scores: Tensor | None,
+    ) -> None:
+        name = type(self).__name__
+        if anchor.ndim != 2 or anchor.shape != positive.shape:
+            raise ValueError(
+                f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} must both be [b, d]: "
+                "row i of each is one pair"
+            )
+        rows = anchor.shape[0]
+        if negatives is not None and (negatives.ndim != 3 or negatives.shape[0] != rows
+                                      or negatives.shape[2] != anchor.shape[1]):
+            raise ValueError(
+                f"negatives must be [b, k, d] = [{rows}, k, {anchor.shape[1]}] (k hard negatives per anchor), "
+                f"got {tuple(negatives.shape)}"
+            )
+        if self.objective == "siglip" and logit_bias is None:
+            raise ValueError(
+                "the sigmoid loss (loss.type = \"siglip\") needs a logit bias: add [model.logit_bias] to the config"
+            )
+        if self.objective == "supcon" and labels is None:
+            raise ValueError(f"{name} (loss.type = \"supcon\") needs labels: set data.label_column")
+        if self.mask_same_label and labels is None:
+            raise ValueError("loss.mask_same_label needs labels: set data.label_column")
+        if self.mask_same_id:
+            if ids is None:
+                raise ValueError("loss.mask_same_id needs row ids: set data.id_column")
+            if negatives is not None and negative_ids is None:
+                raise ValueError("loss.mask_same_id with hard negatives needs their ids: set data.negative_id_column")
+        if self.teacher_threshold is not None and negatives is not None and negative_scores is None:
+            raise ValueError("loss.teacher_threshold needs teacher scores: set data.negative_score_column")
+        for what, value in (("labels", labels), ("ids", ids)):
+            if value is not None and value.shape != (rows,):
+                raise ValueError(f"{what} must be [b] = [{rows}], got {tuple(value.shape)}")
+        if negatives is not None:
+            for what, value in (("negative_ids", negative_ids), ("negative_scores", negative_scores)):
+                if value is not None and value.shape != negatives.shape[:2]:
+                    raise ValueError(f"{what} must be [b, k] = {list(negatives.shape[:2])}, got {tuple(value.shape)}")
+
+
+def _metrics(target_cos: Tensor, stats: Tensor) -> dict[str, float]:
+    """pos_sim, neg_sim (mean cosine of unmasked non-target candidates) and top-1 accuracy,
+    for the a2p direction; one device sync."""
+    total, count, best = stats.unbind(dim=1)
+    seen = count.sum()
+    neg = torch.where(seen > 0, total.sum() / seen.clamp_min(1), float("nan"))
+    accuracy = (target_cos > best).to(target_cos.dtype).mean()
+    pos_sim, neg_sim, acc = torch.stack([target_cos.mean(), neg, accuracy]).tolist()
+    return {"pos_sim": pos_sim, "neg_sim": neg_sim, "accuracy": acc}
+
+
+class InfoNCE(ContrastiveObjective):
+    """CLIP's softmax cross-entropy: ``-t + log(e^t + sum_j w_j e^{l_j})`` over unmasked negatives,
+    with optional hardness weights ``w`` (``hardness_beta``)."""
+
+    objective = "infonce"
+
+
+class DCL(ContrastiveObjective):
+    """Decoupled contrastive loss: InfoNCE with the positive left out of the denominator."""
+
+    objective = "dcl"
+
+
+class SupCon(ContrastiveObjective):
+    """Supervised contrastive loss: every in-batch candidate with the row's label is a positive;
+    ``log sum_j e^{l_j} - mean_{p in P(i)} l_p``."""
+
+    objective = "supcon"
+
+
+class SigLIP(ContrastiveObjective):
+    """Pairwise sigmoid loss: ``-sum_j log sigmoid(z_j (l_j + bias))``, z = +1 for the target only."""
+
+    objective = "siglip"
+
+
+LOSSES: dict[str, type[ContrastiveObjective]] = {cls.objective: cls for cls in (InfoNCE, DCL, SupCon, SigLIP)}
