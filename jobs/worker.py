@@ -116,7 +116,11 @@ def train_step(
     With ``gradcache_chunk`` the encoder runs in chunks of that many rows and their cached
     embedding gradients are backpropagated chunk by chunk (:mod:`models.gradcache`); the
     engine's gradient-accumulation boundary is set on the last chunk only, so ZeRO reduces
-    and partitions the summed gradients once.
+    and partitions the summed gradients once. That is not just cheaper: under ZeRO 1 and 2
+    a parameter that gets no gradient in a boundary backward ends the step with a zero
+    gradient, so a boundary on every chunk would silently drop the logit scale's gradient
+    (it enters in the first chunk only). tests/test_gradcache_deepspeed.py checks the
+    result equals the uncached step at ZeRO 0-3.
 
     Returns the loss output and the logit scale and bias the step used: under ZeRO-3
     those parameters are partitioned outside forward, so this is where they are readable."""
@@ -130,6 +134,13 @@ def train_step(
         return apply_loss(loss_fn, encoded, batch)
 
     if gradcache_chunk:
+        if engine.gradient_accumulation_steps() != 1:
+            # The chunks *are* the accumulation: one train_step is one optimizer step.
+            raise ValueError(
+                "gradcache needs DeepSpeed gradient_accumulation_steps = 1 (it sets the "
+                f"accumulation boundary itself), got {engine.gradient_accumulation_steps()}"
+            )
+
         def backward(surrogate: torch.Tensor, last: bool) -> None:
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(surrogate)
