@@ -34,6 +34,7 @@ from models.config import LossConfig, ModelConfig
 from models.dual_encoder import DualEncoder
 from models.gradcache import gradcache_step
 from models.losses import apply_loss, build_loss
+from models.losses.bench import siglip_ring_vs_gather
 from models.losses.blockwise import BlockSource, Problem, blockwise_aggregates
 from models.losses.columns import MaskSpec, pair_columns, row_meta
 from models.losses.objectives import make_kernel
@@ -186,6 +187,7 @@ def _rank_results(rank: int, world: int) -> dict:
         loss, grads, _ = _library(model, batches[True], LossConfig(**LOCAL_ONLY, **MODES[mode][0]), False)
         results["local_only", mode] = _average(loss, grads, world)
     results["ring_peak_blocks"] = _ring_peak_blocks()
+    results["bench"] = siglip_ring_vs_gather(local_batch=12, dim=8, block_size=5, hard_negatives=1, warmup=4)
     return results
 
 
@@ -352,6 +354,16 @@ def test_ring_memory_does_not_grow_with_world_size(ranks_for, tmp_path: Path) ->
     assert peaks[8] == pytest.approx(peaks[5]), peaks  # W grows 60%, memory not at all
     # A fixed bound: per chain 2 blocks (scored, in flight) and 3 gradient buffers.
     assert peaks[8] <= 10 < 2 * (8 - 1), peaks
+
+
+@pytest.mark.parametrize("world", WORLDS, ids=lambda w: f"W{w}")
+def test_siglip_benchmark_helper_runs_both_modes(world: int, ranks_for) -> None:
+    for rank, result in enumerate(ranks_for(world)):
+        bench = result["bench"]
+        assert (bench["world"], bench["rank"]) == (world, rank)
+        assert bench["gather"]["loss"] == pytest.approx(bench["ring"]["loss"], rel=1e-5)
+        assert bench["max_grad_diff"] < 1e-5 and bench["ring"]["seconds"] > 0
+        assert (bench["ring"]["peak_ring_bytes"] > 0) == (world > 1)
 
 
 # --- the blockwise engine on raw tensors -----------------------------------------------
