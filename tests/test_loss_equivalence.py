@@ -160,18 +160,27 @@ def _average(loss: torch.Tensor, grads: dict[str, torch.Tensor], world: int) -> 
     return {"loss": flat[0], "grads": out}
 
 
-def _ring_peak_blocks(rows: int = 6, dim: int = 16) -> float:
+def _ring_memory_and_agreement(rows: int = 6, dim: int = 16) -> dict[str, float]:
     """Peak bytes the ring allocated (blocks in flight, gradient accumulators) during one
-    forward+backward, in units of this rank's own a2p candidate block (embeddings + metadata)."""
+    symmetric InfoNCE forward+backward with hard negatives, in units of this rank's own
+    a2p candidate block (embeddings + metadata); and the largest difference between the
+    ring's and gather mode's loss and input gradients on the same embeddings."""
     gen = torch.Generator().manual_seed(100 + dist.get_rank())
-    anchor = F.normalize(torch.randn(rows, dim, generator=gen), dim=-1).requires_grad_()
-    positive = F.normalize(torch.randn(rows, dim, generator=gen), dim=-1).requires_grad_()
-    negatives = F.normalize(torch.randn(rows, K, dim, generator=gen), dim=-1).requires_grad_()
-    loss_fn = build_loss(LossConfig(mode="ring", block_size=4))
-    ring_memory.reset()
-    loss_fn(anchor, positive, negatives, logit_scale=torch.tensor(10.0)).loss.backward()
+    data = [F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+            for shape in ((rows, dim), (rows, dim), (rows, K, dim))]
+    ids = torch.arange(rows) % 3 + 10 * dist.get_rank()
+    results = {}
+    for mode in ("ring", "gather"):
+        leaves = [t.clone().requires_grad_() for t in data]
+        loss_fn = build_loss(LossConfig(mode=mode, block_size=4, mask_same_id=True))
+        ring_memory.reset()
+        loss = loss_fn(*leaves, ids=ids, negative_ids=ids[:, None].expand(rows, K) + 1,
+                       logit_scale=torch.tensor(10.0, dtype=torch.float64)).loss
+        loss.backward()
+        results[mode] = (ring_memory.peak, [loss.detach()] + [t.grad for t in leaves])
     columns = rows * (1 + K)
-    return ring_memory.peak / (columns * dim * 4 + columns * 5 * 8)
+    diff = max(float((a - b).abs().max()) for a, b in zip(results["ring"][1], results["gather"][1], strict=True))
+    return {"peak_blocks": results["ring"][0] / (columns * dim * 8 + columns * 5 * 8), "max_diff": diff}
 
 
 def _rank_results(rank: int, world: int) -> dict:
@@ -186,7 +195,7 @@ def _rank_results(rank: int, world: int) -> dict:
     for mode in ("gather", "tiled", "ring"):
         loss, grads, _ = _library(model, batches[True], LossConfig(**LOCAL_ONLY, **MODES[mode][0]), False)
         results["local_only", mode] = _average(loss, grads, world)
-    results["ring_peak_blocks"] = _ring_peak_blocks()
+    results["ring"] = _ring_memory_and_agreement()
     results["bench"] = siglip_ring_vs_gather(local_batch=12, dim=8, block_size=5, hard_negatives=1, warmup=4)
     return results
 
@@ -202,7 +211,7 @@ def _init(rank: int, world: int, port: int) -> None:
 def _worker(rank: int, world: int, port: int, out_dir: str, memory_only: bool) -> None:
     _init(rank, world, port)
     try:
-        result = {"ring_peak_blocks": _ring_peak_blocks()} if memory_only else _rank_results(rank, world)
+        result = {"ring": _ring_memory_and_agreement()} if memory_only else _rank_results(rank, world)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -345,10 +354,14 @@ def test_ring_memory_does_not_grow_with_world_size(ranks_for, tmp_path: Path) ->
     """What the ring holds (blocks being scored and in flight, gradient accumulators),
     in units of one local candidate block. W = 2 runs one chain; from W = 5 on both chains
     reach their steady state, and the peak is then the same at any W (16 gives it too).
-    Gathering instead holds every foreign block and its gradient: 2 (W - 1) blocks."""
-    peaks = {world: max(r["ring_peak_blocks"] for r in ranks_for(world)) for world in (1, 2, 4)}
-    for world in (5, 8):  # memory only: random embeddings, no model
-        peaks[world] = max(r["ring_peak_blocks"] for r in _run_ranks(world, tmp_path / f"w{world}", memory_only=True))
+    Gathering instead holds every foreign block and its gradient: 2 (W - 1) blocks.
+    W = 5 (odd: both chains end together) and 8 also check ring against gather."""
+    runs = {world: [r["ring"] for r in ranks_for(world)] for world in (1, 2, 4)}
+    for world in (5, 8):  # random embeddings, no model
+        runs[world] = [r["ring"] for r in _run_ranks(world, tmp_path / f"w{world}", memory_only=True)]
+    for world, ranks in runs.items():
+        assert max(r["max_diff"] for r in ranks) < 1e-12, world
+    peaks = {world: max(r["peak_blocks"] for r in ranks) for world, ranks in runs.items()}
     assert peaks[1] == 0, peaks  # one rank: nothing travels
     assert 0 < peaks[2] <= peaks[4] <= peaks[5], peaks
     assert peaks[8] == pytest.approx(peaks[5]), peaks  # W grows 60%, memory not at all
