@@ -140,7 +140,7 @@ class RingBlocks(BlockSource):
             for chain, block, last, sign in ((_LEFT, left, left_steps, 1), (_RIGHT, right, right_steps, -1)):
                 if block is None:
                     continue
-                grad = block_grad(*block)
+                grad = ring_memory.track(block_grad(*block))
                 del block
                 arriving = incoming[chain]
                 if arriving is not None:
