@@ -2,17 +2,18 @@
 
 Two gloo ranks (spawned processes, no Ray) each build DeepSpeed engines with the
 trainer's DeepSpeed config (``jobs.engine.deepspeed_config``: fp32 on CPU, gradient
-accumulation 1) and run one optimizer step through the trainer's own step function,
-``jobs.worker.train_step``, on a tiny shared-tower text DualEncoder: global batch 16,
-8 rows per rank, GradCache chunks of 3 (ragged: 3 + 3 + 2). The client optimizer is
+accumulation 1; clipping off) and run two optimizer steps through the trainer's own
+step function, ``jobs.worker.train_step``, on a tiny shared-tower text DualEncoder:
+global batch 16, 8 rows per rank, GradCache chunks of 3 (ragged: 3 + 3 + 2). The
+second step checks what the first leaves behind (boundary flag, ZeRO state). The client optimizer is
 plain SGD, not AdamW: AdamW's first step is about ``lr * sign(g)``, which turns fp32
 round-off in a near-zero gradient into a full-size difference; with SGD the parameter
 change *is* ``-lr * gradient``, so equal parameters mean equal gradients.
 
-After the step every parameter (ZeRO-3 partitions gathered) must equal
+After the steps every parameter (ZeRO-3 partitions gathered) must equal
 
 - without dropout: the same engine stepped without GradCache, and one plain-torch
-  process that takes an SGD step on the whole global batch;
+  process that takes SGD steps on the whole global batch;
 - with dropout: a plain-torch process that encodes each rank's chunks one after another
   *with* a graph from that rank's RNG seed, i.e. draws the very dropout masks the cached
   pass draws. That only holds if GradCache's re-encode replays the RNG state.
@@ -47,7 +48,7 @@ GLOBAL_BATCH = 16
 LOCAL_BATCH = GLOBAL_BATCH // WORLD
 CHUNK = 3  # 8 local rows -> chunks of 3, 3 and 2
 SEQ_LEN = 12
-STEPS = 2  # the second step checks what the first leaves behind (boundary flag, ZeRO state)
+STEPS = 2
 LR = 0.1  # SGD: the parameter change is -LR * gradient
 DROPOUT = 0.2
 STAGES = (0, 1, 2, 3)
