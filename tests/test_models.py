@@ -231,14 +231,16 @@ def test_infonce_matches_hand_computation() -> None:
     assert both.metrics["accuracy"] == pytest.approx((sims.argmax(1) == targets).float().mean().item())
 
 
-def test_infonce_perfect_pairs_and_unsupported_inputs() -> None:
+def test_infonce_perfect_pairs_and_bad_shapes() -> None:
     e = torch.eye(4)
     out = InfoNCE()(e, e, logit_scale=torch.tensor(100.0))
     assert out.metrics["accuracy"] == 1.0 and out.loss.item() < 1e-6
-    with pytest.raises(NotImplementedError, match="negatives"):
+    assert out.metrics["candidates"] == 4.0
+    with pytest.raises(ValueError, match=r"negatives must be \[b, k, d\]"):
         InfoNCE()(e, e, negatives=e, logit_scale=torch.tensor(1.0))
-    with pytest.raises(NotImplementedError, match="labels"):
-        InfoNCE()(e, e, labels=torch.arange(4), logit_scale=torch.tensor(1.0))
+    # Labels are accepted (the pipeline always sends them) and unused unless asked for.
+    labelled = InfoNCE()(e, e, labels=torch.arange(4), logit_scale=torch.tensor(100.0))
+    torch.testing.assert_close(labelled.loss, out.loss)
 
 
 # --- metrics ------------------------------------------------------------------------

@@ -205,14 +205,16 @@ class ContrastiveObjective(ContrastiveLoss):
 
 
 def _metrics(target_cos: Tensor, stats: Tensor) -> dict[str, float]:
-    """pos_sim, neg_sim (mean cosine of unmasked non-target candidates) and top-1 accuracy,
-    for the a2p direction; one device sync."""
+    """pos_sim, neg_sim (mean cosine of unmasked non-target candidates), top-1 accuracy and
+    candidates (unmasked columns per anchor, its target included: shows how many hard
+    negatives and masks took effect), for the a2p direction; one device sync."""
     total, count, best = stats.unbind(dim=1)
     seen = count.sum()
     neg = torch.where(seen > 0, total.sum() / seen.clamp_min(1), float("nan"))
     accuracy = (target_cos > best).to(target_cos.dtype).mean()
-    pos_sim, neg_sim, acc = torch.stack([target_cos.mean(), neg, accuracy]).tolist()
-    return {"pos_sim": pos_sim, "neg_sim": neg_sim, "accuracy": acc}
+    candidates = count.to(target_cos.dtype).mean() + 1
+    pos_sim, neg_sim, acc, cands = torch.stack([target_cos.mean(), neg, accuracy, candidates]).tolist()
+    return {"pos_sim": pos_sim, "neg_sim": neg_sim, "accuracy": acc, "candidates": cands}
 
 
 class InfoNCE(ContrastiveObjective):
