@@ -41,8 +41,9 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always explicit: left out, DeepSpeed clips at its default of 1.0, so grad_clip = 0
+    # would not turn clipping off.
+    ds["gradient_clipping"] = cfg.optim.grad_clip
     return ds
 
 
