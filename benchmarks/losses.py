@@ -1,11 +1,17 @@
-"""Tiled vs full-matrix InfoNCE: peak memory and time of forward + backward, one run.
+"""The loss library's memory modes, measured in one run: three tables.
 
-Symmetric InfoNCE on one process (dim 256, float32, CPU) at global batch 4096, 16384 and
-65536. Each measurement runs in a fresh subprocess so its peak resident memory (above
-the inputs) is its own. The full matrix is only attempted where its logits, softmax and
-their gradients fit in half the free memory; elsewhere it prints what it would need.
+1. Tiled vs full-matrix InfoNCE: peak memory and time of forward + backward of symmetric
+   InfoNCE on one process (dim 256, float32, CPU) at global batch 4096, 16384 and 65536.
+   Each measurement runs in a fresh subprocess so its peak resident memory (above the
+   inputs) is its own. The full matrix is only attempted where its logits, softmax and
+   their gradients fit in half the free memory; elsewhere it prints what it would need.
+2. GradCache vs the uncached training step of the quickstart text tower at batch 64, 256
+   and 1024, chunk 32, with the gather and the tiled loss (``benchmarks/gradcache.py``).
+3. SigLIP ring vs all-gather at 2 and 4 workers: per-worker peak memory and step time
+   (``benchmarks/siglip_ring.py``).
 
-    .venv/bin/python benchmarks/losses.py [--batches 4096 16384 65536] [--block 2048]
+    .venv/bin/python benchmarks/losses.py [--sections tiled gradcache siglip]
+        [--batches 4096 16384 65536] [--block 2048]
 """
 
 from __future__ import annotations
@@ -76,22 +82,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--sections", nargs="+", default=["tiled", "gradcache", "siglip"],
+                        choices=["tiled", "gradcache", "siglip"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, batch, block = args.child
         print(json.dumps(_measure(mode, int(batch), int(block))))
         return
+    if "tiled" in args.sections:
+        _tiled_table(args.batches, args.block)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if "gradcache" in args.sections:
+        import gradcache
+
+        for loss_mode, block in (("gather", None), ("tiled", 128)):
+            print()
+            print(gradcache.format_table(gradcache.measure(loss_mode=loss_mode, block_size=block, repeats=5)), flush=True)
+    if "siglip" in args.sections:
+        import siglip_ring
+
+        print()
+        siglip_ring.print_table(siglip_ring.run([2, 4], 4096, 1024), 4096, 1024)
+
+
+def _tiled_table(batches: list[int], block: int) -> None:
 
     gib = 2**30
-    print(f"symmetric InfoNCE forward+backward, dim {DIM}, float32, {os.cpu_count()} CPU cores, tile {args.block}")
+    print(f"symmetric InfoNCE forward+backward, dim {DIM}, float32, {os.cpu_count()} CPU cores, tile {block}")
     print(f"{'batch':>7} {'full peak':>10} {'full s':>8} {'tiled peak':>11} {'tiled s':>8} {'memory ratio':>13} {'time ratio':>11}")
-    for batch in args.batches:
-        tiled = _run("tiled", batch, args.block)
+    for batch in batches:
+        tiled = _run("tiled", batch, block)
         # Full matrix: two [n, n] logits, their softmax and gradients, at 4 bytes each.
         full_need = 6 * batch * batch * 4
         if full_need < 0.5 * _available_bytes():
-            full = _run("gather", batch, args.block)
+            full = _run("gather", batch, block)
             assert abs(full["loss"] - tiled["loss"]) < 1e-3 * abs(full["loss"]), (full, tiled)
             print(f"{batch:>7} {full['peak_bytes'] / gib:>9.2f}G {full['seconds']:>8.2f} "
                   f"{tiled['peak_bytes'] / gib:>10.3f}G {tiled['seconds']:>8.2f} "
@@ -100,7 +125,7 @@ def main() -> None:
         else:
             print(f"{batch:>7} {'no fit':>10} {'-':>8} {tiled['peak_bytes'] / gib:>10.3f}G {tiled['seconds']:>8.2f} "
                   f"  (full matrix needs ~{full_need / gib:.0f}G; {_available_bytes() / gib:.0f}G free)")
-    print("memory ratio = full peak / tiled peak; time ratio = tiled time / full time")
+    print("memory ratio = full peak / tiled peak; time ratio = tiled time / full time", flush=True)
 
 
 if __name__ == "__main__":
