@@ -11,7 +11,7 @@
    (``benchmarks/siglip_ring.py``).
 
     .venv/bin/python benchmarks/losses.py [--sections tiled gradcache siglip]
-        [--batches 4096 16384 65536] [--block 2048]
+        [--batches 4096 16384 65536] [--block 1024]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _run(mode: str, batch: int, block: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536])
-    parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--block", type=int, default=1024, help="tile side (loss.block_size; its default)")
     parser.add_argument("--sections", nargs="+", default=["tiled", "gradcache", "siglip"],
                         choices=["tiled", "gradcache", "siglip"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
