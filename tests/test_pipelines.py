@@ -431,3 +431,22 @@ def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus:
     assert all(int(k) in by_key for k in batch["negative_id_key"].ravel())
     assert prepared.eval is not None
     assert not any(key.startswith("negative") for key in prepared.eval.take_batch(batch_size=4))
+
+
+def test_image_hard_negatives_preprocess_to_k_images_per_row(corpus: Path) -> None:
+    """Text anchors with image positives: hard negatives are images, decoded like positives."""
+    from pipelines.dataset import _preprocess
+
+    pngs = read_dir(corpus / "eval").column("image").to_pylist()[:6]
+    cfg = data_config(
+        corpus, anchor={"column": "caption", "kind": "text"}, positive={"column": "image", "kind": "image"},
+        negatives={"column": "neg_images", "kind": "image"}, num_negatives=2,
+    )
+    table = pa.table({
+        "id": ["a", "b"], "caption": ["x", "y"], "image": pngs[:2], "label": [1, 2],
+        "neg_images": [pngs[2:5], [pngs[5], b"broken", pngs[2]]],
+    })
+    assert row_problems(table, cfg, TEXT_TOWER, IMAGE_TOWER) == [None, "neg_images: undecodable image"]
+    arrays = _preprocess(table.slice(0, 1), cfg, {"anchor": TEXT_TOWER, "positive": IMAGE_TOWER}, include_ids=False)
+    assert arrays["negative_pixel_values"].shape == (1, 2, 1, 8, 8)
+    np.testing.assert_array_equal(arrays["negative_pixel_values"][0, 0], decode_image(pngs[2], IMAGE_TOWER))
