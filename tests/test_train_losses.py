@@ -85,6 +85,12 @@ def test_sigmoid_family_ring_with_gradcache(ray_session, corpus: Path, tmp_path:
     assert events[-1]["logit_bias"] != events[0]["logit_bias"]  # the bias is trained
     assert events[-1]["loss"] < events[0]["loss"]
     assert events[0]["candidates"] == 64 + 64  # in-batch plus one hard negative per row
+    # The trained bias is part of the export.
+    from models.export import load_exported
+
+    exported = load_exported(tmp_path / "siglip" / "export")
+    assert exported.bias().item() == pytest.approx(events[-1]["logit_bias"], abs=0.01)
+    assert exported.bias().item() != -10.0
 
 
 def test_supervised_family_under_zero3(ray_session, corpus: Path, tmp_path: Path) -> None:
