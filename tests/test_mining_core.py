@@ -120,7 +120,7 @@ def test_mined_batches_are_harder_than_random(corpus, exact):
     edges, w = similarity_graph(nb, sims, rank_min=0, rank_max=20)
     comm, info = communities(N, edges, w, target_size=64, seed=0)
     assert comm.shape == (N,) and info["num_communities"] >= 2
-    plan = plan_batches(comm, 64, seed=0)
+    plan = plan_batches(comm, 64, seed=0, edges=edges, weights=w)
     _check_plan(plan, N, 64)
     mined = batch_stats(emb, plan, labels)
     rand = batch_stats(emb, random_plan(N, 64, seed=0), labels)
@@ -143,6 +143,17 @@ def test_plans_cover_every_row_and_depend_on_seed():
     p = plan_batches(np.array([0] * 70 + list(range(1, 11))), 20, seed=0)
     _check_plan(p, 80, 20)
     assert p.num_remainder == 0 and p.info["whole_community_batches"] == 3
+
+
+def test_leftover_pieces_merge_with_graph_neighbours():
+    labels = np.repeat(np.arange(4), 5)
+    # communities 0-2 and 1-3 are linked
+    edges = np.array([[0, 10], [1, 11], [5, 15], [6, 16]])
+    for seed in range(5):
+        p = plan_batches(labels, 10, seed=seed, edges=edges, weights=np.ones(4))
+        _check_plan(p, 20, 10)
+        groups = sorted(sorted(set(labels[b].tolist())) for b in p.batches)
+        assert groups == [[0, 2], [1, 3]], groups
 
 
 def test_communities_isolated_nodes_are_singletons():
@@ -204,6 +215,7 @@ def test_margin_filter_lowers_false_negatives(corpus, exact):
         (lambda e: plan_batches(np.array([0, 1]), 0), "batch_size"),
         (lambda e: plan_batches(np.array([-1, 1]), 2), "labels"),
         (lambda e: random_plan(0, 2), "n"),
+        (lambda e: plan_batches(np.array([0, 1]), 1, edges=np.array([[0, 9]])), "edges"),
         (lambda e: sample_negatives(np.zeros((2, 3), int), np.zeros((2, 3)), np.ones((2, 3), bool), 0), "num_negatives"),
         (lambda e: sample_negatives(np.zeros((2, 3), int), np.zeros((2, 3)), np.ones((2, 3), bool), 2, "best"), "strategy"),
     ],

@@ -313,7 +313,8 @@ def communities(
     about D weight of edges each holds together while s < D / resolution, so the first
     guess is ``mean weighted degree / target_size``; then up to ``tuning_rounds`` geometric
     bisection steps move it until the size-weighted mean community size of connected
-    nodes is within ``tolerance`` (relative) of the target. A given ``resolution`` skips
+    nodes is within ``tolerance`` (relative) of the target, or two successive sizes differ
+    by under 2% (a plateau: the graph's clusters cap the size). A given ``resolution`` skips
     the tuning. ``backend``: "igraph" (igraph's C Leiden, fast) or "leidenalg".
     Returns ``(labels [n] int64 in 0..C-1, info)``; isolated nodes are singletons.
     """
@@ -359,12 +360,15 @@ def communities(
             else:
                 hi = res
                 res = res / 4.0 if lo is None else math.sqrt(lo * hi)
+            prev = size
             labels = _leiden(graph, w.tolist(), res, seed, n_iterations, backend)
             size = _typical_size(labels, connected)
             history.append((res, size))
             score = abs(math.log(size / target_size))
             if score < best[0]:
                 best = (score, res, labels, size)
+            if abs(size / prev - 1.0) < 0.02:
+                break  # a plateau (e.g. disconnected clusters smaller than the target)
         _, res, labels, size = best
     # renumber 0..C-1 in order of first appearance (deterministic)
     _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
@@ -394,14 +398,53 @@ class Plan:
         return int(len(self.remainder))
 
 
-def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0) -> Plan:
+def _chain_pieces(pieces: list[np.ndarray], piece_comm: list[int], labels: np.ndarray, edges: np.ndarray,
+                  weights: np.ndarray | None) -> list[np.ndarray]:
+    """Order pieces (already largest first) so that each is followed, where possible, by
+    the unplaced piece whose community it has the most edge weight to."""
+    comm_to_piece = {c: i for i, c in enumerate(piece_comm)}
+    nc = int(labels.max()) + 1
+    has_piece = np.zeros(nc, dtype=bool)
+    has_piece[piece_comm] = True
+    lu, lv = labels[edges[:, 0]], labels[edges[:, 1]]
+    w = np.ones(len(edges)) if weights is None else np.asarray(weights, dtype=np.float64)
+    keep = (lu != lv) & has_piece[lu] & has_piece[lv]
+    lu, lv, w = lu[keep], lv[keep], w[keep]
+    key = np.concatenate([lu, lv]) * nc + np.concatenate([lv, lu])
+    uniq, inv = np.unique(key, return_inverse=True)
+    tot = np.bincount(inv, weights=np.concatenate([w, w]))
+    src, dst = uniq // nc, uniq % nc
+    order = np.lexsort((-tot, src))  # per community, strongest neighbour first
+    adj: dict[int, list[int]] = {}
+    for s_, d_ in zip(src[order].tolist(), dst[order].tolist()):
+        adj.setdefault(s_, []).append(comm_to_piece[d_])
+    placed = np.zeros(len(pieces), dtype=bool)
+    out: list[np.ndarray] = []
+    largest = 0
+    cur = None
+    while len(out) < len(pieces):
+        if cur is None:
+            while placed[largest]:
+                largest += 1
+            cur = largest
+        placed[cur] = True
+        out.append(pieces[cur])
+        cur = next((j for j in adj.get(piece_comm[cur], ()) if not placed[j]), None)
+    return out
+
+
+def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0, *, edges: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> Plan:
     """Pack communities (``labels [n]``, e.g. from ``communities``) into batches of exactly
     ``batch_size`` so that members of a community share batches as much as possible.
 
     Each community's rows are shuffled (seeded) and cut into whole batches; what is left of
     each community (a piece smaller than a batch) is laid out largest piece first in one
     stream that is cut every ``batch_size`` rows, so a piece is split over at most two
-    batches and small communities merge. The stream's last partial batch is the
+    batches and small communities merge. With the graph (``edges [E, 2]``, optional
+    ``weights``), each piece in the stream is followed by the unplaced piece of the
+    community it is most connected to (else the next largest), so merged communities are
+    graph-adjacent. The stream's last partial batch is the
     ``remainder``. Batch order is shuffled (seeded)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
@@ -417,6 +460,13 @@ def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0) -> Plan:
     starts = np.concatenate([[0], np.cumsum(sizes[comm_ids])[:-1]])
     batches: list[np.ndarray] = []
     pieces: list[np.ndarray] = []
+    piece_comm: list[int] = []
+    if edges is not None:
+        edges = np.asarray(edges)
+        if edges.ndim != 2 or edges.shape[1] != 2 or (edges.size and (edges.min() < 0 or edges.max() >= n)):
+            raise ValueError(f"edges must be an int array [E, 2] of row ids in [0, {n})")
+        if weights is not None and np.shape(weights) != (len(edges),):
+            raise ValueError(f"weights must have shape ({len(edges)},), got {np.shape(weights)}")
     comm_order = rng.permutation(len(comm_ids))
     for j in comm_order:
         s0, sz = starts[j], sizes[comm_ids[j]]
@@ -426,8 +476,12 @@ def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0) -> Plan:
             batches.append(rows[b * batch_size : (b + 1) * batch_size])
         if sz - full * batch_size:
             pieces.append(rows[full * batch_size :])
+            piece_comm.append(int(comm_ids[j]))
     whole = len(batches)
-    pieces.sort(key=len, reverse=True)  # stable: ties keep the shuffled community order
+    by_size = sorted(range(len(pieces)), key=lambda i: -len(pieces[i]))  # stable: ties keep the shuffled order
+    pieces, piece_comm = [pieces[i] for i in by_size], [piece_comm[i] for i in by_size]
+    if edges is not None and len(edges) and pieces:
+        pieces = _chain_pieces(pieces, piece_comm, labels, edges.astype(np.int64), weights)
     stream = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
     nfull = len(stream) // batch_size
     for b in range(nfull):
