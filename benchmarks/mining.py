@@ -114,7 +114,7 @@ def mine(emb: np.ndarray, k: int, batch_size: int) -> dict:
     flat = faiss.IndexFlatIP(DIM)
     flat.add(emb)
     _, ref = flat.search(emb[q], 11)
-    recall = np.mean([len(np.intersect1d(nb[i, :10], [x for x in r if x != i][:10])) / 10 for i, r in zip(q, ref)])
+    recall = np.mean([len(np.intersect1d(nb[i, :10], [x for x in r if x != i][:10])) / 10 for i, r in zip(q, ref, strict=True)])
     mined = batch_stats(emb, plan)["mean_negative_sim"]
     rand = batch_stats(emb, random_plan(n, batch_size, seed=0))["mean_negative_sim"]
     return {"times": t, "total": total, "index": type(index).__name__, "recall": recall, "edges": len(edges),

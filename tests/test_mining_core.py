@@ -68,7 +68,7 @@ def test_approximate_recall(corpus, exact, kind):
     emb, _ = corpus
     nb, _ = knn(emb, 10, index=kind)
     ref = exact[0][:, :10]
-    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(nb, ref)])
+    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(nb, ref, strict=True)])
     assert recall >= 0.9, recall
 
 
@@ -135,9 +135,9 @@ def test_plans_cover_every_row_and_depend_on_seed():
     for p in (a, b, c):
         _check_plan(p, 1003, 32)
     assert a.num_remainder == 1003 % 32
-    assert all(np.array_equal(x, y) for x, y in zip(a.batches, b.batches))
+    assert all(np.array_equal(x, y) for x, y in zip(a.batches, b.batches, strict=True))
     assert np.array_equal(a.remainder, b.remainder)
-    assert not all(np.array_equal(x, y) for x, y in zip(a.batches, c.batches))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.batches, c.batches, strict=True))
     _check_plan(random_plan(1003, 32, seed=3), 1003, 32)
     # a community larger than a batch is split, singletons merge; exact multiple: no remainder
     p = plan_batches(np.array([0] * 70 + list(range(1, 11))), 20, seed=0)

@@ -416,7 +416,7 @@ def _chain_pieces(pieces: list[np.ndarray], piece_comm: list[int], labels: np.nd
     src, dst = uniq // nc, uniq % nc
     order = np.lexsort((-tot, src))  # per community, strongest neighbour first
     adj: dict[int, list[int]] = {}
-    for s_, d_ in zip(src[order].tolist(), dst[order].tolist()):
+    for s_, d_ in zip(src[order].tolist(), dst[order].tolist(), strict=True):
         adj.setdefault(s_, []).append(comm_to_piece[d_])
     placed = np.zeros(len(pieces), dtype=bool)
     out: list[np.ndarray] = []
