@@ -5,13 +5,13 @@ device (CI has none); run it on a GPU machine with `pytest tests/test_gpu.py`.""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
+from process_group import free_port
 
 from jobs.cli import QUICKSTART_CONFIG
 from jobs.config import load_config
@@ -19,17 +19,11 @@ from jobs.config import load_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def nccl_group():
     # One group for the module: DeepSpeed caches the group it first sees, so a destroyed
     # and re-created group between tests would leave it holding a dead one.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.pop("DS_ACCELERATOR", None)
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)

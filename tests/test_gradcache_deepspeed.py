@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_group import free_port, init_gloo, spawn_ranks
 from tiny_models import TINY_BERT
 
 from models.config import LossConfig, ModelConfig
@@ -178,12 +175,10 @@ def _rank_results(rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # two ranks on two cores
     os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, port)
     import logging
 
     import deepspeed
@@ -195,24 +190,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Both ranks' results for every stage and variant, from one spawn (start-up dominates)."""
     out_dir = tmp_path_factory.mktemp("gradcache_ds")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):  # raises with the rank's traceback if one failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {TIMEOUT_S}s (a collective hang?)")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, (free_port(), str(out_dir)), WORLD, out_dir, TIMEOUT_S)
 
 
 # ------------------------------------------------------------- plain-torch truth

@@ -16,18 +16,14 @@ matrix), config validation, GradCache with dropout, and ring memory not growing 
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from loss_reference import reference_loss
+from process_group import free_port, init_gloo, spawn_ranks
 from tiny_models import TINY_BERT
 
 from models.config import LossConfig, ModelConfig
@@ -200,27 +196,13 @@ def _rank_results(rank: int, world: int) -> dict:
     return results
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)  # several ranks on two cores: no oversubscription
-    # Pin gloo to loopback (the ranks only talk locally): left to pick an interface from
-    # the hostname, connecting took ~10 s longer on the CI VM.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str, memory_only: bool) -> None:
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         result = {"ring": _ring_memory_and_agreement()} if memory_only else _rank_results(rank, world)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_ranks(world: int, out_dir: Path, memory_only: bool = False, timeout_s: float = 150.0) -> list[dict]:
@@ -233,14 +215,7 @@ def _run_ranks(world: int, out_dir: Path, memory_only: bool = False, timeout_s: 
         finally:
             dist.destroy_process_group()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.spawn(_worker, args=(world, _free_port(), str(out_dir), memory_only), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):  # raises if a rank failed, with its traceback
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {timeout_s}s (collective hang?)")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return spawn_ranks(_worker, (world, free_port(), str(out_dir), memory_only), world, out_dir, timeout_s)
 
 
 # --- the single-process reference ----------------------------------------------------
