@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     add_set(train)
     train.add_argument("--verbose", action="store_true", help="show Ray worker logs")
 
+    mine = sub.add_parser("mine", help="mine hard-negative batches (B3) and hard negatives into a packed plan")
+    mine.add_argument("config")
+    add_set(mine)
+    mine.add_argument("--overwrite", action="store_true",
+                      help="replace a complete plan in output.dir that was mined with other settings")
+    mine.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+
     quick = sub.add_parser("quickstart", help="write the digits corpus (if missing) and train on it")
     quick.add_argument("--data-dir", default=str(QUICKSTART_DATA))
     add_set(quick)
@@ -184,17 +191,92 @@ def _train(config_path: str | Path, overrides: list[str], verbose: bool) -> int:
     return 0
 
 
+def _mine_event(console: Any, event: dict[str, Any]) -> None:
+    kind = event["event"]
+    if kind == "complete":
+        console.print(f"already complete: {event['path']} (same corpus, teacher and settings); nothing to do")
+    elif kind == "quarantine":
+        console.print(f"data: {event['valid']} valid rows")
+        if event["quarantined"]:
+            reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event["reasons"].items()))
+            console.print(f"[yellow]quarantined {event['quarantined']} bad rows[/] ({reasons}) -> {event['path']}")
+    elif kind == "embedded":
+        how = "reused from the last run" if event["reused"] else ("on GPU" if event["gpu"] else "on CPU")
+        console.print(f"embed: {event['rows']} rows x {event['dim']} dims ({how})")
+    elif kind == "searched":
+        extra = f", recall@10 {event['recall_at_10']:.3f}" if "recall_at_10" in event else ""
+        console.print(f"search: {event['index']} k={event['k']}, {event['chunks_searched']} of {event['chunks']} "
+                      f"chunks searched now{extra}")
+    elif kind == "planned":
+        st = event["statistics"]
+        console.print(f"graph: {st['graph']['edges']} edges; communities: {st['communities']['count']} "
+                      f"(typical size {st['communities']['typical_size']:.1f})")
+    elif kind == "written":
+        how = "kept from the last run" if event["reused"] else "written"
+        console.print(f"plan epoch {event['epoch']}: {event['batches']} batches {how}")
+
+
+def _print_mine_summary(console: Any, summary: Any) -> None:
+    from rich.table import Table
+
+    st = summary.statistics
+    table = Table(title=f"clray mine: {summary.out_dir}", show_header=True, header_style="bold")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    table.add_row("rows mined", str(summary.rows))
+    table.add_row("quarantined rows", str(summary.quarantined_rows))
+    table.add_row("epoch plans", f"{summary.epochs} x {summary.batches_per_epoch} batches")
+    table.add_row("remainder rows per plan", ", ".join(map(str, summary.remainder_per_epoch)))
+    sim = st["in_batch_negative_similarity"]
+    table.add_row("in-batch negative sim: mined", _fmt(sim["mined"]))
+    table.add_row("in-batch negative sim: random", _fmt(sim["random"]))
+    table.add_row("mined / random", "-" if sim["ratio"] is None else f"{sim['ratio']:.2f}x")
+    fn = st.get("false_negatives", {})
+    if "in_batch_same_label" in fn:
+        same = fn["in_batch_same_label"]
+        table.add_row("in-batch same label: mined / random", f"{same['mined']:.3f} / {same['random']:.3f}")
+    for name in ("with_filter", "without_filter"):
+        if name in fn:
+            entry = fn[name]
+            text = f"teacher>=positive {entry['teacher_above_positive']:.3f}"
+            if "same_label" in entry:
+                text += f", same label {entry['same_label']:.3f}"
+            table.add_row(f"mined negatives {name.replace('_', ' ')}", text)
+    for stage, secs in summary.seconds.items():
+        table.add_row(f"time {stage} (s)", f"{secs:.1f}")
+    console.print(table)
+    console.print(f"manifest: {summary.manifest}")
+    if summary.quarantine_path:
+        console.print(f"quarantine: {summary.quarantine_path}")
+
+
+def _mine(config_path: str, overrides: list[str], verbose: bool, overwrite: bool) -> int:
+    from rich.console import Console
+
+    from jobs.mine import load_mine_config, run_mining
+
+    console = Console()
+    cfg = load_mine_config(config_path, overrides)
+    summary = run_mining(cfg, verbose=verbose, overwrite=overwrite, on_event=lambda e: _mine_event(console, e))
+    _print_mine_summary(console, summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
 
     from jobs.config import ConfigError
+    from jobs.mine import MineError
     from jobs.train import TrainingError
     from pipelines.errors import DataError
+    from pipelines.plan_format import PlanFormatError
 
     try:
         if args.command == "train":
             return _train(args.config, args.overrides, args.verbose)
+        if args.command == "mine":
+            return _mine(args.config, args.overrides, args.verbose, args.overwrite)
         if args.command == "quickstart":
             from pipelines.quickstart import write_quickstart_corpus
 
@@ -219,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in info.items():
                 print(f"{key}: {value}")
             return 0
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, TrainingError, MineError, PlanFormatError, FileNotFoundError) as exc:
         _print_error(str(exc))
         return 2
     except KeyboardInterrupt:

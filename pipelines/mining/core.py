@@ -135,14 +135,22 @@ def knn_range(
     nprobe: int = 32,
     ef_search: int | None = None,
     batch_size: int = 16384,
+    queries: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours of rows ``[start, stop)`` (ids into ``embeddings``, which ``index``
     holds in the same order), self excluded: ``(neighbours [stop-start, k] int64,
     sims [stop-start, k] float32)``. Queries go in batches of ``batch_size``; callers split
-    query ranges across workers with this function."""
+    query ranges across workers with this function.
+
+    ``queries [n, d]``: search with these vectors instead of ``embeddings`` (row i of both
+    is the same corpus row, e.g. the anchor and the positive view); row i's own id is
+    still the one excluded, so a row's own positive is never its negative."""
     import faiss
 
     n = embeddings.shape[0]
+    if queries is not None and queries.shape != embeddings.shape:
+        raise ValueError(f"queries must have the shape of embeddings {embeddings.shape}, got {queries.shape}")
+    source = embeddings if queries is None else queries
     start = _check_int(start, "start", 0, n)
     stop = _check_int(stop, "stop", start, n)
     k = _check_int(k, "k", 1, n - 1)
@@ -158,7 +166,7 @@ def knn_range(
     out_s = np.empty((stop - start, k), dtype=np.float32)
     for b0 in range(start, stop, batch_size):
         b1 = min(stop, b0 + batch_size)
-        q = np.ascontiguousarray(embeddings[b0:b1], dtype=np.float32)
+        q = np.ascontiguousarray(source[b0:b1], dtype=np.float32)
         s, i = index.search(q, k + 1)
         rows = np.arange(b0, b1)[:, None]
         drop = i == rows
@@ -186,17 +194,30 @@ def knn(
     batch_size: int = 16384,
     num_threads: int | None = None,
     seed: int = 0,
+    queries: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by inner product of L2-normalised ``embeddings``, self
-    excluded: ``(neighbours [n, k] int64, sims [n, k] float32)``, best first."""
+    excluded: ``(neighbours [n, k] int64, sims [n, k] float32)``, best first. With
+    ``queries`` (row-aligned, e.g. anchors searching positives), see ``knn_range``."""
     emb = _check_embeddings(embeddings)
+    if queries is not None:
+        queries = _check_embeddings(queries, "queries")
     _check_int(k, "k", 1, emb.shape[0] - 1)
     idx = build_index(emb, index=index, exact_threshold=exact_threshold, nlist=nlist, hnsw_m=hnsw_m,
                       seed=seed, num_threads=num_threads)
-    return knn_range(idx, emb, 0, emb.shape[0], k, nprobe=nprobe, ef_search=ef_search, batch_size=batch_size)
+    return knn_range(idx, emb, 0, emb.shape[0], k, nprobe=nprobe, ef_search=ef_search, batch_size=batch_size,
+                     queries=queries)
 
 
 # ----------------------------------------------------------------------------- graph
+
+
+def positive_limit(positive_sims: np.ndarray, margin: float) -> np.ndarray:
+    """The highest similarity a negative may have: ``margin`` (relative) below the
+    positive's. For a positive similarity below 0 the limit is also below it (the plain
+    product ``p * (1 - margin)`` would lift it above the positive)."""
+    ps = np.asarray(positive_sims, dtype=np.float32)
+    return ps - float(margin) * np.abs(ps)
 
 
 def candidate_mask(
@@ -209,7 +230,8 @@ def candidate_mask(
 ) -> np.ndarray:
     """Bool ``[n, k]``: the candidates kept as negatives. A candidate is kept when its rank
     is in ``[rank_min, rank_max)`` (``rank_max=None``: k), it exists (id >= 0) and, when
-    ``positive_sims`` is given, its similarity is <= ``positive_sims[row] * (1 - margin)``."""
+    ``positive_sims`` is given, its similarity is <= ``positive_limit(positive_sims, margin)[row]``
+    (``positive_sims[row] * (1 - margin)`` for a positive similarity >= 0)."""
     _check_pair(neighbours, sims)
     n, k = neighbours.shape
     rank_min = _check_int(rank_min, "rank_min", 0, k)
@@ -223,7 +245,7 @@ def candidate_mask(
         ps = np.asarray(positive_sims, dtype=np.float32)
         if ps.shape != (n,):
             raise ValueError(f"positive_sims must have shape ({n},), got {ps.shape}")
-        mask &= sims <= (ps * (1.0 - float(margin)))[:, None]
+        mask &= sims <= positive_limit(ps, margin)[:, None]
     return mask
 
 
@@ -563,11 +585,18 @@ def sample_negatives(
 # ----------------------------------------------------------------------------- statistics
 
 
-def batch_stats(embeddings: np.ndarray, batches, labels: np.ndarray | None = None) -> dict:
+def batch_stats(embeddings: np.ndarray, batches, labels: np.ndarray | None = None,
+                positives: np.ndarray | None = None) -> dict:
     """Mean teacher similarity of in-batch negatives (all ordered pairs within a batch,
     self excluded) over a plan (a ``Plan`` or a list of row-id arrays); with ``labels``,
-    also the estimated false-negative rate: the fraction of those pairs sharing a label."""
+    also the estimated false-negative rate: the fraction of those pairs sharing a label.
+
+    With ``positives`` (the other view, row-aligned), a pair (i, j) scores anchor i
+    against positive j, i.e. exactly the in-batch negatives a contrastive loss sees."""
     emb = _check_embeddings(embeddings)
+    pos = emb if positives is None else _check_embeddings(positives, "positives")
+    if pos.shape != emb.shape:
+        raise ValueError(f"positives must have the shape of embeddings {emb.shape}, got {pos.shape}")
     if isinstance(batches, Plan):
         batches = batches.batches
     total_sim, pairs, same = 0.0, 0, 0
@@ -580,8 +609,8 @@ def batch_stats(embeddings: np.ndarray, batches, labels: np.ndarray | None = Non
         if len(b) < 2:
             continue
         x = emb[b].astype(np.float64)
-        s = x.sum(axis=0)
-        total_sim += float(s @ s) - float((x * x).sum())  # sum over i != j of x_i . x_j
+        y = x if positives is None else pos[b].astype(np.float64)
+        total_sim += float(x.sum(axis=0) @ y.sum(axis=0)) - float((x * y).sum())  # sum over i != j of x_i . y_j
         pairs += len(b) * (len(b) - 1)
         if labels is not None:
             _, c = np.unique(labels[b], return_counts=True)

@@ -1,0 +1,362 @@
+"""``clray mine``: the batch-mining job (B3: teacher embeddings -> kNN graph -> communities
+-> batches), with mined hard negatives, written as packed batches training reads whole.
+
+Order: the config, the corpus schema, the ids and the teacher are checked on the driver
+before Ray starts; then embed (Ray Data actor pool) -> search (Ray actors over query
+chunks) -> graph, communities, plans, negatives (driver) -> packed Parquet per epoch ->
+``manifest.json``, written last and atomically. Each stage's result is kept with the
+parameters it came from (``pipelines.mining.stages``), so rerunning the same command after
+a kill resumes, and the manifest and plans come out byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError, model_validator
+
+from models.config import Strict
+from pipelines.config import DataConfig
+from pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
+
+
+class MineConfig(Strict):
+    data: DataConfig
+    """The corpus, as in a training config: data.train shards, the anchor and positive
+    views, id_column and (optional) label_column. data.eval is not mined."""
+    teacher: TeacherConfig
+    mining: MiningConfig
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _no_negatives(self) -> MineConfig:
+        if self.data.negatives is not None:
+            raise ValueError(
+                "data.negatives: the mining job writes hard negatives itself (mining.num_negatives); "
+                "remove data.negatives from the mining config"
+            )
+        return self
+
+
+def load_mine_config(path: str | Path, overrides: list[str] | None = None) -> MineConfig:
+    from jobs.config import apply_overrides, read_toml
+
+    return validate_mine_config(apply_overrides(read_toml(path), overrides or []), str(path))
+
+
+def validate_mine_config(raw: dict[str, Any], source: str = "config") -> MineConfig:
+    from jobs.config import ConfigError, _format_pydantic
+
+    try:
+        return MineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, _format_pydantic(err)) from None
+
+
+@dataclass
+class MineSummary:
+    out_dir: str
+    manifest: str
+    rows: int
+    quarantined_rows: int
+    quarantine_path: str | None
+    epochs: int
+    batches_per_epoch: int
+    remainder_per_epoch: list[int]
+    statistics: dict[str, Any]
+    resumed: dict[str, bool] = field(default_factory=dict)
+    already_complete: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _corpus_fingerprint(files: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append({"file": f, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _check_ids(files: list[str], data_cfg: DataConfig) -> None:
+    """Ids name rows in plans and negatives, so they must be unique over the corpus."""
+    import pyarrow.parquet as pq
+
+    from pipelines.errors import DataError
+
+    seen: dict[str, str] = {}
+    dups: list[str] = []
+    for f in files:
+        for value in pq.read_table(f, columns=[data_cfg.id_column]).column(0).to_pylist():
+            if value is None:
+                continue  # quarantined as a null id
+            key = str(value)
+            if key in seen:
+                dups.append(f"{key!r} ({seen[key]} and {f})")
+            else:
+                seen[key] = f
+    if dups:
+        shown = "; ".join(dups[:5])
+        raise DataError(
+            f"data.id_column = {data_cfg.id_column!r}: {len(dups)} id(s) appear on more than one row, e.g. "
+            f"{shown}; mined plans and negatives name rows by id, so make the ids unique"
+        )
+
+
+def plan_columns(cfg: MineConfig) -> Any:
+    from pipelines.plan_format import PlanColumns
+
+    m = cfg.mining
+    neg = m.num_negatives > 0
+    return PlanColumns(
+        id=cfg.data.id_column,
+        anchor=cfg.data.anchor.column,
+        anchor_kind=cfg.data.anchor.kind,
+        positive=cfg.data.positive.column,
+        positive_kind=cfg.data.positive.kind,
+        label=cfg.data.label_column,
+        negatives=m.negatives_column if neg else None,
+        negative_ids=m.negative_ids_column if neg else None,
+        negative_scores=m.negative_scores_column if neg else None,
+    )
+
+
+def check_mine(cfg: MineConfig) -> list[str]:
+    """Corpus files, schema, ids, teacher and column names: every problem before Ray."""
+    from pipelines import check_schema, resolve_shards
+    from pipelines.errors import DataError
+    from pipelines.mining.teacher import teacher_problems
+
+    problems = teacher_problems(cfg.teacher, cfg.data)
+    try:
+        files = resolve_shards(cfg.data.train, "data.train")
+        check_schema(files, cfg.data, "data.train")
+        _check_ids(files, cfg.data)
+    except DataError as err:
+        problems.extend(err.problems)
+        files = []
+    cols = plan_columns(cfg)
+    taken = {cols.id, cols.anchor, cols.positive, cols.label, "epoch", "batch"}
+    for key in ("negatives_column", "negative_ids_column", "negative_scores_column"):
+        if cfg.mining.num_negatives and getattr(cfg.mining, key) in taken:
+            problems.append(f"mining.{key} = {getattr(cfg.mining, key)!r} clashes with a corpus or plan column: rename it")
+    if problems:
+        raise DataError(problems)
+    return files
+
+
+def init_ray_for_mining(cfg: MineConfig, verbose: bool = False) -> None:
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        return
+    # the teacher actors hold their CPUs for the whole embed stage; reads and writes need more
+    needed = cfg.teacher.num_actors * cfg.teacher.cpus_per_actor + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **kwargs)
+
+
+def _use_gpu(cfg: TeacherConfig) -> bool:
+    import ray
+
+    if cfg.use_gpu == "never":
+        return False
+    has = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.use_gpu == "always" and not has:
+        from pipelines.errors import DataError
+
+        raise DataError('teacher.use_gpu = "always" but the Ray cluster has no GPUs: use "auto" or "never"')
+    return has
+
+
+class MineError(Exception):
+    """The job failed after it started; the message is meant for the user as-is."""
+
+
+def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = False,
+               on_event: Callable[[dict[str, Any]], None] | None = None) -> MineSummary:
+    """Run (or resume, or confirm) the mining job for ``cfg``; returns its summary."""
+    from pipelines.mining import stages
+    from pipelines.mining.teacher import teacher_fingerprint, teacher_kind
+    from pipelines.plan_format import (
+        MANIFEST_FORMAT,
+        MANIFEST_NAME,
+        MANIFEST_VERSION,
+        PlanFormatError,
+        columns_dict,
+        read_manifest,
+        write_json_atomic,
+    )
+
+    def event(name: str, **data: Any) -> None:
+        if on_event:
+            on_event({"event": name, **data})
+
+    started = time.perf_counter()
+    files = check_mine(cfg)
+    out = Path(cfg.output.dir).expanduser().absolute()
+    columns = plan_columns(cfg)
+    teacher_fp = teacher_fingerprint(cfg.teacher)
+    embed_fp = _hash({"data": cfg.data.model_dump(mode="json", include={"train", "anchor", "positive", "id_column",
+                                                                           "label_column"}),
+                      "corpus": _corpus_fingerprint(files), "teacher": teacher_fp,
+                      "teacher_cfg": cfg.teacher.model_dump(include={"pooling", "max_length", "kind"})})
+    mining_params = cfg.mining.model_dump(mode="json")
+    plan_fp = _hash({"embed": embed_fp, "mining": mining_params, "format": MANIFEST_VERSION})
+
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            existing = read_manifest(out)
+        except PlanFormatError:
+            existing = {}
+        if existing.get("fingerprint") == plan_fp:
+            event("complete", path=str(manifest_path))
+            return _summary(out, existing, already_complete=True)
+        if not overwrite:
+            raise MineError(
+                f"{out} already holds a complete plan mined with other settings, teacher or corpus "
+                f"(its {MANIFEST_NAME} differs): pass --overwrite to replace it or set output.dir to a new directory"
+            )
+        manifest_path.unlink()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if (stages._read_json(work / "plan.json") or {}).get("fingerprint") != plan_fp:
+        shutil.rmtree(out / "plans", ignore_errors=True)
+        write_json_atomic(work / "plan.json", {"fingerprint": plan_fp})
+
+    import ray
+
+    from jobs.train import _root_cause
+    from pipelines import quiet_ray_data
+    from pipelines.errors import DataError
+
+    init_ray_for_mining(cfg, verbose)
+    quiet_ray_data()
+    seconds: dict[str, float] = {}
+    resumed: dict[str, bool] = {}
+    try:
+        t0 = time.perf_counter()
+        use_gpu = _use_gpu(cfg.teacher)
+        resumed["embed"] = not stages.embed_corpus(files, cfg.data, cfg.teacher, work, embed_fp, use_gpu)
+        emb, report = stages.load_embeddings(work, cfg.data.id_column, out / "quarantine.parquet")
+        seconds["embed"] = time.perf_counter() - t0
+        event("quarantine", valid=report.valid_rows, quarantined=report.quarantined_rows,
+              path=report.quarantine_path, reasons=report.reasons)
+        event("embedded", rows=len(emb.ids), dim=int(emb.anchors.shape[1]), reused=resumed["embed"], gpu=use_gpu)
+
+        n = len(emb.ids)
+        if n <= cfg.mining.rank_min + 1:
+            raise DataError(
+                f"data.train: {n} valid rows leave no neighbours after skipping mining.rank_min = "
+                f"{cfg.mining.rank_min}: mine a larger corpus or lower rank_min"
+            )
+        if n < cfg.mining.batch_size:
+            raise DataError(f"data.train: {n} valid rows, fewer than one batch of mining.batch_size = "
+                            f"{cfg.mining.batch_size}")
+        k = min(cfg.mining.rank_max, n - 1)
+        t0 = time.perf_counter()
+        search_fp = _hash({"embed": embed_fp, "k": k, "index": cfg.mining.index, "nlist": cfg.mining.nlist,
+                           "nprobe": cfg.mining.nprobe, "exact": cfg.mining.exact_threshold,
+                           "chunk": cfg.mining.search_chunk_rows, "seed": cfg.mining.seed})
+        neighbours, sims, search_info = stages.search(emb, cfg.mining, work, search_fp, k)
+        resumed["search"] = search_info["chunks_searched"] < search_info["chunks"]
+        seconds["search"] = time.perf_counter() - t0
+        event("searched", **search_info)
+
+        t0 = time.perf_counter()
+        plans, statistics = stages.make_plans(emb, neighbours, sims, cfg.mining, k)
+        statistics["search"] = {key: v for key, v in search_info.items() if key != "chunks_searched"}
+        seconds["plan"] = time.perf_counter() - t0
+        event("planned", statistics=statistics)
+
+        t0 = time.perf_counter()
+        corpus = stages._corpus_table(files, cfg.data, columns, emb.ids)
+        epochs = []
+        for ep in plans:
+            expected = math.ceil(len(ep.plan.batches) / cfg.mining.batches_per_file)
+            written = stages.epoch_written(out, ep.epoch, expected)
+            reused = resumed[f"epoch_{ep.epoch}"] = written is not None
+            if written is None:
+                written = stages.write_epoch(out, corpus, ep, columns, emb.ids, cfg.mining.batches_per_file)
+            epochs.append({
+                "epoch": ep.epoch, "seed": ep.seed, "num_batches": len(ep.plan.batches), "files": written,
+                "remainder_ids": [emb.ids[i] for i in ep.plan.remainder.tolist()],
+                "num_remainder": ep.plan.num_remainder, "topped_up_negatives": ep.topped_up,
+                "least_similar_negatives": ep.least_similar,
+                "packing": ep.plan.info,
+            })
+            event("written", epoch=ep.epoch, batches=len(ep.plan.batches), reused=reused)
+        seconds["write"] = time.perf_counter() - t0
+    except (DataError, MineError):
+        raise
+    except ray.exceptions.RayError as exc:
+        root = _root_cause(exc)
+        last = next((ln for ln in reversed(str(root).strip().splitlines()) if ln.strip()), type(root).__name__)
+        (out / "error.log").write_text(repr(exc))
+        raise MineError(f"mining failed: {type(root).__name__}: {last}\n  details: {out / 'error.log'}") from None
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "fingerprint": plan_fp,
+        "batch_size": cfg.mining.batch_size,
+        "num_negatives": cfg.mining.num_negatives,
+        "columns": columns_dict(columns),
+        "rows": len(emb.ids),
+        "quarantined_rows": report.quarantined_rows,
+        "quarantine_path": "quarantine.parquet" if report.quarantine_path else None,
+        "quarantine_reasons": report.reasons,
+        "corpus": {"files": files},
+        "teacher": {"path": cfg.teacher.path, "kind": teacher_kind(cfg.teacher), "fingerprint": teacher_fp,
+                    "dim": int(emb.anchors.shape[1])},
+        "parameters": mining_params,
+        "epochs": epochs,
+        "statistics": statistics,
+    }
+    write_json_atomic(manifest_path, manifest)
+    seconds["total"] = time.perf_counter() - started
+    write_json_atomic(out / "timings.json", {k: round(v, 3) for k, v in seconds.items()})
+    return _summary(out, manifest, resumed=resumed, seconds=seconds)
+
+
+def _summary(out: Path, manifest: dict[str, Any], *, already_complete: bool = False,
+             resumed: dict[str, bool] | None = None, seconds: dict[str, float] | None = None) -> MineSummary:
+    epochs = manifest["epochs"]
+    return MineSummary(
+        out_dir=str(out),
+        manifest=str(out / "manifest.json"),
+        rows=manifest["rows"],
+        quarantined_rows=manifest["quarantined_rows"],
+        quarantine_path=str(out / manifest["quarantine_path"]) if manifest.get("quarantine_path") else None,
+        epochs=len(epochs),
+        batches_per_epoch=epochs[0]["num_batches"],
+        remainder_per_epoch=[e["num_remainder"] for e in epochs],
+        statistics=manifest["statistics"],
+        resumed=resumed or {},
+        already_complete=already_complete,
+        seconds={k: round(v, 3) for k, v in (seconds or {}).items()},
+    )

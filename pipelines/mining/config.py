@@ -1,0 +1,100 @@
+"""Typed config of the mining job's own sections: the teacher and the plan parameters.
+
+``clray mine CONFIG`` reads a TOML with ``[data]`` (the training corpus, exactly as in a
+training config), ``[teacher]``, ``[mining]`` and ``[output]``; see ``jobs/mine.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from models.config import Strict
+
+
+class TeacherConfig(Strict):
+    path: str
+    """Local directory of the teacher: a clray export (``clray train`` writes one to
+    run_dir/export; its anchor tower embeds the anchor view and its positive tower the
+    positive view) or a Hugging Face / sentence-transformers text model saved with
+    save_pretrained (one tower for both views; both views must be text)."""
+    kind: Literal["auto", "clray", "hf"] = "auto"
+    """auto: a directory with clray_model.json is a clray export, else a Hugging Face model."""
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    """Hugging Face teachers: how token states become one vector. auto: what the
+    sentence-transformers pooling config says (1_Pooling/config.json), else mean."""
+    max_length: int = Field(default=128, ge=2)
+    """Hugging Face teachers: tokens per text after truncation."""
+    batch_size: int = Field(default=128, ge=1)
+    """Rows per teacher forward pass."""
+    num_actors: int = Field(default=1, ge=1)
+    """Teacher replicas (Ray Data actor pool); each loads the model once."""
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    """CPUs each teacher actor reserves; also its torch thread count."""
+    use_gpu: Literal["auto", "always", "never"] = "auto"
+    """auto: one GPU per teacher actor when the Ray cluster has GPUs, else CPU."""
+
+
+class MiningConfig(Strict):
+    batch_size: int = Field(ge=2)
+    """Rows per mined batch: the training LOCAL batch size (train.global_batch_size /
+    scaling.num_workers), since each worker takes whole mined batches."""
+    epochs: int = Field(default=1, ge=1)
+    """Epoch plans to write, each with its own seed (seed + epoch). Training cycles
+    through them when it runs more epochs."""
+    seed: int = 0
+    """Seeds community detection, batch order and negative sampling."""
+    rank_min: int = Field(default=3, ge=0)
+    """Skip each row's top rank_min teacher neighbours: near-duplicates and unlabelled
+    positives are the likeliest false negatives."""
+    rank_max: int = Field(default=64, ge=1)
+    """Keep neighbours up to this rank (exclusive); also the k of the kNN search."""
+    margin: float | None = Field(default=0.05, ge=0, lt=1)
+    """Positive-aware filter (NV-Retriever): drop a candidate whose teacher similarity
+    to the anchor exceeds the anchor-positive similarity times (1 - margin). None: off."""
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    """Nearest-neighbour index. auto: exact (flat) below exact_threshold rows, IVF above."""
+    exact_threshold: int = Field(default=50_000, ge=0)
+    nprobe: int = Field(default=32, ge=1)
+    """IVF lists searched per query (recall vs time)."""
+    nlist: int | None = Field(default=None, ge=1)
+    """IVF lists; default 4 * sqrt(rows)."""
+    search_actors: int = Field(default=0, ge=0)
+    """Ray actors sharing the kNN queries (each holds the index once); 0: one per CPU
+    Ray has, at most 8."""
+    search_chunk_rows: int = Field(default=16384, ge=1)
+    """Queries per search task; each finished chunk is kept, so a killed job resumes."""
+    community_size: int = Field(default=0, ge=0)
+    """Target community size for Leiden; 0: batch_size."""
+    num_negatives: int = Field(default=0, ge=0)
+    """Mined hard negatives per anchor written beside each batch (0: none). From the
+    same rank window and filter as the graph; rows with too few candidates are topped up
+    with random rows that pass the filter, and counted."""
+    negative_strategy: Literal["top", "random"] = "top"
+    """top: the most similar kept candidates; random: a seeded draw among them."""
+    negatives_column: str = "hard_negatives"
+    negative_ids_column: str = "hard_negative_ids"
+    negative_scores_column: str = "hard_negative_scores"
+    batches_per_file: int = Field(default=256, ge=1)
+    """Packed batches per Parquet file."""
+
+    @model_validator(mode="after")
+    def _window(self) -> MiningConfig:
+        if self.rank_min >= self.rank_max:
+            raise ValueError(
+                f"rank_min = {self.rank_min} must be below rank_max = {self.rank_max}: the window "
+                "[rank_min, rank_max) of each row's neighbours would be empty"
+            )
+        return self
+
+    @property
+    def target_community_size(self) -> int:
+        return self.community_size or self.batch_size
+
+
+class OutputConfig(Strict):
+    dir: str
+    """The plan directory (manifest.json, plans/, quarantine, work/). Rerunning into it
+    resumes an unfinished job; `data.train = DIR` with `data.batches = "packed"` trains
+    on it."""

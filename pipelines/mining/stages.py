@@ -1,0 +1,470 @@
+"""The stages of ``clray mine`` that touch Ray or the disk: embed, search, plan, write.
+
+Each stage leaves its result in the plan directory's ``work/`` (or ``plans/``) under a name
+that only appears once the result is whole (a temporary name, then ``os.replace``), with
+the parameters it was made from. A rerun keeps every result whose parameters still match
+and redoes the rest, so a job killed at any point ends with the same output as one that
+never stopped. Every place that touches Ray is marked ``# [ray]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import DataConfig
+from pipelines.errors import DataError
+from pipelines.mining.config import MiningConfig, TeacherConfig
+from pipelines.mining.core import (
+    NegativeSample,
+    Plan,
+    batch_stats,
+    build_index,
+    candidate_mask,
+    communities,
+    knn_range,
+    plan_batches,
+    positive_limit,
+    random_plan,
+    sample_negatives,
+    similarity_graph,
+)
+from pipelines.plan_format import (
+    BATCH_COLUMN,
+    EPOCH_COLUMN,
+    PlanColumns,
+    epoch_dir,
+    write_json_atomic,
+)
+
+CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
+"""Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
+the process exit at once (like a kill) right after that unit of work is saved."""
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(3)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+@dataclass
+class Embeddings:
+    """Teacher embeddings of the valid rows, in id order (the row numbering of every
+    later stage): ``ids [n]``, ``anchors``/``positives [n, d]`` unit norm, ``labels``."""
+
+    ids: list[str]
+    anchors: np.ndarray
+    positives: np.ndarray
+    labels: np.ndarray | None
+
+
+def embed_corpus(
+    files: list[str],
+    data_cfg: DataConfig,
+    teacher_cfg: TeacherConfig,
+    work: Path,
+    fingerprint: str,
+    use_gpu: bool,
+) -> bool:
+    """Embed every valid row with the teacher (Ray Data, an actor pool) into
+    ``work/embeddings/``; returns False when embeddings for ``fingerprint`` already exist.
+
+    Batches keep the corpus order (``preserve_order``), so each teacher forward sees the
+    same rows on every run and a redone stage gives bit-identical embeddings."""
+    import ray.data  # [ray]
+
+    from pipelines.dataset import read_shards
+    from pipelines.mining.teacher import TeacherEmbedder
+
+    marker = work / "embeddings.json"
+    final = work / "embeddings"
+    if (_read_json(marker) or {}).get("fingerprint") == fingerprint and final.is_dir():
+        return False
+    marker.unlink(missing_ok=True)
+    tmp = work / "embeddings.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx = ray.data.DataContext.get_current()  # [ray]
+    previous = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5)
+        embedded = ds.map_batches(  # [ray]
+            TeacherEmbedder,
+            fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": data_cfg, "use_gpu": use_gpu},
+            batch_format="pyarrow",
+            batch_size=teacher_cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=teacher_cfg.num_actors),  # [ray]
+            num_cpus=teacher_cfg.cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+        )
+        embedded.write_parquet(str(tmp))  # [ray]
+    finally:
+        ctx.execution_options.preserve_order = previous
+    _replace_dir(tmp, final)
+    write_json_atomic(marker, {"fingerprint": fingerprint})
+    crash_point("embed")
+    return True
+
+
+def load_embeddings(work: Path, id_column: str, quarantine_path: Path) -> tuple[Embeddings, Any]:
+    """The embed stage's good rows sorted by id, and its bad rows written to
+    ``quarantine_path`` (id, reason, file; removed when there are none) with a report."""
+    from collections import Counter
+
+    from pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
+
+    table = pq.read_table(work / "embeddings")
+    bad = table.filter(table.column("reason").is_valid())
+    bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA).sort_by([("file", "ascending"), ("id", "ascending")])
+    table = table.filter(table.column("reason").is_null())
+    if bad.num_rows:
+        _write_atomic(bad, quarantine_path)
+    else:
+        quarantine_path.unlink(missing_ok=True)
+    report = ValidationReport(
+        total_rows=table.num_rows + bad.num_rows, valid_rows=table.num_rows, quarantined_rows=bad.num_rows,
+        reasons=dict(sorted(Counter(bad.column("reason").to_pylist()).items())),
+        quarantine_path=str(quarantine_path) if bad.num_rows else None,
+    )
+    if table.num_rows < 2:
+        raise DataError(f"data.train: only {table.num_rows} valid row(s) to mine; see {report.quarantine_path} "
+                        "for each bad row's reason")
+    table = table.sort_by([("id", "ascending")])
+    ids = table.column("id").to_pylist()
+    dup = [a for a, b in zip(ids[:-1], ids[1:], strict=True) if a == b]
+    if dup:
+        shown = ", ".join(repr(d) for d in sorted(set(dup))[:5])
+        raise DataError(
+            f"data.id_column = {id_column!r}: {len(set(dup))} id(s) appear on more than one row ({shown}); "
+            "mined plans and negatives name rows by id, so make the ids unique"
+        )
+
+    def matrix(name: str) -> np.ndarray:
+        col = table.column(name).combine_chunks()
+        return np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
+
+    labels = table.column("label").to_numpy() if "label" in table.column_names else None
+    return Embeddings(ids=ids, anchors=matrix("anchor_emb"), positives=matrix("positive_emb"),
+                      labels=None if labels is None else labels.astype(np.int64)), report
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def _searcher_class() -> Any:
+    import ray  # [ray]
+
+    @ray.remote  # [ray]
+    class Searcher:
+        """Holds the index and both views once; answers query ranges."""
+
+        def __init__(self, index_bytes: np.ndarray, positives: np.ndarray, anchors: np.ndarray, threads: int):
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
+            self.index = faiss.deserialize_index(index_bytes)
+            self.positives = positives
+            self.anchors = anchors
+
+        def search(self, start: int, stop: int, k: int, nprobe: int) -> tuple[int, np.ndarray, np.ndarray]:
+            nb, sims = knn_range(self.index, self.positives, start, stop, k, nprobe=nprobe, queries=self.anchors)
+            return start, nb, sims
+
+    return Searcher
+
+
+def search(emb: Embeddings, cfg: MiningConfig, work: Path, fingerprint: str, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """k nearest positives of every anchor (self excluded), the queries split in chunks of
+    ``search_chunk_rows`` over ``search_actors`` Ray actors. Each finished chunk is saved
+    (``work/knn/``), as is the index, so a rerun searches only what is missing."""
+    import faiss
+    import ray  # [ray]
+
+    n = len(emb.ids)
+    knn_dir = work / "knn"
+    params = knn_dir / "params.json"
+    if (_read_json(params) or {}).get("fingerprint") != fingerprint:
+        shutil.rmtree(knn_dir, ignore_errors=True)
+        knn_dir.mkdir(parents=True)
+        write_json_atomic(params, {"fingerprint": fingerprint})
+    index_path = knn_dir / "index.faiss"
+    if index_path.is_file():
+        index = faiss.read_index(str(index_path))
+    else:
+        index = build_index(emb.positives, index=cfg.index, exact_threshold=cfg.exact_threshold, nlist=cfg.nlist,
+                            seed=cfg.seed)
+        tmp = knn_dir / ".index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, index_path)
+    chunks = [(a, min(n, a + cfg.search_chunk_rows)) for a in range(0, n, cfg.search_chunk_rows)]
+
+    def part(start: int) -> Path:
+        return knn_dir / f"part-{start:012d}.npz"
+
+    todo = [c for c in chunks if not part(c[0]).is_file()]
+    searched = len(todo)
+    if todo:
+        cpus = int(ray.available_resources().get("CPU", 1))  # [ray]
+        actors = cfg.search_actors or max(1, min(8, cpus))
+        actors = min(actors, len(todo))
+        searcher_cls = _searcher_class()
+        index_ref = ray.put(faiss.serialize_index(index))  # [ray]
+        pos_ref, anc_ref = ray.put(emb.positives), ray.put(emb.anchors)  # [ray]
+        pool = [searcher_cls.options(num_cpus=1).remote(index_ref, pos_ref, anc_ref, 1) for _ in range(actors)]  # [ray]
+        pending = {}
+        queue = list(todo)
+        for actor in pool:
+            if queue:
+                a, b = queue.pop(0)
+                pending[actor.search.remote(a, b, k, cfg.nprobe)] = actor  # [ray]
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)  # [ray]
+            actor = pending.pop(done[0])
+            start, nb, sims = ray.get(done[0])  # [ray]
+            tmp = knn_dir / f".part-{start:012d}.tmp.npz"
+            np.savez(tmp, neighbours=nb, sims=sims)
+            os.replace(tmp, part(start))
+            crash_point("search-chunk")
+            if queue:
+                a, b = queue.pop(0)
+                pending[actor.search.remote(a, b, k, cfg.nprobe)] = actor  # [ray]
+        for actor in pool:
+            ray.kill(actor)  # [ray]
+    neighbours = np.empty((n, k), dtype=np.int64)
+    sims = np.empty((n, k), dtype=np.float32)
+    for a, b in chunks:
+        with np.load(part(a)) as data:
+            neighbours[a:b], sims[a:b] = data["neighbours"], data["sims"]
+    info = {"index": type(index).__name__, "k": k, "chunks": len(chunks), "chunks_searched": searched}
+    if not isinstance(index, faiss.IndexFlat):
+        info["recall_at_10"] = _sampled_recall(emb, neighbours, min(10, k), cfg.seed)
+    return neighbours, sims, info
+
+
+def _sampled_recall(emb: Embeddings, neighbours: np.ndarray, k: int, seed: int, samples: int = 1000) -> float:
+    """Recall@k of an approximate search on a seeded sample of queries, against exact."""
+    n = len(emb.ids)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(samples, n), replace=False))
+    scores = emb.anchors[rows] @ emb.positives.T
+    scores[np.arange(len(rows)), rows] = -np.inf
+    exact = np.argpartition(-scores, k, axis=1)[:, :k]
+    hits = sum(len(set(exact[i]) & set(neighbours[r, :k])) for i, r in enumerate(rows))
+    return round(hits / (len(rows) * k), 4)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class EpochPlan:
+    epoch: int
+    seed: int
+    plan: Plan
+    negatives: NegativeSample | None
+    topped_up: int
+    least_similar: int
+
+
+def _top_up(sample: NegativeSample, emb: Embeddings, pos_sims: np.ndarray, margin: float | None) -> tuple[int, int]:
+    """Fill rows short of negatives (their window held too few candidates that pass the
+    filter) so every packed row carries the same number: first with the most similar
+    rows outside the window that still pass the positive-aware filter (an exact scan of
+    those rows only); a row whose positive is so weak that too few rows pass (often a
+    noisy pair) gets the least similar rows, which are safe negatives. Returns
+    ``(added, added_least_similar)``; both are reported."""
+    n, m = sample.idx.shape
+    short = np.nonzero(sample.count < m)[0]
+    added = fallback = 0
+    for c0 in range(0, len(short), 1024):
+        rows = short[c0 : c0 + 1024]
+        raw = emb.anchors[rows] @ emb.positives.T
+        raw[np.arange(len(rows)), rows] = np.nan  # never the row's own positive
+        for r, row in enumerate(rows):
+            have = sample.idx[row][sample.idx[row] >= 0]
+            scores = raw[r].copy()
+            scores[have] = np.nan
+            free = ~np.isnan(scores)
+            limit = positive_limit(pos_sims[row : row + 1], margin)[0] if margin is not None else np.inf
+            passing = np.nonzero(free & (scores <= limit))[0]
+            need = m - int(sample.count[row])
+            best = passing[np.argsort(-scores[passing], kind="stable")[:need]]
+            if len(best) < need:
+                rest = np.nonzero(free)[0]
+                rest = rest[~np.isin(rest, best)]
+                extra = rest[np.argsort(scores[rest], kind="stable")[: need - len(best)]]
+                fallback += len(extra)
+                best = np.concatenate([best, extra])
+            slots = slice(int(sample.count[row]), int(sample.count[row]) + len(best))
+            sample.idx[row, slots], sample.sims[row, slots] = best, scores[best]
+            sample.count[row] += len(best)
+            added += len(best)
+    return added, fallback
+
+
+def _negatives(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, mask: np.ndarray, pos_sims: np.ndarray,
+               cfg: MiningConfig, seed: int) -> tuple[NegativeSample, tuple[int, int]]:
+    sample = sample_negatives(nb, sims, mask, cfg.num_negatives, cfg.negative_strategy, seed=seed)
+    return sample, _top_up(sample, emb, pos_sims, cfg.margin)
+
+
+def _rate(values: np.ndarray) -> float:
+    return round(float(values.mean()), 6) if values.size else float("nan")
+
+
+def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningConfig, k: int) -> tuple[list[EpochPlan], dict]:
+    """Graph, communities, one batch plan (and negatives) per epoch, and the statistics
+    that say how much harder the mined batches are than random ones."""
+    n = len(emb.ids)
+    pos_sims = np.einsum("ij,ij->i", emb.anchors, emb.positives)
+    rank_min, rank_max = min(cfg.rank_min, k - 1), min(cfg.rank_max, k)
+    mask = candidate_mask(nb, sims, pos_sims if cfg.margin is not None else None, rank_min, rank_max,
+                          cfg.margin or 0.0)
+    edges, weights = similarity_graph(nb, sims, mask=mask)
+    labels, comm = communities(n, edges, weights, cfg.target_community_size, seed=cfg.seed)
+    plans = []
+    for epoch in range(cfg.epochs):
+        seed = cfg.seed + epoch
+        plan = plan_batches(labels, cfg.batch_size, seed=seed, edges=edges, weights=weights)
+        negatives, (topped, least) = None, (0, 0)
+        if cfg.num_negatives:
+            negatives, (topped, least) = _negatives(emb, nb, sims, mask, pos_sims, cfg, seed)
+        plans.append(EpochPlan(epoch=epoch, seed=seed, plan=plan, negatives=negatives, topped_up=topped,
+                               least_similar=least))
+
+    first = plans[0].plan
+    baseline = random_plan(n, cfg.batch_size, seed=cfg.seed)
+    mined_stats = batch_stats(emb.anchors, first, emb.labels, positives=emb.positives)
+    random_stats = batch_stats(emb.anchors, baseline, emb.labels, positives=emb.positives)
+    mined_sim, random_sim = mined_stats["mean_negative_sim"], random_stats["mean_negative_sim"]
+    stats: dict[str, Any] = {
+        "graph": {"edges": int(len(edges)), "mean_degree": round(2 * len(edges) / n, 3),
+                  "kept_candidates": int(mask.sum()), "window": [rank_min, rank_max], "margin": cfg.margin},
+        "communities": {"count": int(comm.get("num_communities", labels.max() + 1)),
+                        "typical_size": round(float(comm["typical_size"]), 3),
+                        "resolution": None if comm["resolution"] is None else float(f"{comm['resolution']:.6g}"),
+                        "leiden_runs": len(comm["history"])},
+        "in_batch_negative_similarity": {
+            "mined": round(mined_sim, 6), "random": round(random_sim, 6),
+            "ratio": round(mined_sim / random_sim, 3) if random_sim > 0 else None,
+        },
+        "positive_similarity": round(float(pos_sims.mean()), 6),
+    }
+    fn: dict[str, Any] = {}
+    if emb.labels is not None:
+        fn["in_batch_same_label"] = {"mined": round(mined_stats["false_negative_rate"], 6),
+                                     "random": round(random_stats["false_negative_rate"], 6)}
+    if cfg.num_negatives:
+        # The same draw without the filter: rank window from 0 and no positive-aware margin.
+        unfiltered = sample_negatives(nb, sims, candidate_mask(nb, sims, None, 0, rank_max), cfg.num_negatives,
+                                      cfg.negative_strategy, seed=cfg.seed)
+        filtered = plans[0].negatives
+        for name, sample in (("with_filter", filtered), ("without_filter", unfiltered)):
+            ok = sample.idx >= 0
+            rows = np.broadcast_to(np.arange(n)[:, None], sample.idx.shape)[ok]
+            entry = {"teacher_above_positive": _rate(sample.sims[ok] >= pos_sims[rows])}
+            if emb.labels is not None:
+                entry["same_label"] = _rate(emb.labels[sample.idx[ok]] == emb.labels[rows])
+            fn[name] = entry
+        stats["negatives"] = {"per_row": cfg.num_negatives, "strategy": cfg.negative_strategy,
+                              "mean_similarity": round(float(np.nanmean(filtered.sims)), 6),
+                              "topped_up": sum(p.topped_up for p in plans),
+                              "least_similar_fallback": sum(p.least_similar for p in plans)}
+    stats["false_negatives"] = fn
+    return plans, stats
+
+
+# ----------------------------------------------------------------------------- write
+
+
+def _corpus_table(files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str]) -> pa.Table:
+    """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
+    names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
+    if columns.label:
+        names.append(columns.label)
+    table = pa.concat_tables([pq.read_table(f, columns=names) for f in files], promote_options="permissive")
+    table = table.set_column(0, data_cfg.id_column, table.column(data_cfg.id_column).cast(pa.string()))
+    position = {v: i for i, v in enumerate(table.column(data_cfg.id_column).to_pylist())}
+    take = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
+    return table.take(pa.array(take))
+
+
+def _lists(values: pa.Array, size: int) -> pa.Array:
+    offsets = pa.array(np.arange(0, len(values) + 1, size, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def _packed_table(corpus: pa.Table, batches: list[np.ndarray], epoch: int, first_batch: int, columns: PlanColumns,
+                  emb_ids: pa.Array, negatives: NegativeSample | None) -> pa.Table:
+    size = len(batches[0])
+    rows = np.concatenate(batches)
+    take = pa.array(rows)
+    out: dict[str, pa.Array] = {
+        EPOCH_COLUMN: pa.array([epoch] * len(batches), pa.int32()),
+        BATCH_COLUMN: pa.array(range(first_batch, first_batch + len(batches)), pa.int32()),
+    }
+    for name in (columns.id, columns.anchor, columns.positive, columns.label):
+        if name is not None:
+            out[name] = _lists(corpus.column(name).combine_chunks().take(take), size)
+    if negatives is not None and columns.negatives:
+        m = negatives.idx.shape[1]
+        neg_rows = pa.array(negatives.idx[rows].reshape(-1))
+        positive_values = corpus.column(columns.positive).combine_chunks().take(neg_rows)
+        out[columns.negatives] = _lists(_lists(positive_values, m), size)
+        out[columns.negative_ids] = _lists(_lists(emb_ids.take(neg_rows), m), size)
+        scores = pa.array(negatives.sims[rows].reshape(-1).astype(np.float32), pa.float32())
+        out[columns.negative_scores] = _lists(_lists(scores, m), size)
+    return pa.table(out)
+
+
+def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: EpochPlan, columns: PlanColumns, ids: list[str],
+                batches_per_file: int) -> list[str]:
+    """Write one epoch's packed batches to ``plans/epoch-NNNNN/`` (whole directory or
+    nothing: written under a temporary name, then renamed); returns the relative paths."""
+    final = epoch_dir(out_dir, epoch_plan.epoch)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    emb_ids = pa.array(ids, pa.string())
+    batches = epoch_plan.plan.batches
+    names = []
+    for part, start in enumerate(range(0, len(batches), batches_per_file)):
+        chunk = batches[start : start + batches_per_file]
+        table = _packed_table(corpus, chunk, epoch_plan.epoch, start, columns, emb_ids, epoch_plan.negatives)
+        name = f"part-{part:05d}.parquet"
+        pq.write_table(table, tmp / name)
+        names.append(str(final.relative_to(out_dir) / name))
+    _replace_dir(tmp, final)
+    crash_point("epoch")
+    return names
+
+
+def epoch_written(out_dir: Path, epoch: int, expected_files: int) -> list[str] | None:
+    final = epoch_dir(out_dir, epoch)
+    files = sorted(final.glob("part-*.parquet")) if final.is_dir() else []
+    if len(files) != expected_files:
+        return None
+    return [str(f.relative_to(out_dir)) for f in files]
