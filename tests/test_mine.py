@@ -1,0 +1,261 @@
+"""`clray mine`: config and input errors before any work, the plan's invariants (every id
+exactly once per epoch plan, whole packed batches, negatives), and kill-and-rerun giving
+a byte-identical manifest and plan."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import QUICKSTART_CONFIG, main
+from jobs.config import ConfigError, load_config
+from jobs.mine import MineError, check_mine, run_mining, validate_mine_config
+from pipelines.errors import DataError
+from pipelines.mining.stages import CRASH_ENV
+from pipelines.plan_format import read_manifest
+from pipelines.quickstart import write_quickstart_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mine-corpus")
+    write_quickstart_corpus(out, bad_rows=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clray export of the quickstart model (random weights: the plan's mechanics, not
+    its quality, are under test here)."""
+    import torch
+
+    from models.dual_encoder import DualEncoder
+    from models.export import export_model
+
+    out = tmp_path_factory.mktemp("teacher") / "export"
+    cfg = load_config(QUICKSTART_CONFIG)
+    torch.manual_seed(0)
+    export_model(DualEncoder(cfg.model).eval(), cfg.model, out)
+    return out
+
+
+def raw_config(corpus: Path, teacher: Path, out: Path, **mining: object) -> dict:
+    return {
+        "data": {
+            "train": str(corpus / "train"), "id_column": "id", "label_column": "label",
+            "anchor": {"column": "image", "kind": "image"}, "positive": {"column": "caption", "kind": "text"},
+        },
+        "teacher": {"path": str(teacher), "batch_size": 256},
+        "mining": {"batch_size": 32, "epochs": 2, "num_negatives": 3, "rank_min": 2, "rank_max": 24,
+                   "search_chunk_rows": 400, **mining},
+        "output": {"dir": str(out)},
+    }
+
+
+def write_toml(raw: dict, path: Path) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+# ----------------------------------------------------------------------------- before any work
+
+
+def test_config_errors_name_the_key(corpus: Path, teacher: Path, tmp_path: Path) -> None:
+    raw = raw_config(corpus, teacher, tmp_path / "out", rank_min=30, rank_max=20, negative_strategy="best")
+    raw["mining"]["bogus"] = 1
+    with pytest.raises(ConfigError) as err:
+        validate_mine_config(raw)
+    text = str(err.value)
+    assert "mining.bogus: unknown key" in text
+    assert "mining.negative_strategy" in text
+    raw = raw_config(corpus, teacher, tmp_path / "out", rank_min=30, rank_max=20)
+    with pytest.raises(ConfigError, match="rank_min = 30 must be below rank_max = 20"):
+        validate_mine_config(raw)
+    raw = raw_config(corpus, teacher, tmp_path / "out")
+    raw["data"]["negatives"] = {"column": "caption", "kind": "text"}
+    with pytest.raises(ConfigError, match="data.negatives: the mining job writes hard negatives itself"):
+        validate_mine_config(raw)
+
+
+def test_bad_teacher_and_corpus_fail_before_any_work(corpus: Path, teacher: Path, tmp_path: Path, capsys) -> None:
+    """Every problem at once, naming the key, and nothing written: no output dir, no Ray."""
+    import ray
+
+    out = tmp_path / "out"
+    cases = {
+        "missing teacher": (dict(teacher={"path": str(tmp_path / "nope")}), "teacher.path = .* is not a directory"),
+        "not a model": (dict(teacher={"path": str(tmp_path)}), "neither clray_model.json .* nor config.json"),
+        "missing column": (dict(data={"positive": {"column": "text", "kind": "text"}}), "no column 'text' \\(named by data.positive.column\\)"),
+        "wrong kind": (dict(data={"anchor": {"column": "caption", "kind": "text"}}),
+                       "data.anchor is a text column .* the teacher"),
+    }
+    for name, (patch, pattern) in cases.items():
+        raw = raw_config(corpus, teacher, out)
+        for section, values in patch.items():
+            for key, value in values.items():
+                raw[section][key] = value
+        cfg = validate_mine_config(raw)
+        with pytest.raises(DataError, match=pattern):
+            run_mining(cfg)
+        assert not out.exists(), name
+    assert not ray.is_initialized()
+
+    # Duplicate ids are named with both files.
+    dup_dir = tmp_path / "dup"
+    dup_dir.mkdir()
+    table = pq.read_table(next((corpus / "train").glob("*.parquet")))
+    pq.write_table(table, dup_dir / "a.parquet")
+    pq.write_table(table.slice(0, 3), dup_dir / "b.parquet")
+    raw = raw_config(corpus, teacher, out)
+    raw["data"]["train"] = str(dup_dir)
+    with pytest.raises(DataError, match="3 id\\(s\\) appear on more than one row"):
+        check_mine(validate_mine_config(raw))
+
+    # Through the CLI: one message, exit code 2, no traceback.
+    raw = raw_config(corpus, teacher, out)
+    raw["teacher"]["path"] = str(tmp_path / "nope")
+    assert main(["mine", str(write_toml(raw, tmp_path / "m.toml"))]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.path" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_plan_reader_names_an_incomplete_plan(tmp_path: Path) -> None:
+    from pipelines.plan_format import PlanFormatError
+
+    (tmp_path / "plans").mkdir()
+    with pytest.raises(PlanFormatError, match="run the same `clray mine` command again"):
+        read_manifest(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def digest_tree(out: Path) -> dict[str, str]:
+    """Content hashes of the manifest and every plan file."""
+    files = [out / "manifest.json", *sorted((out / "plans").rglob("*.parquet"))]
+    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.fixture(scope="module")
+def mined(ray_session, corpus: Path, teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mined") / "plan"
+    raw = raw_config(corpus, teacher, out)
+    summary = run_mining(validate_mine_config(raw))
+    return out, {"raw": raw, "summary": summary}
+
+
+def test_every_id_once_per_epoch_plan_and_batches_whole(mined, corpus: Path) -> None:
+    out, info = mined
+    manifest = read_manifest(out)
+    valid_ids = {
+        r["id"] for f in sorted((corpus / "train").glob("*.parquet"))
+        for r in pq.read_table(f, columns=["id"]).to_pylist()
+    } - {f"bad-{i:04d}" for i in range(4)}
+    assert manifest["rows"] == len(valid_ids) == info["summary"].rows
+    assert manifest["quarantined_rows"] == 4
+    quarantine = pq.read_table(out / manifest["quarantine_path"]).to_pylist()
+    assert sorted(r["id"] for r in quarantine) == [f"bad-{i:04d}" for i in range(4)]
+    assert all(r["reason"] and r["file"] for r in quarantine)
+
+    orders = []
+    for epoch in manifest["epochs"]:
+        table = pa.concat_tables([pq.read_table(out / f) for f in epoch["files"]])
+        assert table.num_rows == epoch["num_batches"]
+        assert table.column("epoch").to_pylist() == [epoch["epoch"]] * table.num_rows
+        batches = table.column("id").to_pylist()
+        assert all(len(b) == 32 for b in batches)
+        seen = [i for b in batches for i in b] + epoch["remainder_ids"]
+        assert len(seen) == len(set(seen)) == len(valid_ids)  # exactly once
+        assert set(seen) == valid_ids
+        assert epoch["num_remainder"] == len(valid_ids) % 32
+        # The packed row carries each row's own content and label.
+        source = {r["id"]: r for f in (corpus / "train").glob("*.parquet") for r in pq.read_table(f).to_pylist()}
+        row = table.slice(0, 1).to_pylist()[0]
+        for i, rid in enumerate(row["id"]):
+            assert row["caption"][i] == source[rid]["caption"]
+            assert row["image"][i] == source[rid]["image"]
+            assert row["label"][i] == source[rid]["label"]
+            # negatives: 3 per anchor, never itself, the positive view of the named rows
+            assert len(row["hard_negatives"][i]) == 3
+            assert rid not in row["hard_negative_ids"][i]
+            for nid, text in zip(row["hard_negative_ids"][i], row["hard_negatives"][i], strict=True):
+                assert source[nid]["caption"] == text
+        orders.append(batches)
+    assert orders[0] != orders[1]  # each epoch plan has its own seed
+    stats = manifest["statistics"]
+    assert set(stats["false_negatives"]) == {"in_batch_same_label", "with_filter", "without_filter"}
+    # the positive-aware filter leaves no negative the teacher scores above the positive
+    assert stats["false_negatives"]["with_filter"]["teacher_above_positive"] <= \
+        stats["false_negatives"]["without_filter"]["teacher_above_positive"]
+
+
+def test_rerun_of_a_complete_plan_is_a_no_op_and_other_settings_are_refused(mined) -> None:
+    out, info = mined
+    before = digest_tree(out)
+    again = run_mining(validate_mine_config(info["raw"]))
+    assert again.already_complete and digest_tree(out) == before
+    changed = json.loads(json.dumps(info["raw"]))
+    changed["mining"]["rank_min"] = 1
+    with pytest.raises(MineError, match="--overwrite"):
+        run_mining(validate_mine_config(changed))
+    assert digest_tree(out) == before
+
+
+def _run_until_crash(raw: dict, tmp_path: Path, point: str) -> None:
+    import ray
+
+    config = write_toml(raw, tmp_path / f"crash-{point}.toml")
+    env = {**os.environ, CRASH_ENV: point, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "mine", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the injected kill, not an error
+
+
+def test_killed_job_resumes_to_identical_manifest_and_plan(mined, tmp_path: Path) -> None:
+    """Killed after the first search chunk, then again after the first epoch plan was
+    written; the third run finishes. Output equals the uninterrupted run's, byte for byte."""
+    reference, info = mined
+    out = tmp_path / "plan"
+    raw = json.loads(json.dumps(info["raw"]))
+    raw["output"]["dir"] = str(out)
+
+    _run_until_crash(raw, tmp_path, "search-chunk")
+    assert not (out / "manifest.json").exists()
+    assert len(list((out / "work" / "knn").glob("part-*.npz"))) == 1
+    _run_until_crash(raw, tmp_path, "epoch")
+    assert not (out / "manifest.json").exists()
+    assert (out / "plans" / "epoch-00000").is_dir() and not (out / "plans" / "epoch-00001").exists()
+
+    summary = run_mining(validate_mine_config(raw))
+    assert summary.resumed["embed"] and summary.resumed["search"] and summary.resumed["epoch_0"]
+    assert not summary.resumed["epoch_1"]
+    assert digest_tree(out) == {k: v for k, v in digest_tree(reference).items()}
+    # manifest paths are relative, so two output dirs compare equal
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+
+
+def test_mined_stats_count_remainder_and_negatives(mined) -> None:
+    out, _ = mined
+    manifest = read_manifest(out)
+    stats = manifest["statistics"]
+    assert stats["negatives"]["per_row"] == 3
+    assert stats["graph"]["window"] == [2, 24]
+    sim = stats["in_batch_negative_similarity"]
+    assert set(sim) == {"mined", "random", "ratio"}
+    for epoch in manifest["epochs"]:
+        assert epoch["num_batches"] * 32 + epoch["num_remainder"] == manifest["rows"]
+    assert np.isfinite(stats["positive_similarity"])
