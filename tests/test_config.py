@@ -36,6 +36,14 @@ def problems_of(raw: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path: Path) -> None:
+    """Training configs as JobConfig; mining configs (a [teacher] table) as MineConfig."""
+    from jobs.config import read_toml
+    from jobs.mine import MineConfig, load_mine_config
+
+    if "teacher" in read_toml(path):
+        mine = load_mine_config(path)
+        assert isinstance(mine, MineConfig)
+        return
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
     assert cfg.train.global_batch_size % cfg.scaling.num_workers == 0
@@ -217,3 +225,14 @@ def test_loss_keys_that_need_data_columns_are_named() -> None:
 def test_negatives_must_match_the_positive_view_kind() -> None:
     raw = minimal(negatives={"column": "neg_images", "kind": "image"})
     assert any("data.negatives.kind = 'image' but data.positive.kind = 'text'" in p for p in problems_of(raw))
+
+
+def test_shipped_mining_config_fits_the_quickstart() -> None:
+    """configs/mine_quickstart.toml mines whole local batches of the quickstart run."""
+    from jobs.mine import load_mine_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    mine = load_mine_config(root / "mine_quickstart.toml")
+    train = load_config(root / "quickstart.toml")
+    assert mine.mining.batch_size == train.local_batch_size
+    assert mine.data.anchor == train.data.anchor and mine.data.positive == train.data.positive
