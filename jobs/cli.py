@@ -232,16 +232,16 @@ def _print_mine_summary(console: Any, summary: Any) -> None:
     table.add_row("in-batch negative sim: random", _fmt(sim["random"]))
     table.add_row("mined / random", "-" if sim["ratio"] is None else f"{sim['ratio']:.2f}x")
     fn = st.get("false_negatives", {})
-    if "in_batch_same_label" in fn:
-        same = fn["in_batch_same_label"]
-        table.add_row("in-batch same label: mined / random", f"{same['mined']:.3f} / {same['random']:.3f}")
+
+    def fn_text(entry: dict[str, float]) -> str:
+        text = f"teacher>=positive {entry['teacher_above_positive']:.3f}"
+        return text + (f", same label {entry['same_label']:.3f}" if "same_label" in entry else "")
+
+    for name, entry in fn.get("in_batch", {}).items():
+        table.add_row(f"est. false negatives in batch, {name.replace('_', ' ')}", fn_text(entry))
     for name in ("with_filter", "without_filter"):
         if name in fn:
-            entry = fn[name]
-            text = f"teacher>=positive {entry['teacher_above_positive']:.3f}"
-            if "same_label" in entry:
-                text += f", same label {entry['same_label']:.3f}"
-            table.add_row(f"mined negatives {name.replace('_', ' ')}", text)
+            table.add_row(f"est. false negatives in mined negatives, {name.replace('_', ' ')}", fn_text(fn[name]))
     for stage, secs in summary.seconds.items():
         table.add_row(f"time {stage} (s)", f"{secs:.1f}")
     console.print(table)

@@ -197,7 +197,8 @@ def test_every_id_once_per_epoch_plan_and_batches_whole(mined, corpus: Path) -> 
         orders.append(batches)
     assert orders[0] != orders[1]  # each epoch plan has its own seed
     stats = manifest["statistics"]
-    assert set(stats["false_negatives"]) == {"in_batch_same_label", "with_filter", "without_filter"}
+    assert set(stats["false_negatives"]) == {"in_batch", "with_filter", "without_filter"}
+    assert set(stats["false_negatives"]["in_batch"]) == {"with_filter", "without_filter", "random"}
     # the positive-aware filter leaves no negative the teacher scores above the positive
     assert stats["false_negatives"]["with_filter"]["teacher_above_positive"] <= \
         stats["false_negatives"]["without_filter"]["teacher_above_positive"]

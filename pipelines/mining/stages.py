@@ -335,6 +335,25 @@ def _rate(values: np.ndarray) -> float:
     return round(float(values.mean()), 6) if values.size else float("nan")
 
 
+def _in_batch_false_negatives(emb: Embeddings, plan: Plan, pos_sims: np.ndarray) -> dict[str, float]:
+    """Share of in-batch negative pairs (anchor i, positive j) that are likely false
+    negatives: the teacher scores them at least as high as i's own positive, and (with
+    labels) they share i's label."""
+    above = same = pairs = 0
+    for batch in plan.batches:
+        scores = emb.anchors[batch] @ emb.positives[batch].T
+        off = ~np.eye(len(batch), dtype=bool)
+        above += int(((scores >= pos_sims[batch][:, None]) & off).sum())
+        if emb.labels is not None:
+            lab = emb.labels[batch]
+            same += int(((lab[:, None] == lab[None, :]) & off).sum())
+        pairs += int(off.sum())
+    out = {"teacher_above_positive": round(above / max(pairs, 1), 6)}
+    if emb.labels is not None:
+        out["same_label"] = round(same / max(pairs, 1), 6)
+    return out
+
+
 def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningConfig, k: int) -> tuple[list[EpochPlan], dict]:
     """Graph, communities, one batch plan (and negatives) per epoch, and the statistics
     that say how much harder the mined batches are than random ones."""
@@ -373,10 +392,17 @@ def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningCon
         },
         "positive_similarity": round(float(pos_sims.mean()), 6),
     }
-    fn: dict[str, Any] = {}
-    if emb.labels is not None:
-        fn["in_batch_same_label"] = {"mined": round(mined_stats["false_negative_rate"], 6),
-                                     "random": round(random_stats["false_negative_rate"], 6)}
+    # Estimated false negatives among in-batch pairs: the mined plan, the plan the same
+    # graph gives without the filter (rank window from 0, no margin), and random batches.
+    unfiltered_mask = candidate_mask(nb, sims, None, 0, rank_max)
+    u_edges, u_weights = similarity_graph(nb, sims, mask=unfiltered_mask)
+    u_labels, _ = communities(n, u_edges, u_weights, cfg.target_community_size, seed=cfg.seed)
+    unfiltered_plan = plan_batches(u_labels, cfg.batch_size, seed=cfg.seed, edges=u_edges, weights=u_weights)
+    fn: dict[str, Any] = {"in_batch": {
+        "with_filter": _in_batch_false_negatives(emb, first, pos_sims),
+        "without_filter": _in_batch_false_negatives(emb, unfiltered_plan, pos_sims),
+        "random": _in_batch_false_negatives(emb, baseline, pos_sims),
+    }}
     if cfg.num_negatives:
         # The same draw without the filter: rank window from 0 and no positive-aware margin.
         unfiltered = sample_negatives(nb, sims, candidate_mask(nb, sims, None, 0, rank_max), cfg.num_negatives,
