@@ -44,8 +44,15 @@ class DataConfig(Strict):
     """Name of each label value (index = label) for zero-shot prompts."""
     prompt_templates: list[str] = Field(default_factory=lambda: ["{}"])
     """Zero-shot prompts; `{}` is replaced by the class name; embeddings are averaged."""
-    batches: Literal["examples"] = "examples"
-    """examples: rows are shuffled and batched here (mined packed batches: later)."""
+    batches: Literal["examples", "packed"] = "examples"
+    """examples: `data.train` holds ordinary shards; rows are validated, shuffled and
+    batched here. packed: `data.train` is ONE plan directory written by `clray mine` (the
+    directory holding its manifest.json); each Parquet row there is one whole local batch
+    of train.global_batch_size / scaling.num_workers rows, trained as mined (never split,
+    never merged), one epoch plan per epoch (cycling when train.epochs exceeds the
+    plans). data.shuffle, data.shuffle_buffer and data.cache do not apply to packed
+    batches: the miner already shuffled the batch order of each plan and quarantined bad
+    rows. data.eval stays ordinary shards."""
     shuffle: Literal["global", "local", "none"] = "local"
     """global: full random shuffle each epoch (all-to-all); local: shuffled block order
     plus a shuffle buffer on each worker; none: file order."""

@@ -207,9 +207,12 @@ def _negative_arrays(table: pa.Table, data_cfg: DataConfig, tower: Tower) -> dic
     return arrays
 
 
-def _preprocess(
+def preprocess_rows(
     table: pa.Table, data_cfg: DataConfig, towers: dict[str, Tower], include_ids: bool
 ) -> dict[str, np.ndarray]:
+    """Model input arrays ([rows, ...]) of already-validated rows; ``towers`` maps
+    "anchor"/"positive" to their tower configs. Examples and packed batches both go
+    through here, so a row becomes the same tensors either way."""
     arrays: dict[str, np.ndarray] = {}
     for view_name, tower in towers.items():
         values = table.column(getattr(data_cfg, view_name).column).to_pylist()
@@ -224,6 +227,9 @@ def _preprocess(
     if data_cfg.negatives is not None:
         arrays.update(_negative_arrays(table, data_cfg, towers["positive"]))
     return arrays
+
+
+_preprocess = preprocess_rows  # the earlier private name
 
 
 def _model_inputs(
@@ -244,7 +250,7 @@ def _model_inputs(
     if table.num_rows == 0:
         return
     try:
-        arrays = _preprocess(table, data_cfg, towers, include_ids)
+        arrays = preprocess_rows(table, data_cfg, towers, include_ids)
     except ImageDecodeError:
         decodable = np.ones(table.num_rows, dtype=bool)
         for view_name, tower in towers.items():
@@ -261,7 +267,7 @@ def _model_inputs(
         table = table.filter(pa.array(decodable))
         if table.num_rows == 0:
             return
-        arrays = _preprocess(table, data_cfg, towers, include_ids)
+        arrays = preprocess_rows(table, data_cfg, towers, include_ids)
     yield arrays
 
 
@@ -367,6 +373,40 @@ def should_cache(data_cfg: DataConfig, preprocessed_bytes: int) -> bool:
     return data_cfg.cache == "always"
 
 
+def build_eval_dataset(
+    data_cfg: DataConfig,
+    anchor_tower_cfg: Tower,
+    positive_tower_cfg: Tower,
+    eval_files: list[str],
+    *,
+    quarantine_path: str | os.PathLike[str],
+    include_ids: bool = False,
+) -> tuple[ray.data.Dataset | None, ValidationReport | None]:
+    """The held-out split's model inputs in file order and its quarantine report
+    (written to ``sibling_quarantine_path(quarantine_path, "eval")``); (None, None)
+    without eval files. Evaluation scores pairs, so it reads no hard negatives."""
+    if not eval_files:
+        return None, None
+    eval_cfg = data_cfg.without_negatives()
+    task_cpus = data_task_cpus(data_cfg)
+    eval_report = quarantine_pass(
+        read_shards(eval_files, eval_cfg, include_paths=True),
+        eval_cfg,
+        anchor_tower_cfg,
+        positive_tower_cfg,
+        quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
+        num_cpus=task_cpus,
+    )
+    eval_ds = model_inputs(
+        read_shards(eval_files, eval_cfg),
+        eval_cfg,
+        anchor_tower_cfg,
+        positive_tower_cfg,
+        include_ids=include_ids,
+    )
+    return eval_ds, eval_report
+
+
 def build_datasets(
     data_cfg: DataConfig,
     anchor_tower_cfg: Tower,
@@ -442,26 +482,10 @@ def build_datasets(
             train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
         )
 
-    eval_ds = None
-    eval_report = None
-    if eval_files:
-        eval_cfg = data_cfg.without_negatives()  # evaluation scores pairs; it reads no hard negatives
-        eval_report = quarantine_pass(
-            read_shards(eval_files, eval_cfg, include_paths=True),
-            eval_cfg,
-            towers["anchor"],
-            towers["positive"],
-            quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
-            num_cpus=task_cpus,
-        )
-        eval_ds = model_inputs(
-            read_shards(eval_files, eval_cfg),
-            eval_cfg,
-            towers["anchor"],
-            towers["positive"],
-            include_ids=include_ids,
-        )
-
+    eval_ds, eval_report = build_eval_dataset(
+        data_cfg, towers["anchor"], towers["positive"], eval_files,
+        quarantine_path=quarantine_path, include_ids=include_ids,
+    )
     return PreparedData(
         train=train,
         eval=eval_ds,

@@ -1,0 +1,479 @@
+"""Training on mined, packed batches (``data.batches = "packed"``).
+
+``clray mine`` writes a plan directory (format: ``pipelines.plan_format``) in which each
+Parquet row is one whole local batch. This module is the reading side. On the driver,
+before Ray starts, ``load_plan`` checks the plan against the training config (batch
+size, column names and kinds, hard negatives, listed files and their footers) and
+reports every problem at once, each naming the key to change. Then ``packed_datasets``
+gives one Ray Dataset per epoch plan whose rows are those batches, preprocessed exactly
+as examples mode preprocesses single rows, with a leading dimension of 1 per batch.
+
+A mined batch is trained whole or not at all: a batch is never split between workers
+or steps (one dataset row is one batch, and each worker takes one row per step), and a
+bad row inside it stops the run with an error naming the file, epoch, batch and row id
+instead of being dropped (the miner quarantines bad rows before packing them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from models.preprocess import ImageDecodeError
+from pipelines._compat import avoid_fsspec_http_import_race
+from pipelines.config import DataConfig
+from pipelines.dataset import (
+    Tower,
+    _legacy_parquet_reader,
+    _towers,
+    build_eval_dataset,
+    data_task_cpus,
+    preprocess_rows,
+)
+from pipelines.errors import DataError
+from pipelines.plan_format import (
+    BATCH_COLUMN,
+    EPOCH_COLUMN,
+    PlanColumns,
+    PlanFormatError,
+    plan_columns,
+    read_manifest,
+)
+from pipelines.sources import _list_of, _missing_column_problem, required_columns
+from pipelines.validate import PATH_COLUMN, ValidationReport, image_decodes, row_problems
+
+if TYPE_CHECKING:
+    import ray.data
+
+KEY = "data.train"
+QUARANTINE_NAME = "quarantine.parquet"
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's batches: its files (absolute paths) and how many batches they hold."""
+
+    epoch: int
+    num_batches: int
+    files: tuple[str, ...]
+    remainder_rows: int = 0
+    """Rows of the corpus this plan left out because they did not fill a batch."""
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """A checked plan directory: what the driver needs to build the datasets."""
+
+    directory: str
+    batch_size: int
+    num_negatives: int
+    columns: PlanColumns
+    epochs: tuple[EpochPlan, ...]
+    quarantine_path: str | None = None
+    """The miner's quarantine file (rows it rejected), when it wrote one."""
+
+    @property
+    def num_plans(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows in the first epoch plan (every plan packs the same corpus)."""
+        return self.epochs[0].num_batches * self.batch_size
+
+    def steps_per_epoch(self, num_workers: int) -> int:
+        """Steps every rank runs in every epoch: each takes one whole batch per step, so
+        the plan with the fewest batches decides (every epoch has the same length, which
+        keeps the LR schedule and resume arithmetic of examples mode)."""
+        return min(e.num_batches for e in self.epochs) // num_workers
+
+    def skipped_batches(self, num_workers: int) -> list[int]:
+        """Per plan, the batches no worker trains on (its last indices): a plan's batch
+        count beyond ``steps_per_epoch * num_workers``. Reported, never silent."""
+        keep = self.steps_per_epoch(num_workers) * num_workers
+        return [e.num_batches - keep for e in self.epochs]
+
+
+def _column_problems(cols: PlanColumns, data_cfg: DataConfig, num_negatives: int, out: str) -> list[str]:
+    problems: list[str] = []
+
+    def same(key: str, want: str | None, have: str | None, what: str) -> None:
+        if want != have:
+            problems.append(
+                f"{key} = {want!r} but the plan at {out} has {what} {have!r}: set {key} = {have!r} "
+                "(packed batches keep the corpus's column names)"
+            )
+
+    same("data.id_column", data_cfg.id_column, cols.id, "the id column")
+    for view in ("anchor", "positive"):
+        cfg_view = getattr(data_cfg, view)
+        same(f"data.{view}.column", cfg_view.column, getattr(cols, view), f"the {view} column")
+        same(f"data.{view}.kind", cfg_view.kind, getattr(cols, f"{view}_kind"), f"a {view} view of kind")
+    if data_cfg.label_column is not None:
+        if cols.label is None:
+            problems.append(
+                f"data.label_column = {data_cfg.label_column!r} but the plan at {out} has no label column "
+                "(its corpus was mined without one): unset data.label_column or mine a labelled corpus"
+            )
+        else:
+            same("data.label_column", data_cfg.label_column, cols.label, "the label column")
+    if data_cfg.negatives is None:
+        return problems
+    if num_negatives < 1 or cols.negatives is None:
+        problems.append(
+            f"data.negatives is set but the plan at {out} was mined without hard negatives "
+            f"(num_negatives = {num_negatives}): remove [data.negatives] or mine with hard negatives"
+        )
+        return problems
+    same("data.negatives.column", data_cfg.negatives.column, cols.negatives, "the hard-negative column")
+    if data_cfg.negatives.kind != cols.positive_kind:
+        problems.append(
+            f"data.negatives.kind = {data_cfg.negatives.kind!r} but the plan's hard negatives are "
+            f"{cols.positive_kind!r} (the positive view of the negative rows): set "
+            f"data.negatives.kind = {cols.positive_kind!r}"
+        )
+    if data_cfg.num_negatives > num_negatives:
+        problems.append(
+            f"data.num_negatives = {data_cfg.num_negatives} but the plan at {out} has {num_negatives} "
+            f"hard negative(s) per row: set data.num_negatives to at most {num_negatives}"
+        )
+    for key, have, what in (
+        ("data.negative_id_column", cols.negative_ids, "hard-negative id"),
+        ("data.negative_score_column", cols.negative_scores, "teacher score"),
+    ):
+        want = getattr(data_cfg, key.removeprefix("data."))
+        if want is None:
+            continue
+        if have is None:
+            problems.append(f"{key} = {want!r} but the plan at {out} has no {what} column: unset {key}")
+        else:
+            same(key, want, have, f"the {what} column")
+    return problems
+
+
+def _quarantine_path(manifest: dict[str, Any], out: Path) -> str | None:
+    """The miner's quarantine file: the manifest's ``quarantine`` entry (a path relative
+    to the plan directory, or ``{"path": ...}``) if given, else ``OUT/quarantine.parquet``."""
+    entry = manifest.get("quarantine")
+    if isinstance(entry, dict):
+        entry = entry.get("path")
+    path = out / entry if isinstance(entry, str) and entry else out / QUARANTINE_NAME
+    return str(path) if path.is_file() else None
+
+
+def _epoch_plans(manifest: dict[str, Any], out: Path, problems: list[str]) -> list[EpochPlan]:
+    entries = manifest.get("epochs")
+    if not isinstance(entries, list) or not entries:
+        problems.append(f"{KEY}: the manifest of {out} lists no epoch plans; run `clray mine` again")
+        return []
+    plans: list[EpochPlan] = []
+    for index, entry in enumerate(entries):
+        try:
+            epoch = int(entry["epoch"])
+            num_batches = int(entry["num_batches"])
+            files = tuple(str((out / f).resolve()) for f in entry["files"])
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{KEY}: epoch entry {index} of {out}/manifest.json is malformed ({exc!r}); mine again")
+            continue
+        if not files:
+            problems.append(f"{KEY}: epoch {epoch} of the plan at {out} lists no files; mine again")
+        for path in files:
+            if not Path(path).is_file():
+                problems.append(
+                    f"{KEY}: {path} (epoch {epoch} of the plan) does not exist: the plan directory "
+                    "is incomplete or was moved without its files; copy it whole or mine again"
+                )
+        plans.append(EpochPlan(epoch, num_batches, files, len(entry.get("remainder_ids") or [])))
+    return plans
+
+
+def _footer_problems(plan: EpochPlan, data_cfg: DataConfig) -> list[str]:
+    """Columns, packed types, and the batch count each file's footer declares."""
+    problems: list[str] = []
+    wanted = {
+        EPOCH_COLUMN: ("the plan format", pa.types.is_integer),
+        BATCH_COLUMN: ("the plan format", pa.types.is_integer),
+        **{name: (key, _list_of(ok)) for name, (key, ok, _) in required_columns(data_cfg).items()},
+    }
+    rows = 0
+    for path in plan.files:
+        if not Path(path).is_file():
+            continue  # reported by _epoch_plans
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"{KEY}: cannot read {path} as Parquet ({type(exc).__name__}: {exc}); mine again")
+            continue
+        rows += meta.num_rows
+        for name, (key, type_ok) in wanted.items():
+            if name not in schema.names:
+                problems.append(_missing_column_problem(path, name, key, list(schema.names)))
+            elif not type_ok(schema.field(name).type):
+                packed = "an integer" if name in (EPOCH_COLUMN, BATCH_COLUMN) else "a list (one value per row of the batch)"
+                problems.append(
+                    f"{path}: column {name!r} ({key}) has type {schema.field(name).type}, expected {packed}: "
+                    "is this a `clray mine` plan? For ordinary shards set data.batches = \"examples\""
+                )
+        if BATCH_COLUMN in schema.names:
+            index = schema.names.index(BATCH_COLUMN)
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(index).statistics
+                if stats is not None and stats.has_min_max and (stats.min < 0 or stats.max >= plan.num_batches):
+                    problems.append(
+                        f"{KEY}: {path} holds batch indices {stats.min}..{stats.max}, outside 0..{plan.num_batches - 1} "
+                        f"of epoch {plan.epoch}'s {plan.num_batches} batches: the plan is damaged; mine again"
+                    )
+                    break
+    if not problems and rows != plan.num_batches:
+        problems.append(
+            f"{KEY}: epoch {plan.epoch}'s files hold {rows} batches but the manifest says {plan.num_batches}: "
+            "the plan is damaged or mixed with another; mine again"
+        )
+    return problems
+
+
+def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int) -> PackedPlan:
+    """Read and check the plan that ``data.train`` names, for a run of ``num_workers``
+    workers taking ``global_batch_size`` rows per step; ``DataError`` lists every problem.
+
+    Reads only the manifest and Parquet footers, so it runs in a second before Ray starts.
+    """
+    if len(data_cfg.train) != 1:
+        raise DataError(
+            f"{KEY}: with data.batches = \"packed\" give exactly one plan directory (the output "
+            f"of `clray mine`), not {len(data_cfg.train)} entries"
+        )
+    out = Path(os.path.expanduser(data_cfg.train[0].removeprefix("file://"))).absolute()
+    try:
+        manifest = read_manifest(out)
+    except PlanFormatError as exc:
+        raise DataError(f"{KEY}: {exc}") from None
+    problems: list[str] = []
+    try:
+        cols = plan_columns(manifest)
+        batch_size = int(manifest["batch_size"])
+        num_negatives = int(manifest.get("num_negatives") or 0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{KEY}: {out}/manifest.json lacks a readable columns/batch_size entry ({exc!r}); mine again") from None
+    local = global_batch_size // num_workers
+    if batch_size != local:
+        problems.append(
+            f"{KEY}: the plan at {out} packs {batch_size} rows per batch, but train.global_batch_size = "
+            f"{global_batch_size} over scaling.num_workers = {num_workers} is {local} rows per worker: set "
+            f"train.global_batch_size = {batch_size * num_workers} (or mine again with a batch size of {local})"
+        )
+    problems.extend(_column_problems(cols, data_cfg, num_negatives, str(out)))
+    epochs = _epoch_plans(manifest, out, problems)
+    if not problems:
+        for plan in epochs:
+            problems.extend(_footer_problems(plan, data_cfg))
+    if problems:
+        raise DataError(problems)
+    packed = PackedPlan(
+        directory=str(out),
+        batch_size=batch_size,
+        num_negatives=num_negatives,
+        columns=cols,
+        epochs=tuple(epochs),
+        quarantine_path=_quarantine_path(manifest, out),
+    )
+    if packed.steps_per_epoch(num_workers) < 1:
+        smallest = min(epochs, key=lambda e: e.num_batches)
+        raise DataError(
+            f"{KEY}: epoch {smallest.epoch} of the plan at {out} has {smallest.num_batches} batch(es), fewer "
+            f"than scaling.num_workers = {num_workers}: every worker needs one whole batch per step; use "
+            "fewer workers or mine more rows"
+        )
+    return packed
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def _flatten(row: pa.Table, data_cfg: DataConfig, batch_size: int, where: str) -> pa.Table:
+    """One packed row -> a table of ``batch_size`` ordinary rows with the same columns."""
+    columns: dict[str, pa.Array] = {}
+    for name in required_columns(data_cfg):
+        lists = row.column(name).combine_chunks()
+        length = pc.list_value_length(lists)[0].as_py()
+        if length != batch_size:
+            raise DataError(
+                f"{where}: column {name!r} holds {length} values, not the plan's batch_size = "
+                f"{batch_size}: the plan is damaged; mine again"
+            )
+        columns[name] = lists.flatten()
+    return pa.table(columns)
+
+
+def _undecodable(flat: pa.Table, data_cfg: DataConfig, towers: dict[str, Tower]) -> list[str | None]:
+    problems: list[str | None] = [None] * flat.num_rows
+    views = [(getattr(data_cfg, v).column, towers[v]) for v in ("anchor", "positive") if getattr(data_cfg, v).kind == "image"]
+    for column, tower in views:
+        for i, image in enumerate(flat.column(column).to_pylist()):
+            if problems[i] is None and not image_decodes(image, tower):
+                problems[i] = f"{column}: undecodable image"
+    if data_cfg.negatives is not None and data_cfg.negatives.kind == "image":
+        k, column = data_cfg.num_negatives, data_cfg.negatives.column
+        for i, images in enumerate(flat.column(column).to_pylist()):
+            if problems[i] is None and not all(image_decodes(im, towers["positive"]) for im in images[:k]):
+                problems[i] = f"{column}: undecodable image"
+    return problems
+
+
+def _bad_rows_error(flat: pa.Table, problems: list[str | None], data_cfg: DataConfig, where: str) -> DataError:
+    ids = flat.column(data_cfg.id_column).to_pylist()
+    return DataError(
+        [
+            f"{where}: row {ids[i]!r} cannot be trained on ({problem}); a mined batch is trained whole "
+            "or not at all: fix or drop the row in the corpus and mine again"
+            for i, problem in enumerate(problems)
+            if problem is not None
+        ]
+    )
+
+
+def unpack_batches(
+    table: pa.Table,
+    data_cfg: DataConfig,
+    anchor_tower: Tower,
+    positive_tower: Tower,
+    batch_size: int,
+    epoch: int,
+) -> dict[str, np.ndarray]:
+    """Packed rows (one per mined batch) -> model inputs shaped [rows, batch_size, ...].
+
+    Each packed row is flattened into ``batch_size`` ordinary rows, validated with the
+    same checks as examples mode, and preprocessed by ``preprocess_rows``, so a row
+    becomes the same tensors in both modes. Any bad row raises ``DataError``.
+    """
+    towers = {"anchor": anchor_tower, "positive": positive_tower}
+    paths = table.column(PATH_COLUMN).to_pylist() if PATH_COLUMN in table.column_names else [None] * table.num_rows
+    epochs = table.column(EPOCH_COLUMN).to_pylist()
+    indices = table.column(BATCH_COLUMN).to_pylist()
+    outputs: list[dict[str, np.ndarray]] = []
+    for i in range(table.num_rows):
+        where = f"{paths[i] or 'plan'} (epoch {epochs[i]}, batch {indices[i]})"
+        if epochs[i] != epoch:
+            raise DataError(f"{where}: listed under epoch {epoch} in the manifest: the plan is damaged; mine again")
+        flat = _flatten(table.slice(i, 1), data_cfg, batch_size, where)
+        problems = row_problems(flat, data_cfg, anchor_tower, positive_tower, decode_images=False)
+        if any(p is not None for p in problems):
+            raise _bad_rows_error(flat, problems, data_cfg, where)
+        try:
+            arrays = preprocess_rows(flat, data_cfg, towers, include_ids=False)
+        except ImageDecodeError:
+            raise _bad_rows_error(flat, _undecodable(flat, data_cfg, towers), data_cfg, where) from None
+        outputs.append(arrays)
+    return {key: np.stack([o[key] for o in outputs]) for key in outputs[0]}
+
+
+def packed_datasets(
+    plan: PackedPlan,
+    data_cfg: DataConfig,
+    anchor_tower: Tower,
+    positive_tower: Tower,
+    *,
+    num_workers: int,
+) -> list[ray.data.Dataset]:
+    """One dataset per epoch plan; each row is one mined batch as model inputs with a
+    leading dimension of 1 (``iter_torch_batches(batch_size=1)`` then squeeze it).
+
+    Each holds exactly ``steps_per_epoch * num_workers`` rows, so Ray Train's equal
+    streaming split gives every rank ``steps_per_epoch`` whole batches; a plan's extra
+    batches (``skipped_batches``: its last batch indices) are filtered out by index.
+    Reads only the columns the config names, plus the epoch and batch indices and (for
+    error messages) the file path.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    avoid_fsspec_http_import_race()
+    _towers(data_cfg, anchor_tower, positive_tower)
+    task_cpus = data_task_cpus(data_cfg)
+    keep = plan.steps_per_epoch(num_workers) * num_workers
+    columns = [EPOCH_COLUMN, BATCH_COLUMN, *required_columns(data_cfg)]
+    datasets = []
+    for epoch in plan.epochs:
+        with _legacy_parquet_reader():
+            ds = ray.data.read_parquet(
+                list(epoch.files),
+                columns=columns,
+                include_paths=PATH_COLUMN not in columns,
+                num_cpus=task_cpus,
+                file_extensions=None,
+            )
+        if epoch.num_batches > keep:
+            # Deterministic: drop the plan's last batch indices (its order is shuffled);
+            # the limit guarantees the exact count the equal split relies on.
+            ds = ds.filter(expr=col(BATCH_COLUMN) < keep, num_cpus=task_cpus).limit(keep)
+        datasets.append(
+            ds.map_batches(
+                unpack_batches,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "data_cfg": data_cfg,
+                    "anchor_tower": anchor_tower,
+                    "positive_tower": positive_tower,
+                    "batch_size": plan.batch_size,
+                    "epoch": epoch.epoch,
+                },
+                num_cpus=task_cpus,
+            )
+        )
+    return datasets
+
+
+@dataclass
+class PackedData:
+    """What the driver needs from the data side in packed mode."""
+
+    plan: PackedPlan
+    train: list[ray.data.Dataset]
+    """One dataset per epoch plan (epoch e trains on ``train[e % len(train)]``)."""
+    steps_per_epoch: int
+    skipped_batches: list[int]
+    report: ValidationReport
+    """Training rows: nothing quarantined here (the miner did); its quarantine file."""
+    eval: ray.data.Dataset | None = None
+    eval_report: ValidationReport | None = None
+
+
+def build_packed_datasets(
+    plan: PackedPlan,
+    data_cfg: DataConfig,
+    anchor_tower: Tower,
+    positive_tower: Tower,
+    *,
+    num_workers: int,
+    quarantine_path: str | os.PathLike[str],
+    eval_files: list[str] | None = None,
+) -> PackedData:
+    """The packed training datasets plus the ordinary eval split (``build_eval_dataset``,
+    quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``)."""
+    from pipelines.dataset import quiet_ray_data
+
+    quiet_ray_data()
+    rows = plan.rows_per_epoch
+    eval_ds, eval_report = build_eval_dataset(
+        data_cfg, anchor_tower, positive_tower, eval_files or [], quarantine_path=quarantine_path
+    )
+    return PackedData(
+        plan=plan,
+        train=packed_datasets(plan, data_cfg, anchor_tower, positive_tower, num_workers=num_workers),
+        steps_per_epoch=plan.steps_per_epoch(num_workers),
+        skipped_batches=plan.skipped_batches(num_workers),
+        report=ValidationReport(
+            total_rows=rows, valid_rows=rows, quarantined_rows=0, quarantine_path=plan.quarantine_path
+        ),
+        eval=eval_ds,
+        eval_report=eval_report,
+    )
