@@ -164,6 +164,11 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
                     f"{key}.{attr} = {value!r} is not a local directory: clray never downloads "
                     "models; save one with save_pretrained() and give its path"
                 )
+    if cfg.data.batches == "packed" and len(cfg.data.train) != 1:
+        problems.append(
+            f'data.batches = "packed" trains on one plan directory written by `clray mine`, but '
+            f"data.train has {len(cfg.data.train)} entries: give exactly one (the plan directory)"
+        )
     problems.extend(_loss_problems(cfg))
     if cfg.train.precision == "bf16" and not cfg.scaling.use_gpu:
         problems.append("train.precision = \"bf16\" needs scaling.use_gpu = true: use \"auto\" or \"fp32\" on CPU")

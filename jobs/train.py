@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig, dump_toml
-from jobs.worker import Plan, train_loop_per_worker
+from jobs.worker import RECORD_BATCHES_ENV, Plan, train_loop_per_worker
 
 
 class TrainingError(Exception):
@@ -42,6 +42,15 @@ class TrainSummary:
     eval: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int | None = None
     wall_seconds: float = 0.0
+    total_steps: int = 0
+    """Steps of the whole run; ``steps`` is less when this start stopped early (stop_epoch)."""
+    batches: str = "examples"
+    plan_dir: str | None = None
+    """Packed: the `clray mine` plan directory trained on."""
+    num_plans: int = 0
+    skipped_batches: list[int] = field(default_factory=list)
+    """Packed: per epoch plan, the mined batches no worker trained on (so that every rank
+    takes the same number of whole batches)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -51,6 +60,8 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get(RECORD_BATCHES_ENV):
+        env[RECORD_BATCHES_ENV] = os.environ[RECORD_BATCHES_ENV]
     return env
 
 
@@ -77,15 +88,35 @@ def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **kwargs)
 
 
-def _check_data(cfg: JobConfig) -> tuple[list[str], list[str]]:
-    from pipelines import check_schema, resolve_shards
+def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
+    """Training files (examples) or the checked plan (packed), and the eval files; every
+    problem of both splits in one DataError."""
+    from pipelines import DataError, check_schema, resolve_shards
+    from pipelines.packed import load_plan
 
-    train_files = resolve_shards(cfg.data.train, "data.train")
-    eval_files = resolve_shards(cfg.data.eval, "data.eval") if cfg.data.eval else []
-    check_schema(train_files, cfg.data, "data.train")
-    if eval_files:
-        check_schema(eval_files, cfg.data.without_negatives(), "data.eval")
-    return train_files, eval_files
+    train_files: list[str] = []
+    eval_files: list[str] = []
+    packed_plan = None
+    problems: list[str] = []
+    try:
+        if cfg.data.batches == "packed":
+            packed_plan = load_plan(
+                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers
+            )
+        else:
+            train_files = resolve_shards(cfg.data.train, "data.train")
+            check_schema(train_files, cfg.data, "data.train")
+    except DataError as err:
+        problems.extend(err.problems)
+    try:
+        eval_files = resolve_shards(cfg.data.eval, "data.eval") if cfg.data.eval else []
+        if eval_files:
+            check_schema(eval_files, cfg.data.without_negatives(), "data.eval")
+    except DataError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise DataError(problems)
+    return train_files, eval_files, packed_plan
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -127,10 +158,21 @@ def run_training(
     *,
     verbose: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    stop_epoch: int | None = None,
 ) -> TrainSummary:
-    """Validate data, start Ray, train on N workers, evaluate, export; returns the summary."""
+    """Validate data, start Ray, train on N workers, evaluate, export; returns the summary.
+
+    ``stop_epoch``: run only up to the end of that epoch (epochs counted from 1, so
+    ``stop_epoch=1`` trains epoch 0), save a checkpoint and the export there and return
+    without evaluating. Calling again with the same run name resumes at that boundary
+    (e.g. after mining a new plan with the exported model); the LR schedule always spans
+    the whole run (``train.epochs``/``train.max_steps``). A stop at or past the run's end
+    is a complete run.
+    """
     started = time.perf_counter()
-    train_files, eval_files = _check_data(cfg)
+    if stop_epoch is not None and stop_epoch < 1:
+        raise ValueError(f"stop_epoch must be at least 1 (the epochs to train), got {stop_epoch}")
+    train_files, eval_files, packed_plan = _check_data(cfg)
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,44 +189,78 @@ def run_training(
         quiet_ray_data,
         steps_per_epoch,
     )
+    from pipelines.packed import build_packed_datasets
 
     init_ray(cfg, verbose)
     quiet_ray_data()
+    quarantine_path = str(run_dir / "quarantine.parquet")
+    train_datasets: list[Any] = []
+    skipped: list[int] = []
     try:
-        prepared = build_datasets(
-            cfg.data,
-            cfg.model.anchor,
-            cfg.model.positive_tower,
-            quarantine_path=str(run_dir / "quarantine.parquet"),
-            seed=cfg.run.seed,
-            train_files=train_files,
-            eval_files=eval_files,
-        )
+        if packed_plan is not None:
+            # The miner validated and quarantined the rows it packed: no pass here.
+            packed = build_packed_datasets(
+                packed_plan,
+                cfg.data,
+                cfg.model.anchor,
+                cfg.model.positive_tower,
+                num_workers=cfg.scaling.num_workers,
+                quarantine_path=quarantine_path,
+                eval_files=eval_files,
+            )
+            per_epoch, skipped = packed.steps_per_epoch, packed.skipped_batches
+            report, eval_ds, num_rows = packed.report, packed.eval, packed_plan.rows_per_epoch
+            train_datasets = packed.train
+        else:
+            prepared = build_datasets(
+                cfg.data,
+                cfg.model.anchor,
+                cfg.model.positive_tower,
+                quarantine_path=quarantine_path,
+                seed=cfg.run.seed,
+                train_files=train_files,
+                eval_files=eval_files,
+            )
+            per_epoch = steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size)
+            report, eval_ds, num_rows = prepared.report, prepared.eval, prepared.num_train_rows
+            train_datasets = [prepared.train]
     except DataError:
         raise
     except Exception as exc:  # a Ray Data task failed: surface the user's error, not Ray's
         root = _root_cause(exc)
         raise DataError(f"reading the corpus failed: {type(root).__name__}: {str(root).strip().splitlines()[-1]}") from None
 
-    per_epoch = steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size)
     total = per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
+    stop_step = stop_epoch * per_epoch if stop_epoch is not None and stop_epoch * per_epoch < total else None
     plan = Plan(
         steps_per_epoch=per_epoch,
         total_steps=total,
-        local_shuffle_buffer=local_shuffle_buffer_size(cfg.data),
-        num_train_rows=prepared.num_train_rows,
+        local_shuffle_buffer=None if packed_plan is not None else local_shuffle_buffer_size(cfg.data),
+        num_train_rows=num_rows,
+        packed=packed_plan is not None,
+        num_plans=packed_plan.num_plans if packed_plan is not None else 1,
+        stop_step=stop_step,
     )
-    report = prepared.report
+    datasets = dict(zip(plan.dataset_names, train_datasets, strict=True))
     if on_event:
-        on_event({"event": "data", "plan": asdict(plan), "quarantined": report.quarantined_rows,
-                  "quarantine_path": report.quarantine_path, "reasons": dict(report.reasons)})
+        event = {"event": "data", "plan": asdict(plan), "quarantined": report.quarantined_rows,
+                 "quarantine_path": report.quarantine_path, "reasons": dict(report.reasons)}
+        if packed_plan is not None:
+            event["packed"] = {
+                "plan_dir": packed_plan.directory,
+                "num_plans": packed_plan.num_plans,
+                "batches_per_plan": [e.num_batches for e in packed_plan.epochs],
+                "skipped_batches": skipped,
+                # More epochs than plans: epoch e trains on plan e % num_plans.
+                "cycles_plans": math.ceil(total / per_epoch) > packed_plan.num_plans,
+            }
+        on_event(event)
 
     progress = Queue(actor_options={"num_cpus": 0})
-    datasets = {"train": prepared.train}
-    if prepared.eval is not None:
-        datasets["eval"] = prepared.eval
+    if eval_ds is not None:
+        datasets["eval"] = eval_ds
     export_dir = run_dir / "export"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -192,7 +268,7 @@ def run_training(
             "job": cfg.model_dump(mode="json"),
             "plan": asdict(plan),
             "progress": progress,
-            "has_eval": prepared.eval is not None,
+            "has_eval": eval_ds is not None,
             "export_dir": str(export_dir),
         },
         scaling_config=ScalingConfig(
@@ -201,7 +277,7 @@ def run_training(
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=plan.dataset_names),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(run_dir.parent),
@@ -253,14 +329,19 @@ def run_training(
     # end-of-run evaluation comes from rank 0's event stream instead.
     train_events = [e for e in events if e.get("event") == "train"]
     eval_events = [e for e in events if e.get("event") == "eval"]
-    final = {**(train_events[-1] if train_events else {}), **(eval_events[-1] if eval_events else {})}
+    end_events = [e for e in events if e.get("event") == "end"]
+    final = {
+        **(train_events[-1] if train_events else {}),
+        **(end_events[-1] if end_events else {}),
+        **(eval_events[-1] if eval_events else {}),
+    }
     resumed = next((e["step"] for e in events if e.get("event") == "resumed"), None)
     summary = TrainSummary(
         run_dir=str(run_dir),
         steps=int(final.get("step", 0)),
         epochs=int(final.get("epoch", 0)),
         steps_per_epoch=per_epoch,
-        train_rows=prepared.num_train_rows,
+        train_rows=num_rows,
         quarantined_rows=report.quarantined_rows,
         quarantine_path=report.quarantine_path,
         quarantine_reasons=dict(report.reasons),
@@ -270,6 +351,11 @@ def run_training(
         eval={k: float(v) for k, v in final.items() if k.startswith("eval/")},
         resumed_from_step=resumed,
         wall_seconds=time.perf_counter() - started,
+        total_steps=total,
+        batches=cfg.data.batches,
+        plan_dir=packed_plan.directory if packed_plan is not None else None,
+        num_plans=packed_plan.num_plans if packed_plan is not None else 0,
+        skipped_batches=skipped,
     )
     (run_dir / "summary.json").write_text(summary.to_json())
     return summary

@@ -8,6 +8,8 @@ everything else is plain torch + DeepSpeed.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import tempfile
 import time
@@ -23,6 +25,11 @@ from jobs.config import JobConfig
 from jobs.engine import build_engine, cast_batch, use_bf16
 
 CHECKPOINT_TAG = "state"
+
+RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
+"""Debugging aid: when this environment variable names a file, every worker appends one
+JSON line per step there: rank, step, epoch, step_in_epoch and the sorted ``id_key``s of
+its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by default."""
 
 
 @dataclass
@@ -41,8 +48,31 @@ class Plan:
 
     steps_per_epoch: int
     total_steps: int
+    """Steps of the whole run: what the LR schedule spans."""
     local_shuffle_buffer: int | None
     num_train_rows: int
+    packed: bool = False
+    """Mined packed batches: each dataset row is one whole local batch."""
+    num_plans: int = 1
+    """Packed: epoch plans, one dataset each; epoch e reads plan e % num_plans."""
+    stop_step: int | None = None
+    """Stop here (checkpoint + export, no evaluation) and leave the rest of the run to a
+    later start with the same run name; None: run to total_steps."""
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """The trainer's training datasets: "train", or "train_0", "train_1", ... per plan."""
+        return [f"train_{i}" for i in range(self.num_plans)] if self.packed else ["train"]
+
+    def train_dataset(self, epoch: int) -> str:
+        """The dataset epoch ``epoch`` reads (packed plans are cycled through)."""
+        names = self.dataset_names
+        return names[epoch % len(names)]
+
+    @property
+    def end_step(self) -> int:
+        """The step this start of the run ends at."""
+        return self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
 
 
 class ShardExhaustedError(RuntimeError):
@@ -191,6 +221,25 @@ def _next_batch(batches: Any, state: TrainState, plan: Plan, rank: int) -> dict[
         ) from None
 
 
+def _unpacked(batches: Any) -> Any:
+    """Packed mode: each torch batch is [1, B, ...] (one mined batch); drop the 1."""
+    for batch in batches:
+        yield {key: value[0] for key, value in batch.items()}
+
+
+def _record_batch(path: str, rank: int, state: TrainState, batch: dict[str, Any]) -> None:
+    line = {
+        "rank": rank,
+        "step": state.step + 1,
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist()),
+    }
+    # One short append per line: ranks writing the same file do not interleave lines.
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
 def _every(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
@@ -230,30 +279,54 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # [ray]
     if checkpoint is not None:
         state = restore_checkpoint(engine, checkpoint, rank)
-        publish({"event": "resumed", "step": state.step, "epoch": state.epoch})
+        if state.step_in_epoch >= plan.steps_per_epoch:
+            # Saved at an epoch's last step: start the next epoch instead of reading this
+            # one again only to skip all of it.
+            state.epoch += 1
+            state.step_in_epoch = 0
+        publish({"event": "resumed", "step": state.step, "epoch": state.epoch,
+                 "step_in_epoch": state.step_in_epoch, "dataset": plan.train_dataset(state.epoch)})
 
-    shard = ray.train.get_dataset_shard("train")  # [ray]
+    shards: dict[str, Any] = {}
+    record_path = os.environ.get(RECORD_BATCHES_ENV)
     window = MetricWindow()
     gb = cfg.train.global_batch_size
-    while state.step < plan.total_steps:
-        batches = iter(
-            shard.iter_torch_batches(  # [ray]
-                batch_size=cfg.local_batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=plan.local_shuffle_buffer,
-                local_shuffle_seed=None,
-                prefetch_batches=cfg.data.prefetch_batches,
-                device=device,
+    end = plan.end_step
+    while state.step < end:
+        name = plan.train_dataset(state.epoch)
+        if name not in shards:
+            shards[name] = ray.train.get_dataset_shard(name)  # [ray]
+        if plan.packed:
+            # One row per mined batch: taken whole, never re-batched or shuffled here.
+            batches = _unpacked(
+                shards[name].iter_torch_batches(  # [ray]
+                    batch_size=1,
+                    drop_last=True,
+                    prefetch_batches=cfg.data.prefetch_batches,
+                    device=device,
+                )
             )
-        )
+        else:
+            batches = iter(
+                shards[name].iter_torch_batches(  # [ray]
+                    batch_size=cfg.local_batch_size,
+                    drop_last=True,
+                    local_shuffle_buffer_size=plan.local_shuffle_buffer,
+                    local_shuffle_seed=None,
+                    prefetch_batches=cfg.data.prefetch_batches,
+                    device=device,
+                )
+            )
         # Mid-epoch resume: this epoch already consumed step_in_epoch batches per rank.
         for _ in range(state.step_in_epoch):
             _next_batch(batches, state, plan, rank)
         window.reset()
-        while state.step_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
+        while state.step_in_epoch < plan.steps_per_epoch and state.step < end:
             t0 = time.perf_counter()
             batch = cast_batch(_next_batch(batches, state, plan, rank), bf16)
             t1 = time.perf_counter()
+            if record_path:
+                _record_batch(record_path, rank, state, batch)
             engine.module.set_progress(state.step / max(1, plan.total_steps - 1))
             out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk)
             t2 = time.perf_counter()
@@ -262,7 +335,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.samples_seen += gb
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
 
-            final = state.step == plan.total_steps
+            final = state.step == end
             metrics: dict[str, Any] = {}
             if state.step % cfg.train.log_every == 0 or final:
                 metrics = window.reduce(gb)
@@ -291,8 +364,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from jobs.evaluate import evaluate
 
+    complete = state.step >= plan.total_steps
+    publish({"event": "end", "step": state.step, "epoch": state.epoch, "complete": complete})
     eval_metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
-    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None  # [ray]
+    # A run stopped early (stop_step) is evaluated when it completes, not at every stop.
+    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") and complete else None  # [ray]
     if eval_shard is not None:
         eval_metrics.update(evaluate(engine.module, cfg, eval_shard, device, bf16))
         publish({"event": "eval", **eval_metrics})
@@ -301,7 +377,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if export_dir:
         _export(engine, cfg, export_dir, rank)
         publish({"event": "exported", "path": export_dir})
-    ray.train.report({**eval_metrics, "final": True})  # [ray]
+    ray.train.report({**eval_metrics, "final": complete})  # [ray]
 
 
 def _export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
