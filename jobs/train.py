@@ -253,6 +253,7 @@ def run_training(
                 "num_plans": packed_plan.num_plans,
                 "batches_per_plan": [e.num_batches for e in packed_plan.epochs],
                 "skipped_batches": skipped,
+                "plan_quarantined_rows": packed_plan.quarantined_rows,
                 # More epochs than plans: epoch e trains on plan e % num_plans.
                 "cycles_plans": math.ceil(total / per_epoch) > packed_plan.num_plans,
             }

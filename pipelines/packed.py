@@ -78,6 +78,8 @@ class PackedPlan:
     epochs: tuple[EpochPlan, ...]
     quarantine_path: str | None = None
     """The miner's quarantine file (rows it rejected), when it wrote one."""
+    quarantined_rows: int = 0
+    """Rows the miner rejected (the manifest's ``quarantined_rows``)."""
 
     @property
     def num_plans(self) -> int:
@@ -159,12 +161,16 @@ def _column_problems(cols: PlanColumns, data_cfg: DataConfig, num_negatives: int
 
 
 def _quarantine_path(manifest: dict[str, Any], out: Path) -> str | None:
-    """The miner's quarantine file: the manifest's ``quarantine`` entry (a path relative
-    to the plan directory, or ``{"path": ...}``) if given, else ``OUT/quarantine.parquet``."""
-    entry = manifest.get("quarantine")
-    if isinstance(entry, dict):
-        entry = entry.get("path")
-    path = out / entry if isinstance(entry, str) and entry else out / QUARANTINE_NAME
+    """The miner's quarantine file: the manifest's ``quarantine_path`` (relative to the
+    plan directory; null when the miner rejected no row), else ``OUT/quarantine.parquet``
+    if it exists."""
+    if "quarantine_path" in manifest:
+        entry = manifest["quarantine_path"]
+        if not entry:
+            return None
+        path = out / entry
+    else:
+        path = out / QUARANTINE_NAME
     return str(path) if path.is_file() else None
 
 
@@ -284,6 +290,7 @@ def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int)
         columns=cols,
         epochs=tuple(epochs),
         quarantine_path=_quarantine_path(manifest, out),
+        quarantined_rows=int(manifest.get("quarantined_rows") or 0),
     )
     if packed.steps_per_epoch(num_workers) < 1:
         smallest = min(epochs, key=lambda e: e.num_batches)

@@ -199,6 +199,16 @@ def test_manifest_batch_count_must_match_the_files(corpus: Path, tmp_path: Path)
     assert "files hold 7 batches but the manifest says 9" in plan_error(data_cfg(tmp_path))
 
 
+def test_the_miners_quarantine_is_reported(corpus: Path, tmp_path: Path) -> None:
+    write_plan(tmp_path, read_train(corpus))
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    write_json_atomic(tmp_path / MANIFEST_NAME, {**manifest, "quarantine_path": "quarantine.parquet", "quarantined_rows": 2})
+    pq.write_table(pa.table({"id": ["a", "b"], "reason": ["caption: empty text"] * 2, "file": ["x", "x"]}),
+                   tmp_path / "quarantine.parquet")
+    loaded = load_plan(data_cfg(tmp_path), global_batch_size=64, num_workers=2)
+    assert loaded.quarantine_path == str(tmp_path / "quarantine.parquet") and loaded.quarantined_rows == 2
+
+
 def test_fewer_batches_than_workers(plan) -> None:
     message = plan_error(data_cfg(plan[0]), global_batch_size=8 * BATCH, num_workers=8)
     assert "scaling.num_workers = 8" in message and "has 6 batch(es)" in message
