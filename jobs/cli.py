@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="add K hard negatives per training row (captions of the nearest images by pixels, "
         "with ids and teacher scores) for data.negatives",
     )
+    clustered = data_sub.add_parser(
+        "clustered", help="write a synthetic clustered text corpus (query, passage, label) where mined batches matter"
+    )
+    clustered.add_argument("out_dir")
+    clustered.add_argument("--rows", type=int, default=8192)
+    clustered.add_argument("--clusters", type=int, default=64)
+    clustered.add_argument("--eval-rows", type=int, default=1024)
+    clustered.add_argument("--shards", type=int, default=4)
+    clustered.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -138,6 +147,15 @@ class ProgressView:
                 self.progress.update(self.task, completed=event["step"], stats=stats)
             elif self.lines:
                 self.console.print(f"step {event['step']}/{self.total}  {stats}", highlight=False)
+        elif kind == "remine":
+            self.stop()
+            self.console.print(f"epoch {event['epoch']}: mining a new plan with the current model ({event['teacher']})")
+        elif kind == "remined":
+            sim = event["statistics"]["in_batch_negative_similarity"]
+            self.console.print(
+                f"epoch {event['epoch']}: training on {event['plan']} (in-batch negative similarity "
+                f"{sim['mined']:.3f} vs random {sim['random']:.3f})"
+            )
         elif kind == "eval":
             self.stop()
             self.console.print("evaluating on the held-out split: done")
@@ -178,13 +196,13 @@ def _train(config_path: str | Path, overrides: list[str], verbose: bool) -> int:
     from rich.console import Console
 
     from jobs.config import load_config
-    from jobs.train import run_training
+    from jobs.remine import run_with_remining
 
     console = Console()
     cfg = load_config(config_path, overrides)
     view = ProgressView(console)
     try:
-        summary = run_training(cfg, verbose=verbose, on_event=view)
+        summary = run_with_remining(cfg, verbose=verbose, on_event=view)
     finally:
         view.stop()
     _print_summary(console, summary)
@@ -290,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.config import dump_toml, load_config
 
             print(dump_toml(load_config(args.config, args.overrides)), end="")
+            return 0
+        if args.command == "data" and args.data_command == "clustered":
+            from pipelines.synthetic import write_clustered_corpus
+
+            info = write_clustered_corpus(
+                args.out_dir, num_rows=args.rows, num_clusters=args.clusters, eval_rows=args.eval_rows,
+                num_shards=args.shards, seed=args.seed,
+            )
+            for key in ("train_rows", "eval_rows", "bad_rows", "num_clusters", "columns"):
+                print(f"{key}: {info[key]}")
             return 0
         if args.command == "data":
             from pipelines.quickstart import write_quickstart_corpus

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import Field, ValidationError, model_validator
 
+from jobs.remine import RemineConfig, remine_problems
 from models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
 from pipelines.config import DataConfig
 
@@ -95,6 +96,8 @@ class JobConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    remine: RemineConfig = Field(default_factory=RemineConfig)
+    """Re-mine the packed plan between epochs with the current model as teacher."""
 
     @model_validator(mode="after")
     def _siglip_defaults(self) -> JobConfig:
@@ -170,6 +173,7 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
             f"data.train has {len(cfg.data.train)} entries: give exactly one (the plan directory)"
         )
     problems.extend(_loss_problems(cfg))
+    problems.extend(remine_problems(cfg))
     if cfg.train.precision == "bf16" and not cfg.scaling.use_gpu:
         problems.append("train.precision = \"bf16\" needs scaling.use_gpu = true: use \"auto\" or \"fp32\" on CPU")
     return problems
