@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import time
 import traceback
@@ -136,6 +137,30 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>\S.*)$")
+
+
+def _remote_user_error(exc: BaseException) -> tuple[str, str] | None:
+    """The user's exception inside a Ray Data UDF failure, from the remote tracebacks.
+
+    Ray Data re-raises a failing map function as ``UserCodeException("UDF failed ...")``
+    and ships the original (e.g. a ``DataError`` naming a bad row of a mined batch) only
+    as traceback text, so the last non-Ray ``module.Type: message`` line there is the
+    user's error."""
+    found = None
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        for line in str(node).splitlines():
+            match = _EXCEPTION_LINE.match(line.strip())
+            if match and not match["type"].startswith("ray."):
+                found = (match["type"].rsplit(".", 1)[-1], match["message"])
+        failures = getattr(node, "worker_failures", None)
+        node = next(iter(sorted(failures.items())))[1] if failures else getattr(node, "cause", None) or node.__cause__
+    return found
+
+
 def _failure_message(exc: BaseException, log_path: Path) -> str:
     rank = None
     failures = getattr(exc, "worker_failures", None)
@@ -145,8 +170,11 @@ def _failure_message(exc: BaseException, log_path: Path) -> str:
     text = str(root).strip().splitlines()
     # Ray prefixes remote errors with a traceback; keep the last line, the user's message.
     last = next((line for line in reversed(text) if line.strip()), type(root).__name__)
+    name = type(root).__name__
+    if type(root).__module__.startswith("ray.") and (remote := _remote_user_error(exc)) is not None:
+        name, last = remote
     where = f"worker rank {rank}" if rank is not None else "the trainer"
-    return f"training failed on {where}: {type(root).__name__}: {last}\n  full traceback: {log_path}"
+    return f"training failed on {where}: {name}: {last}\n  full traceback: {log_path}"
 
 
 def _list_checkpoints(run_dir: Path) -> list[str]:

@@ -379,3 +379,25 @@ def test_packed_training_takes_whole_plan_batches_and_resumes_at_an_epoch_stop(
     # Eval stays ordinary example shards; it runs once the run is complete.
     assert 0.0 <= second.eval["eval/zero_shot_accuracy"] <= 1.0
     assert np.isfinite(second.final_train["loss"]) and second.export_dir is not None
+
+
+def test_a_bad_mined_row_reaches_the_user_as_its_data_error() -> None:
+    """Ray Data ships a failing map function's exception only as traceback text inside
+    UserCodeException; the run's message must still be the DataError naming the row."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from jobs.train import _failure_message
+
+    line = "plan/part-00000.parquet (epoch 0, batch 1): row 'digits-000152' cannot be trained on (caption: empty text)"
+    remote = (f"Traceback (most recent call last):\n  File \"pipelines/packed.py\", line 1\n"
+              f"pipelines.errors.DataError: {line}\n\nThe above exception was the direct cause of the following "
+              "exception:\n\nray.exceptions.UserCodeException: UDF failed to process a data block.")
+    udf = UserCodeException("UDF failed to process a data block.")
+    inner = RayTaskError("MapBatches(unpack_batches)", remote, udf).as_instanceof_cause()
+    outer = RayTaskError("SplitCoordinator.get", f"Traceback\n{inner}", inner).as_instanceof_cause()
+
+    class TrainingFailed(Exception):
+        worker_failures = {1: outer, 0: outer}
+
+    message = _failure_message(TrainingFailed("failed"), Path("error.log"))
+    assert message.startswith(f"training failed on worker rank 0: DataError: {line}")
