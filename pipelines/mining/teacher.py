@@ -146,10 +146,15 @@ class TeacherEmbedder:
         if not values:
             return np.zeros((0, self.model.cfg.embed_dim), dtype=np.float32)
         encode = self.model.encode_anchor if view_name == "anchor" else self.model.encode_positive
-        inputs = {
-            k: torch.from_numpy(v).to(self.device)
-            for k, v in preprocess_view(self.towers[view_name], values, view_name).items()
-        }
+        arrays = preprocess_view(self.towers[view_name], values, view_name)
+        mask_key = f"{view_name}_attention_mask"
+        if mask_key in arrays:
+            # Texts are padded to max_length for training's fixed shapes; the teacher only
+            # needs the batch's longest (a masked position changes nothing), which is
+            # several times faster for short texts.
+            longest = max(1, int(arrays[mask_key].sum(axis=1).max()))
+            arrays = {k: v[:, :longest] for k, v in arrays.items()}
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
         with torch.inference_mode():
             return encode(inputs).float().cpu().numpy()
 
