@@ -224,7 +224,7 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
                                                                            "label_column"}),
                       "corpus": _corpus_fingerprint(files), "teacher": teacher_fp,
                       "teacher_cfg": cfg.teacher.model_dump(include={"pooling", "max_length", "kind"})})
-    mining_params = cfg.mining.model_dump(mode="json")
+    mining_params = {**cfg.mining.model_dump(mode="json"), "target_community_size": cfg.mining.target_community_size}
     plan_fp = _hash({"embed": embed_fp, "mining": mining_params, "format": MANIFEST_VERSION})
 
     manifest_path = out / MANIFEST_NAME

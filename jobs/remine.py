@@ -86,7 +86,8 @@ def _mine_config(cfg: Any, first_manifest: dict[str, Any], teacher_dir: Path, ep
     data = cfg.data.without_negatives().model_copy(
         update={"train": list(first_manifest["corpus"]["files"]), "batches": "examples", "eval": []}
     )
-    parameters = {**first_manifest["parameters"], **cfg.remine.mining}
+    parameters = {k: v for k, v in first_manifest["parameters"].items() if k in MiningConfig.model_fields}
+    parameters.update(cfg.remine.mining)
     parameters.update(batch_size=cfg.local_batch_size, epochs=cfg.remine.every_epochs, seed=cfg.run.seed + epoch)
     return MineConfig(
         data=data,

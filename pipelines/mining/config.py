@@ -66,7 +66,11 @@ class MiningConfig(Strict):
     search_chunk_rows: int = Field(default=16384, ge=1)
     """Queries per search task; each finished chunk is kept, so a killed job resumes."""
     community_size: int = Field(default=0, ge=0)
-    """Target community size for Leiden; 0: batch_size."""
+    """Target community size for Leiden; 0: twice batch_size. Leiden's communities come
+    out somewhat smaller than asked, and a community smaller than a batch forces every
+    batch to mix communities: at 2x the batch, batches are mostly cut from one community
+    (mined/random in-batch similarity 3.2x vs 2.9x at 1x on the clustered corpus, 4.5x
+    vs 3.6x on the quickstart)."""
     num_negatives: int = Field(default=0, ge=0)
     """Mined hard negatives per anchor written beside each batch (0: none). From the
     same rank window and filter as the graph; rows with too few candidates are topped up
@@ -90,7 +94,7 @@ class MiningConfig(Strict):
 
     @property
     def target_community_size(self) -> int:
-        return self.community_size or self.batch_size
+        return self.community_size or 2 * self.batch_size
 
 
 class OutputConfig(Strict):
