@@ -287,3 +287,44 @@ def test_hf_teacher_matches_sentence_transformers() -> None:
         [queries[i] for i in (0, 1, 3)], normalize_embeddings=True, convert_to_numpy=True
     )
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan, then the
+    run's export mines a new plan, and epoch 1 trains on that plan's whole batches."""
+    from jobs.worker import RECORD_BATCHES_ENV
+    from pipelines.dataset import id_keys
+
+    plan_dir, _ = mined
+    record = tmp_path / "batches.jsonl"
+    monkeypatch.setenv(RECORD_BATCHES_ENV, str(record))
+    overrides = [
+        'data.batches="packed"', f'data.train="{plan_dir}"', "data.eval=[]", f'run.output_dir="{tmp_path}"', 'run.name="remine"',
+        "train.global_batch_size=64", "train.epochs=2", "train.log_every=5", "remine.every_epochs=1",
+        "remine.teacher={batch_size=512}",
+    ]
+    assert main(["train", str(QUICKSTART_CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 0
+    run_dir = tmp_path / "remine"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = json.loads((run_dir / "remine.json").read_text())
+    assert [p["from_epoch"] for p in state["plans"]] == [0, 1]
+    new_plan = Path(state["plan"])
+    assert new_plan == run_dir / "mined" / "epoch-0001"
+    manifest = read_manifest(new_plan)
+    assert manifest["teacher"]["path"] == str(run_dir / "export") and manifest["teacher"]["kind"] == "clray"
+    assert manifest["parameters"]["seed"] == 1 and manifest["batch_size"] == 32 and len(manifest["epochs"]) == 1
+    assert manifest["rows"] == read_manifest(plan_dir)["rows"]
+    per_epoch = summary["steps_per_epoch"]
+    assert summary["steps"] == 2 * per_epoch
+
+    def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
+        m = read_manifest(directory)
+        table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
+        return {tuple(sorted(id_keys(ids).tolist())) for ids in table.column("id").to_pylist()}
+
+    records = [json.loads(line) for line in record.read_text().splitlines()]
+    first, second = plan_batches(plan_dir, 0), plan_batches(new_plan, 0)
+    assert first != second
+    for epoch, batches in ((0, first), (1, second)):
+        used = [tuple(r["id_keys"]) for r in records if r["epoch"] == epoch]
+        assert len(used) == 2 * per_epoch and set(used) <= batches, epoch
