@@ -290,8 +290,9 @@ def test_hf_teacher_matches_sentence_transformers() -> None:
 
 
 def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path, tmp_path: Path, monkeypatch) -> None:
-    """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan, then the
-    run's export mines a new plan, and epoch 1 trains on that plan's whole batches."""
+    """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan (with its
+    mined hard negatives as loss columns), then the run's export mines a new plan, and
+    epoch 1 trains on that plan's whole batches."""
     from jobs.worker import RECORD_BATCHES_ENV
     from pipelines.dataset import id_keys
 
@@ -302,6 +303,10 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
         'data.batches="packed"', f'data.train="{plan_dir}"', "data.eval=[]", f'run.output_dir="{tmp_path}"', 'run.name="remine"',
         "train.global_batch_size=64", "train.epochs=2", "train.log_every=5", "remine.every_epochs=1",
         "remine.teacher={batch_size=512}",
+        # the plans' mined negatives feed the loss's hard-negative columns
+        'data.negatives={column="hard_negatives", kind="text"}', "data.num_negatives=3",
+        'data.negative_id_column="hard_negative_ids"', 'data.negative_score_column="hard_negative_scores"',
+        "loss.mask_same_id=true",
     ]
     assert main(["train", str(QUICKSTART_CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 0
     run_dir = tmp_path / "remine"
@@ -316,6 +321,7 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     assert manifest["rows"] == read_manifest(plan_dir)["rows"]
     per_epoch = summary["steps_per_epoch"]
     assert summary["steps"] == 2 * per_epoch
+    assert 32 < summary["final_train"]["candidates"] <= 64 + 64 * 3  # hard negatives joined the candidates
 
     def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
         m = read_manifest(directory)
