@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         help="add K hard negatives per training row (captions of the nearest images by pixels, "
         "with ids and teacher scores) for data.negatives",
     )
+    cluster = sub.add_parser("cluster", help="cluster launcher YAMLs and KubeRay manifests")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    check = cluster_sub.add_parser(
+        "check", help="validate launcher YAMLs (Ray's schema) and KubeRay manifests (a directory: every YAML in it)"
+    )
+    check.add_argument("files", nargs="+")
+
     clustered = data_sub.add_parser(
         "clustered", help="write a synthetic clustered text corpus (query, passage, label) where mined batches matter"
     )
@@ -293,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args.config, args.overrides, args.verbose)
+        if args.command == "cluster":
+            from jobs.cluster_check import main_check
+
+            return main_check(args.files)
         if args.command == "mine":
             return _mine(args.config, args.overrides, args.verbose, args.overwrite)
         if args.command == "quickstart":

@@ -163,3 +163,13 @@ def test_rayjob_cluster_has_the_raycluster_groups() -> None:
     for a, b in zip(got, want, strict=True):
         assert (a["minReplicas"], a["maxReplicas"], a["rayStartParams"]) == (b["minReplicas"], b["maxReplicas"], b["rayStartParams"])
         assert a["template"]["spec"]["containers"][0]["resources"] == b["template"]["spec"]["containers"][0]["resources"]
+
+
+def test_cli_checks_the_shipped_cluster_directory(capsys) -> None:
+    """`clray cluster check cluster/`, as CI runs it, passes on every shipped file."""
+    from jobs.cli import main
+
+    root = Path(__file__).resolve().parent.parent / "cluster"
+    assert main(["cluster", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok: ") == len(list(root.rglob("*.yaml")))
