@@ -136,6 +136,14 @@ class ProgressView:
                 self.console.print(
                     f"[yellow]quarantined {event['quarantined']} bad rows[/] ({reasons}) -> {event['quarantine_path']}"
                 )
+            packed = event.get("packed")
+            if packed:
+                skipped = sum(packed.get("skipped_batches", []))
+                self.console.print(
+                    f"packed plan: {len(packed.get('batches_per_plan', []))} epoch plan(s), whole mined batches"
+                    + (f"; {skipped} batch(es) skipped to keep steps equal on every rank" if skipped else "")
+                    + ("; epochs cycle through the plans" if packed.get("cycles_plans") else "")
+                )
             self.total = plan["total_steps"]
             if not self.lines:
                 self.progress.start()
