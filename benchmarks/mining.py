@@ -1,59 +1,75 @@
 """Batch mining cost (pipelines/mining): per-stage times of the whole core on synthetic
-384-d teacher embeddings, and the search cost of sentence-transformers' mine_hard_negatives.
+384-d teacher embeddings, against sentence-transformers' ``mine_hard_negatives`` itself.
 
 For each size n: a clustered corpus (n/100 Gaussian clusters on the unit sphere), then
 ``knn`` with ``index="auto"`` (exact below 50k rows, IVF above, nprobe 32), the filtered
 ``similarity_graph`` (ranks [1, k)), Leiden ``communities`` tuned toward the batch size,
 ``plan_batches`` (leftover pieces merged with graph-adjacent communities) and
-``sample_negatives`` (8 per row, "top"); it prints each stage's seconds, the IVF recall@10
-on 1,000 sampled queries and the mean in-batch negative similarity of the plan vs a random
-plan.
+``sample_negatives`` (8 per row, "top"); it prints each stage's seconds, the 1-minute load
+average before and after, the IVF recall@10 on 1,000 sampled queries and the mean in-batch
+negative similarity of the plan vs a random plan.
 
-Comparison: ``sentence_transformers.util.mine_hard_negatives`` needs ``datasets`` (a
-``datasets.Dataset`` of texts goes in), and ``datasets`` is not installed here, so the
-function itself cannot be called. Its mining cost on precomputed embeddings is its top-k
-search (everything after it is per-row sampling), so this times that search exactly as the
-function does it on the same 100k vectors with the same k (k + 1 results, self included):
-its ``use_faiss=True`` path (an exact ``faiss.IndexFlatIP``, queries in chunks of
-``faiss_batch_size=16384``) and its default path (``model.similarity`` i.e. a torch matmul
-per 16384-query chunk, then ``torch.topk``). Its post-processing is not timed, which
-favours it.
+Comparison (n <= 100k; its exact search is quadratic): ``sentence_transformers.util.
+mine_hard_negatives`` is called on the same vectors. It takes a ``datasets.Dataset`` of
+texts and a model, so the anchors are ``"a-<row>"``, the positives ``"p-<row>"`` and the
+model is ``PrecomputedModel``, whose encode looks the row's vector up (timed, ~1s), so what
+is timed is ST's mining. Settings mirror clray's: the row's own vector is its positive
+(dropped like clray's self match), ``range_min=1, range_max=k`` (so it searches k + 1
+like clray), ``num_negatives=8``, ``sampling_strategy="top"``, no margin / max_score,
+``output_format="n-tuple"`` (one row per anchor), both ``use_faiss=True`` (exact
+``IndexFlatIP``) and ``use_faiss=False`` (torch matmul + topk per 16384 queries). The
+line ends with the share of ST's negatives that clray also picked. ST does no graph,
+communities or batches; its time is ~87% the exact search (cProfile at 50k), the rest
+its per-query positive masking and output building. Without ``datasets`` installed
+(``pip install datasets``; not a clray dependency) the script says so and times only
+ST's search, labelled as such.
 
     .venv/bin/python benchmarks/mining.py [--sizes 100000 1000000] [--k 32]
         [--batch-size 256] [--no-st]
 
-Measured on the 2-core CPU machine (faiss-cpu 1.15.1, igraph 1.0.0, torch 2.13 CPU):
+Measured with the default arguments in ONE run on the 2-core CPU machine (faiss-cpu
+1.15.1, igraph 1.0.0, torch 2.13 CPU, sentence-transformers 6.2.0, datasets 5.2.0) while
+other agents' Ray jobs shared the CPU (load average 5 to 14 on 2 cores, see each line):
 
-    == n=100,000 d=384 k=32 batch=256 (corpus made in 2.5s)
-    clray mining: total 36.0s  [index build 5.8s  search 20.8s  graph 2.7s  communities 6.5s  batches 0.1s  negatives 0.1s]
+    == n=100,000 d=384 k=32 batch=256 (corpus made in 2.3s)
+    clray mining: total 104.6s  [index build 31.3s  search 63.9s  graph 2.6s  communities 6.7s  batches 0.0s  negatives 0.1s]  (load 6.3 -> 7.3 on 2 cores)
       index IndexIVFFlat recall@10 1.000; 2,097,390 edges; 1,000 communities (typical size 101, 2 Leiden runs); remainder 160 rows; 0 rows short of 8 negatives
       in-batch negative similarity: mined 0.144 vs random 0.000 (356x)
-    sentence-transformers mine_hard_negatives (datasets not installed: mine_hard_negatives cannot run; timing its search), same k:
-      use_faiss=True (IndexFlatIP): 61.7s (search only)
-      use_faiss=False (torch matmul+topk): 100.9s (search only)
+    sentence-transformers mine_hard_negatives (range_min=1 range_max=32 num_negatives=8 top, n-tuple; precomputed embeddings), same k:
+      use_faiss=True (IndexFlatIP): 215.7s (of which encode lookup 1.1s; load 7.3 -> 4.9)  clray/ST 0.48; 100,000 rows out, 1.000 of its negatives are among clray's
+      use_faiss=False (torch matmul+topk): 437.7s (of which encode lookup 4.4s; load 4.9 -> 9.8)  clray/ST 0.24; 100,000 rows out, 1.000 of its negatives are among clray's
 
-    == n=1,000,000 d=384 k=32 batch=256 (corpus made in 10.3s)
-    clray mining: total 719.0s  [index build 68.9s  search 519.5s  graph 29.2s  communities 98.4s  batches 2.1s  negatives 0.9s]
+    == n=1,000,000 d=384 k=32 batch=256 (corpus made in 40.9s)
+    clray mining: total 2075.5s  [index build 663.3s  search 1273.6s  graph 36.1s  communities 97.9s  batches 3.7s  negatives 0.9s]  (load 10.3 -> 2.4 on 2 cores)
       index IndexIVFFlat recall@10 0.943; 21,611,621 edges; 10,202 communities (typical size 101, 2 Leiden runs); remainder 64 rows; 0 rows short of 8 negatives
       in-batch negative similarity: mined 0.150 vs random 0.000 (3914x)
+    sentence-transformers mine_hard_negatives: not run above 100,000 rows (its exact n x n search grows with n^2: ~100x the 100,000-row time)
 
-clray is 1.7x faster than the ST search alone at 100k and mines 1M rows in 12.0 min (< 15);
-1M ran as a separate ``--sizes 1000000 --no-st`` run. Both sizes have natural clusters of
-~100 rows with no edges between them, so Leiden stops at that size (a plateau) below the
-target 256 and packing merges clusters; 'mined vs random' similarity is huge because
-random pairs of 384-d points are near-orthogonal. Search dominates at 1M (nprobe 32,
-recall 0.943); a lower nprobe or splitting ``knn_range`` over Ray tasks cuts it.
+At 100k, under comparable load, clray's whole pipeline took 0.48x the time of
+mine_hard_negatives with faiss and 0.24x without (and picked the same negatives). The 1M
+run took 34.6 min because the machine was oversubscribed: faiss's OpenMP stages suffer
+most (index build 663s, search 1274s), and the load average was 10 to 14 for most of it.
+On the same machine with the CPU to itself (before these runs, commit cf78d34) clray took
+36.0s at 100k and 719.0s (12.0 min, under the 15-minute goal) at 1M [index build 68.9s
+search 519.5s graph 29.2s communities 98.4s batches 2.1s negatives 0.9s]. Both sizes have
+natural clusters of ~100 rows with no edges between them, so Leiden stops at that size (a
+plateau) below the target 256 and packing merges clusters; 'mined vs random' similarity is
+huge because random pairs of 384-d points are near-orthogonal. Search dominates at 1M
+(nprobe 32, recall 0.943); a lower nprobe or splitting ``knn_range`` over Ray tasks cuts it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+# mine_hard_negatives draws tqdm bars even with verbose=False; keep the report readable
+os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.mining import (  # noqa: E402
@@ -69,6 +85,15 @@ from pipelines.mining import (  # noqa: E402
 )
 
 DIM = 384
+ST_MAX_ROWS = 100_000
+"""mine_hard_negatives runs up to this size (exact search: quadratic)."""
+NUM_NEGATIVES = 8
+"""Mined negatives per row, in clray's run and in mine_hard_negatives'."""
+
+
+def load() -> str:
+    """The 1-minute load average: other processes on this machine slow every timing."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def corpus(n: int, seed: int = 0) -> np.ndarray:
@@ -104,7 +129,7 @@ def mine(emb: np.ndarray, k: int, batch_size: int) -> dict:
     plan = plan_batches(labels, batch_size, seed=0, edges=edges, weights=w)
     t["batches"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    neg = sample_negatives(nb, sims, mask, 8, "top")
+    neg = sample_negatives(nb, sims, mask, NUM_NEGATIVES, "top")
     t["negatives"] = time.perf_counter() - t0
     total = sum(t.values())
     # quality: recall@10 of the index on 1000 queries, in-batch negative similarity
@@ -120,11 +145,73 @@ def mine(emb: np.ndarray, k: int, batch_size: int) -> dict:
     return {"times": t, "total": total, "index": type(index).__name__, "recall": recall, "edges": len(edges),
             "communities": info["num_communities"], "typical_size": info["typical_size"],
             "tuning": len(info["history"]), "remainder": plan.num_remainder, "shortfall": neg.shortfall_rows,
-            "mined_sim": mined, "random_sim": rand}
+            "mined_sim": mined, "random_sim": rand, "negatives": neg.idx}
+
+
+class PrecomputedModel:
+    """Stands in for a SentenceTransformer in ``mine_hard_negatives``: texts are ``"a-<row>"``
+    (anchors) and ``"p-<row>"`` (positives) and "encoding" looks the row up in precomputed
+    embeddings, so ST's encode cost is a table lookup and what is timed is its mining.
+    Provides exactly what the function uses: ``device``, ``encode_query``,
+    ``encode_document``, ``get_embedding_dimension`` (faiss path), ``similarity`` (torch
+    path) and ``similarity_pairwise`` (positive scores), the last two being ST's cosine
+    functions, as a SentenceTransformer with the default ``similarity_fn_name`` has."""
+
+    def __init__(self, emb: np.ndarray):
+        import torch
+        from sentence_transformers.util import cos_sim, pairwise_cos_sim
+
+        self.emb = emb
+        self.device = torch.device("cpu")
+        self.similarity = cos_sim
+        self.similarity_pairwise = pairwise_cos_sim
+        self.encode_seconds = 0.0
+
+    def get_embedding_dimension(self) -> int:
+        return self.emb.shape[1]
+
+    def _encode(self, texts, **_kwargs) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.emb[np.fromiter((int(t[2:]) for t in texts), dtype=np.int64, count=len(texts))]
+        self.encode_seconds += time.perf_counter() - t0
+        return out
+
+    encode_query = _encode
+    encode_document = _encode
+
+
+def st_mine(emb: np.ndarray, k: int, use_faiss: bool, clray_neg: np.ndarray) -> dict:
+    """``mine_hard_negatives`` itself on the same rows, with clray's settings: the row's own
+    pair is the positive (anchor and positive are the same embedding, so it is ranked first
+    and dropped like clray's self match), ranks [1, k) of the rest are the window
+    (``range_min=1, range_max=k``: the search asks for k + 1 like clray's), the top
+    ``NUM_NEGATIVES`` are taken (``sampling_strategy="top"``), no margin or max_score
+    (clray's run has no positive-aware filter), one row per anchor out
+    (``output_format="n-tuple"``, like clray's [n, m] array)."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    n = len(emb)
+    data = Dataset.from_dict({"anchor": [f"a-{i}" for i in range(n)], "positive": [f"p-{i}" for i in range(n)]})
+    model = PrecomputedModel(emb)
+    t0 = time.perf_counter()
+    out = mine_hard_negatives(data, model, range_min=1, range_max=k, num_negatives=NUM_NEGATIVES,
+                              sampling_strategy="top", output_format="n-tuple", use_faiss=use_faiss,
+                              faiss_batch_size=16384, batch_size=1024, verbose=False)
+    total = time.perf_counter() - t0
+    # agreement with clray's negatives (anchors are in row order: all are unique)
+    def ids(column: str) -> np.ndarray:  # the Arrow column: iterating the Dataset is slow
+        return np.array([int(t[2:]) for t in out.data.column(column).to_pylist()], dtype=np.int64)
+
+    rows = ids("anchor")
+    neg = np.stack([ids(f"negative_{j}") for j in range(1, NUM_NEGATIVES + 1)], axis=1)
+    same = (neg[:, :, None] == clray_neg[rows][:, None, :]).any(axis=2).mean()
+    return {"total": total, "encode": model.encode_seconds, "rows": len(out), "agreement": float(same)}
 
 
 def st_search(emb: np.ndarray, k: int) -> dict:
-    """mine_hard_negatives' top-k search, both of its paths, as it runs them."""
+    """Fallback without ``datasets``: mine_hard_negatives' top-k search, both of its paths,
+    as it runs them (its post-processing is not timed, which favours it)."""
     import faiss
     import torch
 
@@ -146,6 +233,25 @@ def st_search(emb: np.ndarray, k: int) -> dict:
     return out
 
 
+def compare_st(emb: np.ndarray, k: int, clray_total: float, clray_neg: np.ndarray) -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        print("sentence-transformers mine_hard_negatives: NOT RUN, the `datasets` package is missing "
+              "(`pip install datasets` to run it); timing only its top-k search instead, same k:")
+        for name, sec in st_search(emb, k).items():
+            print(f"  {name}: {sec:.1f}s (SEARCH ONLY, a lower bound)  clray/ST {clray_total / sec:.2f}")
+        return
+    print(f"sentence-transformers mine_hard_negatives (range_min=1 range_max={k} num_negatives={NUM_NEGATIVES} "
+          f"top, n-tuple; precomputed embeddings), same k:")
+    for use_faiss, name in ((True, "use_faiss=True (IndexFlatIP)"), (False, "use_faiss=False (torch matmul+topk)")):
+        load0 = load()
+        r = st_mine(emb, k, use_faiss, clray_neg)
+        print(f"  {name}: {r['total']:.1f}s (of which encode lookup {r['encode']:.1f}s; load {load0} -> {load()})  "
+              f"clray/ST {clray_total / r['total']:.2f}; {r['rows']:,} rows out, "
+              f"{r['agreement']:.3f} of its negatives are among clray's")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -157,24 +263,22 @@ def main() -> None:
         t0 = time.perf_counter()
         emb = corpus(n)
         print(f"\n== n={n:,} d={DIM} k={args.k} batch={args.batch_size} (corpus made in {time.perf_counter() - t0:.1f}s)")
+        load0 = load()
         r = mine(emb, args.k, args.batch_size)
         stages = "  ".join(f"{name} {sec:.1f}s" for name, sec in r["times"].items())
-        print(f"clray mining: total {r['total']:.1f}s  [{stages}]")
+        print(f"clray mining: total {r['total']:.1f}s  [{stages}]  (load {load0} -> {load()} on {os.cpu_count()} cores)")
         print(f"  index {r['index']} recall@10 {r['recall']:.3f}; {r['edges']:,} edges; {r['communities']:,} communities "
               f"(typical size {r['typical_size']:.0f}, {r['tuning']} Leiden runs); remainder {r['remainder']} rows; "
-              f"{r['shortfall']} rows short of 8 negatives")
+              f"{r['shortfall']} rows short of {NUM_NEGATIVES} negatives")
         print(f"  in-batch negative similarity: mined {r['mined_sim']:.3f} vs random {r['random_sim']:.3f} "
               f"({r['mined_sim'] / max(r['random_sim'], 1e-9):.0f}x)")
-        if not args.no_st and n <= 100_000:
-            try:
-                import datasets  # noqa: F401
-
-                note = "datasets installed, but the search alone is timed for a like-for-like comparison"
-            except ImportError:
-                note = "datasets not installed: mine_hard_negatives cannot run; timing its search"
-            print(f"sentence-transformers mine_hard_negatives ({note}), same k:")
-            for name, sec in st_search(emb, args.k).items():
-                print(f"  {name}: {sec:.1f}s (search only)")
+        if args.no_st:
+            pass
+        elif n <= ST_MAX_ROWS:
+            compare_st(emb, args.k, r["total"], r["negatives"])
+        else:
+            print(f"sentence-transformers mine_hard_negatives: not run above {ST_MAX_ROWS:,} rows (its exact "
+                  f"n x n search grows with n^2: ~{(n / ST_MAX_ROWS) ** 2:.0f}x the {ST_MAX_ROWS:,}-row time)")
         del emb
 
 
