@@ -27,35 +27,33 @@ ST's search, labelled as such.
     .venv/bin/python benchmarks/mining.py [--sizes 100000 1000000] [--k 32]
         [--batch-size 256] [--no-st]
 
-Measured with the default arguments in ONE run on the 2-core CPU machine (faiss-cpu
-1.15.1, igraph 1.0.0, torch 2.13 CPU, sentence-transformers 6.2.0, datasets 5.2.0) while
-other agents' Ray jobs shared the CPU (load average 5 to 14 on 2 cores, see each line):
+Measured with the default arguments in ONE run on the 2-core CPU machine with the CPU to
+itself (faiss-cpu 1.15.1, igraph 1.0.0, torch 2.13 CPU, sentence-transformers 6.2.0,
+datasets 5.2.0), 19 minutes in all:
 
-    == n=100,000 d=384 k=32 batch=256 (corpus made in 2.3s)
-    clray mining: total 104.6s  [index build 31.3s  search 63.9s  graph 2.6s  communities 6.7s  batches 0.0s  negatives 0.1s]  (load 6.3 -> 7.3 on 2 cores)
+    == n=100,000 d=384 k=32 batch=256 (corpus made in 2.2s)
+    clray mining: total 39.6s  [index build 8.7s  search 21.3s  graph 2.6s  communities 6.9s  batches 0.1s  negatives 0.1s]  (load 1.1 -> 1.3 on 2 cores)
       index IndexIVFFlat recall@10 1.000; 2,097,390 edges; 1,000 communities (typical size 101, 2 Leiden runs); remainder 160 rows; 0 rows short of 8 negatives
       in-batch negative similarity: mined 0.144 vs random 0.000 (356x)
     sentence-transformers mine_hard_negatives (range_min=1 range_max=32 num_negatives=8 top, n-tuple; precomputed embeddings), same k:
-      use_faiss=True (IndexFlatIP): 215.7s (of which encode lookup 1.1s; load 7.3 -> 4.9)  clray/ST 0.48; 100,000 rows out, 1.000 of its negatives are among clray's
-      use_faiss=False (torch matmul+topk): 437.7s (of which encode lookup 4.4s; load 4.9 -> 9.8)  clray/ST 0.24; 100,000 rows out, 1.000 of its negatives are among clray's
+      use_faiss=True (IndexFlatIP): 78.7s (of which encode lookup 1.2s; load 1.3 -> 1.6)  clray/ST 0.50; 100,000 rows out, 1.000 of its negatives are among clray's
+      use_faiss=False (torch matmul+topk): 102.7s (of which encode lookup 1.1s; load 1.6 -> 1.8)  clray/ST 0.39; 100,000 rows out, 1.000 of its negatives are among clray's
 
-    == n=1,000,000 d=384 k=32 batch=256 (corpus made in 40.9s)
-    clray mining: total 2075.5s  [index build 663.3s  search 1273.6s  graph 36.1s  communities 97.9s  batches 3.7s  negatives 0.9s]  (load 10.3 -> 2.4 on 2 cores)
+    == n=1,000,000 d=384 k=32 batch=256 (corpus made in 15.1s)
+    clray mining: total 743.3s  [index build 77.3s  search 553.1s  graph 28.2s  communities 81.7s  batches 2.2s  negatives 0.8s]  (load 1.6 -> 1.2 on 2 cores)
       index IndexIVFFlat recall@10 0.943; 21,611,621 edges; 10,202 communities (typical size 101, 2 Leiden runs); remainder 64 rows; 0 rows short of 8 negatives
       in-batch negative similarity: mined 0.150 vs random 0.000 (3914x)
     sentence-transformers mine_hard_negatives: not run above 100,000 rows (its exact n x n search grows with n^2: ~100x the 100,000-row time)
 
-At 100k, under comparable load, clray's whole pipeline took 0.48x the time of
-mine_hard_negatives with faiss and 0.24x without (and picked the same negatives). The 1M
-run took 34.6 min because the machine was oversubscribed: faiss's OpenMP stages suffer
-most (index build 663s, search 1274s), and the load average was 10 to 14 for most of it.
-On the same machine with the CPU to itself (before these runs, commit cf78d34) clray took
-36.0s at 100k and 719.0s (12.0 min, under the 15-minute goal) at 1M [index build 68.9s
-search 519.5s graph 29.2s communities 98.4s batches 2.1s negatives 0.9s]. Both sizes have
-natural clusters of ~100 rows with no edges between them, so Leiden stops at that size (a
-plateau) below the target 256 and packing merges clusters; 'mined vs random' similarity is
-huge because random pairs of 384-d points are near-orthogonal. Search dominates at 1M
-(nprobe 32, recall 0.943); a lower nprobe or splitting ``knn_range`` over Ray tasks cuts it.
+Goals: at 100k clray's whole pipeline takes 0.50x the time of mine_hard_negatives with
+faiss (0.39x without) and picks the same negatives; 1M finishes in 12.4 min (< 15).
+A run while other jobs shared the two cores (load 5 to 14) took 104.6s / 215.7s at 100k
+and 34.6 min at 1M: faiss's OpenMP stages suffer most from oversubscription. Both sizes
+have natural clusters of ~100 rows with no edges between them, so Leiden stops at that
+size (a plateau) below the target 256 and packing merges clusters; 'mined vs random'
+similarity is huge because random pairs of 384-d points are near-orthogonal. Search
+dominates at 1M (nprobe 32, recall 0.943); `clray mine` splits it over Ray actors
+(`mining.search_actors`), and a lower nprobe trades recall for time.
 """
 
 from __future__ import annotations
