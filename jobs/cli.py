@@ -199,9 +199,14 @@ def _print_summary(console: Any, summary: Any) -> None:
     paths = Table(show_header=False, box=None)
     paths.add_row("checkpoints", "\n".join(summary.checkpoints) or "-")
     paths.add_row("export", summary.export_dir or "-")
-    quarantine = (
-        f"{summary.quarantine_path} ({summary.quarantined_rows} rows)" if summary.quarantine_path else "none (no bad rows)"
-    )
+    if getattr(summary, "batches", "examples") == "packed":
+        # the mining job validated and quarantined the rows it packed; its file is the record
+        quarantine = f"{summary.quarantine_path} (written by clray mine)" if summary.quarantine_path else "none"
+    else:
+        quarantine = (
+            f"{summary.quarantine_path} ({summary.quarantined_rows} rows)" if summary.quarantine_path
+            else "none (no bad rows)"
+        )
     paths.add_row("quarantine", quarantine)
     paths.add_row("metrics", str(Path(summary.run_dir) / "metrics.jsonl"))
     console.print(paths)
