@@ -124,6 +124,29 @@ def _write(rows: list[dict[str, Any]], path: Path, schema: pa.Schema = SCHEMA) -
     pq.write_table(table, path)
 
 
+def write_splits(
+    out: Path,
+    shard_rows: list[list[dict[str, Any]]],
+    eval_rows: list[dict[str, Any]],
+    train_schema: pa.Schema,
+    eval_schema: pa.Schema,
+) -> tuple[list[str], list[str]]:
+    """Write ``out/train/part-NNNNN.parquet`` (one per shard) and, when there are eval rows,
+    ``out/eval/part-00000.parquet``; returns the two file lists. Shared by the corpora
+    clray writes in code (the quickstart digits and the synthetic clustered texts)."""
+    train_files = []
+    for shard, rows in enumerate(shard_rows):
+        path = out / "train" / f"part-{shard:05d}.parquet"
+        _write(rows, path, train_schema)
+        train_files.append(str(path))
+    eval_files = []
+    if eval_rows:
+        path = out / "eval" / "part-00000.parquet"
+        _write(eval_rows, path, eval_schema)
+        eval_files.append(str(path))
+    return train_files, eval_files
+
+
 def _add_pixel_neighbours(rows: list[dict[str, Any]], pixels: np.ndarray, k: int) -> None:
     """Give each row ``k`` hard negatives scored by a pixel-cosine "teacher".
 
@@ -217,16 +240,7 @@ def write_quickstart_corpus(
             row.update({field.name: source[field.name] for field in NEGATIVE_FIELDS})
         shard_rows[i % num_shards].append(row)
 
-    train_files = []
-    for shard, rows in enumerate(shard_rows):
-        path = out / "train" / f"part-{shard:05d}.parquet"
-        _write(rows, path, train_schema)
-        train_files.append(str(path))
-    eval_files = []
-    if eval_rows:
-        path = out / "eval" / "part-00000.parquet"
-        _write(eval_rows, path)
-        eval_files.append(str(path))
+    train_files, eval_files = write_splits(out, shard_rows, eval_rows, train_schema, SCHEMA)
 
     return {
         "out_dir": str(out),

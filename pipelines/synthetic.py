@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipelines.quickstart import write_splits
 
 MAX_CHARS = 62
 """Longest query or passage: with [CLS] and [SEP] it fits the char tokenizer's 64 tokens."""
@@ -228,12 +229,6 @@ def _bad_row(index: int) -> dict[str, Any]:
     return row
 
 
-def _write(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    pq.write_table(table, path)
-
-
 def write_clustered_corpus(
     out_dir: str | Path,
     *,
@@ -268,16 +263,7 @@ def write_clustered_corpus(
     bad = [_bad_row(i) for i in range(bad_rows)]
     for i, row in enumerate(bad):
         shard_rows[i % num_shards].append(row)
-    train_files = []
-    for shard, rows in enumerate(shard_rows):
-        path = out / "train" / f"part-{shard:05d}.parquet"
-        _write(rows, path)
-        train_files.append(str(path))
-    eval_files = []
-    if eval_rows_:
-        path = out / "eval" / "part-00000.parquet"
-        _write(eval_rows_, path)
-        eval_files.append(str(path))
+    train_files, eval_files = write_splits(out, shard_rows, eval_rows_, SCHEMA, SCHEMA)
 
     return {
         "out_dir": str(out),
