@@ -161,22 +161,10 @@ def check_mine(cfg: MineConfig) -> list[str]:
 
 
 def init_ray_for_mining(cfg: MineConfig, verbose: bool = False) -> None:
-    import logging
+    from jobs.train import start_ray
 
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = dict(
-        include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
-        return
     # the teacher actors hold their CPUs for the whole embed stage; reads and writes need more
-    needed = cfg.teacher.num_actors * cfg.teacher.cpus_per_actor + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **kwargs)
+    start_ray(cfg.teacher.num_actors * cfg.teacher.cpus_per_actor + 2, {"TOKENIZERS_PARALLELISM": "false"}, verbose)
 
 
 def _use_gpu(cfg: TeacherConfig) -> bool:

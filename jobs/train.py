@@ -66,8 +66,10 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
     return env
 
 
-def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
-    """Connect to RAY_ADDRESS if set, else start a local Ray sized for workers + data."""
+def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray with at least ``needed_cpus``
+    logical CPUs (the job's long-lived workers or actors plus room for Ray Data), so its
+    tasks can always schedule; oversubscribing logical CPUs is fine here."""
     import logging
 
     import ray
@@ -78,15 +80,19 @@ def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
-        runtime_env={"env_vars": worker_env(cfg)},
+        runtime_env={"env_vars": env_vars},
     )
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         return
-    # Logical CPUs: training workers hold theirs for the whole run, so Ray Data needs its
-    # own on top or its tasks never schedule. Oversubscribing logical CPUs is fine here.
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed_cpus)), **kwargs)
+
+
+def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
+    """Ray for a training run: training workers hold their CPUs for the whole run, so Ray
+    Data needs its own on top or its tasks never schedule."""
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **kwargs)
+    start_ray(needed, worker_env(cfg), verbose)
 
 
 def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
