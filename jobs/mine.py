@@ -250,7 +250,7 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         t0 = time.perf_counter()
         use_gpu = _use_gpu(cfg.teacher)
         resumed["embed"] = not stages.embed_corpus(files, cfg.data, cfg.teacher, work, embed_fp, use_gpu)
-        emb, report = stages.load_embeddings(work, cfg.data.id_column, out / "quarantine.parquet")
+        emb, report = stages.load_embeddings(work, out / "quarantine.parquet")
         seconds["embed"] = time.perf_counter() - t0
         event("quarantine", valid=report.valid_rows, quarantined=report.quarantined_rows,
               path=report.quarantine_path, reasons=report.reasons)

@@ -130,9 +130,10 @@ def embed_corpus(
     return True
 
 
-def load_embeddings(work: Path, id_column: str, quarantine_path: Path) -> tuple[Embeddings, Any]:
-    """The embed stage's good rows sorted by id, and its bad rows written to
-    ``quarantine_path`` (id, reason, file; removed when there are none) with a report."""
+def load_embeddings(work: Path, quarantine_path: Path) -> tuple[Embeddings, Any]:
+    """The embed stage's good rows sorted by id (the row numbering of every later stage),
+    and its bad rows written to ``quarantine_path`` (id, reason, file; removed when there
+    are none) with a report."""
     from collections import Counter
 
     from pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
@@ -153,15 +154,9 @@ def load_embeddings(work: Path, id_column: str, quarantine_path: Path) -> tuple[
     if table.num_rows < 2:
         raise DataError(f"data.train: only {table.num_rows} valid row(s) to mine; see {report.quarantine_path} "
                         "for each bad row's reason")
+    # Ids are unique: jobs.mine.check_mine checked the whole corpus before any work.
     table = table.sort_by([("id", "ascending")])
     ids = table.column("id").to_pylist()
-    dup = [a for a, b in zip(ids[:-1], ids[1:], strict=True) if a == b]
-    if dup:
-        shown = ", ".join(repr(d) for d in sorted(set(dup))[:5])
-        raise DataError(
-            f"data.id_column = {id_column!r}: {len(set(dup))} id(s) appear on more than one row ({shown}); "
-            "mined plans and negatives name rows by id, so make the ids unique"
-        )
 
     def matrix(name: str) -> np.ndarray:
         col = table.column(name).combine_chunks()
