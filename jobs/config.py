@@ -70,6 +70,10 @@ class TrainConfig(Strict):
     progress and metrics.jsonl get every log_every step regardless."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
+    eval_every: int = Field(default=0, ge=0)
+    """Also evaluate on data.eval every N steps (0: only at the end). Each mid-run
+    evaluation is sent to Ray with the step, so a Tune scheduler (ASHA, PBT) can compare
+    trials on the eval metric while they run."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """How many of the latest checkpoints to keep."""
     zero_stage: Literal[0, 1, 2, 3] = 2

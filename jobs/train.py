@@ -193,6 +193,8 @@ def run_training(
     verbose: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     stop_epoch: int | None = None,
+    start_from: str | None = None,
+    adopt_config: bool = False,
 ) -> TrainSummary:
     """Validate data, start Ray, train on N workers, evaluate, export; returns the summary.
 
@@ -202,6 +204,10 @@ def run_training(
     (e.g. after mining a new plan with the exported model); the LR schedule always spans
     the whole run (``train.epochs``/``train.max_steps``). A stop at or past the run's end
     is a complete run.
+
+    ``start_from``: a checkpoint directory of another run to start from when this run has
+    none of its own yet (Tune's PBT hands a trial another trial's state this way). With
+    ``adopt_config`` the learning rate and temperature of ``cfg`` replace the checkpoint's.
     """
     started = time.perf_counter()
     if stop_epoch is not None and stop_epoch < 1:
@@ -305,6 +311,8 @@ def run_training(
             "progress": progress,
             "has_eval": eval_ds is not None,
             "export_dir": str(export_dir),
+            "start_from": start_from,
+            "adopt_config": adopt_config,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,

@@ -277,6 +277,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()  # [ray]
+    adopt = False
+    if checkpoint is None and config.get("start_from"):
+        # A new run that starts from another run's checkpoint (a PBT exploit). Once this
+        # run has checkpoints of its own, a restart resumes those instead.
+        checkpoint = ray.train.Checkpoint(config["start_from"])  # [ray]
+        adopt = bool(config.get("adopt_config"))
     if checkpoint is not None:
         state = restore_checkpoint(engine, checkpoint, rank)
         if state.step_in_epoch >= plan.steps_per_epoch:
@@ -286,6 +292,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.step_in_epoch = 0
         publish({"event": "resumed", "step": state.step, "epoch": state.epoch,
                  "step_in_epoch": state.step_in_epoch, "dataset": plan.train_dataset(state.epoch)})
+
+    # Only the start that restored the donor's checkpoint adopts; a later restart of this
+    # run resumes its own checkpoints with what they hold.
+    if adopt:
+        adopt_config(engine, cfg)
+        publish({"event": "adopted", "lr": cfg.optim.lr, "temperature": cfg.model.logit_scale.init_temperature})
+    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None  # [ray]
 
     shards: dict[str, Any] = {}
     record_path = os.environ.get(RECORD_BATCHES_ENV)
@@ -337,8 +350,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             final = state.step == end
             metrics: dict[str, Any] = {}
+            # The final step of a complete run is evaluated after the loop, once.
+            if eval_shard is not None and _every(state.step, cfg.train.eval_every) and not (
+                final and state.step >= plan.total_steps
+            ):
+                metrics.update(_evaluate_now(engine, cfg, eval_shard, device, bf16, state))
+                publish({"event": "eval", **metrics})
             if state.step % cfg.train.log_every == 0 or final:
-                metrics = window.reduce(gb)
+                metrics.update(window.reduce(gb))
                 window.reset()
                 metrics.update(
                     step=state.step,
@@ -354,7 +373,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # which skips this loop) always has its last state saved.
             if final or _every(state.step, cfg.train.checkpoint_every):
                 save_checkpoint(engine, state, rank, metrics or {"step": state.step, "epoch": state.epoch})
-            elif _every(state.step, cfg.train.report_every):
+                publish({"event": "checkpoint", "step": state.step})
+            elif metrics.get("eval_rows") is not None or _every(state.step, cfg.train.report_every):
                 ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
         if state.step_in_epoch >= plan.steps_per_epoch:
             for _ in batches:  # drain the remainder (< one batch) so the next epoch starts clean
@@ -368,8 +388,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     publish({"event": "end", "step": state.step, "epoch": state.epoch, "complete": complete})
     eval_metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
     # A run stopped early (stop_step) is evaluated when it completes, not at every stop.
-    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") and complete else None  # [ray]
-    if eval_shard is not None:
+    if eval_shard is not None and complete:
         eval_metrics.update(evaluate(engine.module, cfg, eval_shard, device, bf16))
         publish({"event": "eval", **eval_metrics})
 
@@ -378,6 +397,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _export(engine, cfg, export_dir, rank)
         publish({"event": "exported", "path": export_dir})
     ray.train.report({**eval_metrics, "final": complete})  # [ray]
+
+
+def _evaluate_now(
+    engine: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, bf16: bool, state: TrainState
+) -> dict[str, Any]:
+    """A mid-run evaluation (train.eval_every): every rank embeds the eval split (see
+    jobs.evaluate), so this is a collective step like any other."""
+    from jobs.evaluate import evaluate
+
+    return {"step": state.step, "epoch": state.epoch, **evaluate(engine.module, cfg, eval_shard, device, bf16)}
+
+
+def adopt_config(engine: Any, cfg: JobConfig) -> None:
+    """After restoring another run's checkpoint (a PBT exploit), take this config's learning
+    rate and temperature instead of the checkpoint's: that is the perturbation.
+
+    The LR keeps its place on the schedule (warmup/cosine position from the checkpoint);
+    only the peak it scales changes. The temperature restarts at init_temperature, and a
+    learnable one trains on from there."""
+    import math
+
+    schedule = engine.lr_scheduler
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    schedule.base_lrs = [cfg.optim.lr for _ in schedule.base_lrs]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = cfg.optim.lr * factor
+    if cfg.model.logit_scale.mode == "scheduled":
+        return  # the schedule sets it each step from the config
+    value = math.log(1.0 / cfg.model.logit_scale.init_temperature)
+    param = engine.module.logit_scale
+    if param.requires_grad:
+        # ZeRO keeps an fp32 master copy of trained parameters and writes it back into the
+        # model after each step: set that copy too, or the next step undoes the change.
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, torch.full((1,), value, dtype=torch.float32, device=param.device))
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            with torch.no_grad():
+                param.fill_(value)
+    else:
+        with torch.no_grad():
+            param.fill_(value)
 
 
 def _export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
