@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="replace a complete plan in output.dir that was mined with other settings")
     mine.add_argument("--verbose", action="store_true", help="show Ray worker logs")
 
+    tune = sub.add_parser("tune", help="search training-config keys (temperature, negatives, ...) with Ray Tune")
+    tune.add_argument("config", help="a training config plus a [search] table")
+    add_set(tune)
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the interrupted search in the run directory: finished trials are kept, "
+                      "unfinished and errored ones go on from their last checkpoint")
+    tune.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+
     quick = sub.add_parser("quickstart", help="write the digits corpus (if missing) and train on it")
     quick.add_argument("--data-dir", default=str(QUICKSTART_DATA))
     add_set(quick)
@@ -317,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.cluster_check import main_check
 
             return main_check(args.files)
+        if args.command == "tune":
+            from jobs.tune import load_tune_config, run_tune
+
+            job = load_tune_config(args.config, args.overrides)
+            summary = run_tune(job, resume=args.resume, verbose=args.verbose)
+            return 0 if summary.best_config else 1
         if args.command == "mine":
             return _mine(args.config, args.overrides, args.verbose, args.overwrite)
         if args.command == "quickstart":
