@@ -215,7 +215,10 @@ def _flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in space.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS:
+        # {kind = [...]} is a leaf (checked later, so an unknown kind is named as such).
+        if isinstance(value, dict) and len(value) == 1 and (
+            next(iter(value)) in DISTRIBUTIONS or isinstance(next(iter(value.values())), list)
+        ):
             out[name] = value
         elif isinstance(value, dict) and value and not (set(value) & set(DISTRIBUTIONS)):
             out.update(_flatten_space(value, f"{name}."))

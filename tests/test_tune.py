@@ -1,0 +1,305 @@
+"""clray tune: search-space checks before Ray, PBT's adopt step under ZeRO-2, and one
+small ASHA search on the quickstart corpus that is killed half-way and resumed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from process_group import free_port, init_gloo, spawn_ranks
+
+from jobs.cli import main
+from jobs.config import ConfigError, load_config
+from jobs.tune import CRASH_ENV, check_tune_config, load_tune_config
+from pipelines.quickstart import write_quickstart_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPERATURE = "model.logit_scale.init_temperature"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _search_toml(corpus: Path, out: Path, search: str, extra: str = "") -> str:
+    base = os.path.relpath(REPO / "configs" / "quickstart.toml", out)
+    return f"""
+[search]
+base = "{base}"
+{search}
+
+[run]
+name = "search"
+output_dir = "{out / 'runs'}"
+
+[data]
+train = "{corpus / 'train'}"
+eval = "{corpus / 'eval'}"
+
+[model.logit_scale]
+mode = "fixed"
+
+[train]
+global_batch_size = 64
+max_steps = 24
+epochs = 2
+eval_every = 8
+checkpoint_every = 8
+log_every = 4
+{extra}
+"""
+
+
+GOOD = f"""
+metric = "eval/zero_shot_accuracy"
+mode = "max"
+max_concurrent = 2
+scheduler = "asha"
+algorithm = "grid"
+[search.space]
+"{TEMPERATURE}" = {{ grid = [1.0, 3.0, 0.05, 0.1] }}
+[search.resources]
+num_workers = 1
+[search.asha]
+grace_period = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quickstart")
+    write_quickstart_corpus(out, bad_rows=2)
+    return out
+
+
+def _problems(tmp_path: Path, corpus: Path, search: str, extra: str = "") -> str:
+    path = _write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, search, extra))
+    with pytest.raises(ConfigError) as err:
+        load_tune_config(path)
+    return str(err.value)
+
+
+def test_a_good_search_parses_and_applies_trial_resources(tmp_path: Path, corpus: Path) -> None:
+    job = load_tune_config(_write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, GOOD)))
+    assert [d.key for d in job.dimensions] == [TEMPERATURE]
+    assert job.base.train.eval_every == 8 and job.base.model.logit_scale.mode == "fixed"
+    trial = job.trial_raw({TEMPERATURE: 0.5})
+    assert trial["model"]["logit_scale"]["init_temperature"] == 0.5
+    assert trial["scaling"]["num_workers"] == 1
+    assert job.search_dir == tmp_path / "runs" / "search"
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ('"model.logit_scale.init_temp" = { uniform = [0.01, 0.1] }',
+         "search.space.model.logit_scale.init_temp = 0.01: model.logit_scale.init_temp: unknown key"),
+        (f'"{TEMPERATURE}" = {{ uniform = [0.1, 0.1] }}', "the range [0.1, 0.1] is empty"),
+        (f'"{TEMPERATURE}" = {{ loguniform = [0.0, 0.1] }}', "loguniform needs a positive low bound"),
+        (f'"{TEMPERATURE}" = {{ choice = [] }}', "choice = [] is empty"),
+        (f'"{TEMPERATURE}" = {{ normal = [0, 1] }}', "unknown distribution 'normal'"),
+        (f'"{TEMPERATURE}" = {{ uniform = [-0.1, 0.1] }}',
+         f"search.space.{TEMPERATURE} = -0.1: {TEMPERATURE}: Input should be greater than 0"),
+        ('"train.zero_stage" = { randint = [1, 2.5] }', "randint bounds must be integers"),
+        # nested tables name keys too
+        ("[search.space.optim]\nlr = { loguniform = [0, 1e-2] }", "search.space.optim.lr: loguniform needs a positive"),
+    ],
+)
+def test_bad_search_spaces_fail_before_anything_starts_naming_the_key(
+    tmp_path: Path, corpus: Path, space: str, expected: str
+) -> None:
+    search = f'metric = "eval/zero_shot_accuracy"\nnum_trials = 2\n[search.space]\n{space}'
+    if space.startswith("[search.space."):
+        search = f'metric = "eval/zero_shot_accuracy"\nnum_trials = 2\n{space}'
+    assert expected in _problems(tmp_path, corpus, search)
+
+
+@pytest.mark.parametrize(
+    ("search", "extra", "expected"),
+    [
+        (f'metric = "eval/R@1"\nnum_trials = 2\n[search.space]\n"{TEMPERATURE}" = {{ uniform = [0.01, 0.1] }}', "",
+         "search.metric = 'eval/R@1' is not reported by this config; choose one of eval/a2p_R@1"),
+        (f'metric = "loss"\nmode = "min"\n[search.space]\n"{TEMPERATURE}" = {{ uniform = [0.01, 0.1] }}', "",
+         'search.num_trials: required with search.algorithm = "random"'),
+        (f'metric = "loss"\nmode = "min"\nnum_trials = 2\n[search.space]\n"{TEMPERATURE}" = {{ grid = [0.01, 0.1] }}',
+         "", 'grid values need search.algorithm = "grid"'),
+        (f'algorithm = "grid"\nnum_trials = 3\n[search.space]\n"{TEMPERATURE}" = {{ grid = [0.01, 0.1] }}', "",
+         "search.num_trials = 3 but the grid has 2 points"),
+        ('num_trials = 2\nscheduler = "pbt"\nmetric = "eval/zero_shot_accuracy"\n[search.space]\n'
+         '"loss.symmetric" = { choice = [true, false] }', "", "search at least one of them"),
+        (f'num_trials = 2\nmetric = "eval/zero_shot_accuracy"\n[search.space]\n"{TEMPERATURE}" = {{ uniform = [0.01, 0.1] }}',
+         "eval_every = 0", 'search.scheduler = "asha" compares trials on mid-run evaluations: set train.eval_every'),
+        ("num_trials = 2\n[search.space]\n", "", "search.space is empty"),
+        (f'num_trials = 2\nmax_concurrent = 0\n[search.space]\n"{TEMPERATURE}" = {{ uniform = [0.01, 0.1] }}', "",
+         "search.max_concurrent: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_search_settings_are_named(tmp_path: Path, corpus: Path, search: str, extra: str, expected: str) -> None:
+    toml = _search_toml(corpus, tmp_path, search, extra)
+    if extra == "eval_every = 0":
+        toml = toml.replace("eval_every = 8\n", "")
+    path = _write(tmp_path / "tune.toml", toml)
+    with pytest.raises(ConfigError) as err:
+        load_tune_config(path)
+    assert expected in str(err.value)
+
+
+def test_missing_search_table_and_base_file_are_named(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[search\] is missing"):
+        check_tune_config({"data": {}}, "x.toml")
+    path = _write(tmp_path / "tune.toml", '[search]\nbase = "nope.toml"\n')
+    with pytest.raises(ConfigError, match=r"search.base = 'nope.toml': no such file"):
+        load_tune_config(path)
+
+
+def test_cli_reports_a_bad_space_with_exit_2_and_no_ray(tmp_path: Path, corpus: Path, capsys) -> None:
+    import ray
+
+    was_running = ray.is_initialized()
+    bad = f'metric = "eval/zero_shot_accuracy"\nnum_trials = 2\n[search.space]\n"{TEMPERATURE}" = {{ loguniform = [-1, 1] }}'
+    path = _write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, bad))
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"search.space.{TEMPERATURE}" in err and "Traceback" not in err
+    assert ray.is_initialized() == was_running
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_search_config_parses() -> None:
+    job = load_tune_config(REPO / "configs" / "tune_quickstart.toml")
+    assert job.search.scheduler == "asha" and job.search.max_concurrent == 2
+    assert job.base.model.logit_scale.mode == "fixed" and job.base.train.eval_every > 0
+
+
+# ----------------------------------------------------------- PBT's adopt step (no Ray)
+
+
+def _adopt_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    init_gloo(rank, 1, port)
+    from jobs.config import load_config
+    from jobs.engine import build_engine
+    from jobs.worker import adopt_config
+    from models.dual_encoder import DualEncoder
+
+    cfg = load_config(REPO / "configs" / "quickstart.toml", ["scaling.num_workers=1", "optim.lr=1e-3"])
+    results = {}
+    for how in ("adopt", "fill_only"):
+        torch.manual_seed(0)
+        engine = build_engine(DualEncoder(cfg.model), cfg, total_steps=20)
+        for _ in range(5):
+            engine.lr_scheduler.step()
+        factor = engine.lr_scheduler.lr_lambdas[0](engine.lr_scheduler.last_epoch)
+        new = cfg.model_copy(deep=True)
+        new.optim.lr, new.model.logit_scale.init_temperature = 3e-3, 0.5
+        if how == "adopt":
+            adopt_config(engine, new)
+        else:  # the naive change ZeRO's fp32 master copy undoes at the next step
+            with torch.no_grad():
+                engine.module.logit_scale.fill_(math.log(2.0))
+        lr_after = engine.optimizer.param_groups[0]["lr"]
+        # One step with a zero gradient: Adam's first update is zero, so the scale must stay.
+        loss = engine.module.logit_scale.sum() * 0.0
+        engine.backward(loss)
+        engine.step()
+        results[how] = {"lr": lr_after, "factor": factor, "log_scale": float(engine.module.logit_scale.detach()[0])}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_adopt_config_sets_lr_and_temperature_through_zero2_master_weights(tmp_path: Path) -> None:
+    (result,) = spawn_ranks(_adopt_worker, (free_port(), str(tmp_path)), 1, tmp_path, timeout_s=240)
+    adopted = result["adopt"]
+    assert adopted["lr"] == pytest.approx(3e-3 * adopted["factor"])
+    assert adopted["log_scale"] == pytest.approx(math.log(2.0), abs=1e-6)
+    # Teeth: writing only the model parameter is undone by the optimizer's master copy.
+    assert result["fill_only"]["log_scale"] == pytest.approx(math.log(1 / 0.07), abs=1e-5)
+
+
+# ------------------------------------------- one ASHA search, killed half-way and resumed
+
+
+def _trial_statuses(experiment: Path) -> dict[str, str]:
+    (state_file,) = glob.glob(str(experiment / "experiment_state-*.json"))
+    state = json.loads(Path(state_file).read_text())
+    statuses = {}
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+        statuses[trial["trial_id"]] = trial["status"]
+    return statuses
+
+
+@pytest.fixture(scope="module")
+def search(ray_session: None, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Start a 4-trial ASHA search (2 at a time) in a driver that dies hard once 2 trials
+    have finished, then resume it in-process with `clray tune --resume`."""
+    import ray
+
+    out = tmp_path_factory.mktemp("tune")
+    config = _write(out / "tune.toml", _search_toml(corpus, out, GOOD))
+    env = {**os.environ, CRASH_ENV: "2", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    first = subprocess.run([sys.executable, "-m", "jobs.cli", "tune", str(config)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    search_dir = out / "runs" / "search"
+    statuses = _trial_statuses(search_dir / "tune")
+    starts_before = (search_dir / "trial_starts.jsonl").read_text().splitlines()
+    checkpointed_before = {p.parent.name for p in (search_dir / "trials").glob("*/checkpoint_*")}
+    code = main(["tune", str(config), "--resume"])
+    return {
+        "first": first, "statuses_at_crash": statuses, "starts_before": starts_before, "code": code,
+        "checkpointed_before": checkpointed_before, "dir": search_dir, "config": config,
+    }
+
+
+def test_asha_search_runs_trials_stops_some_early_and_writes_a_best_config(search: dict) -> None:
+    import pyarrow.parquet as pq
+
+    assert search["code"] == 0
+    search_dir: Path = search["dir"]
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    assert sorted(r[TEMPERATURE] for r in rows) == [0.05, 0.1, 1.0, 3.0]
+    assert all(r["status"] in ("COMPLETE", "STOPPED") for r in rows), rows
+    stopped = [r for r in rows if r["status"] == "STOPPED"]
+    assert stopped, "ASHA stopped no trial early"
+    assert all(r["steps"] < 24 for r in stopped) and all(r["steps"] == 24 for r in rows if r["status"] == "COMPLETE")
+    assert all(r["metric_last"] is not None and r["evaluations"] >= 1 for r in rows)
+    assert sum(r["steps"] for r in rows) < 4 * 24
+    # Every trial was a real clray run with its own run directory and metrics.
+    for row in rows:
+        events = [json.loads(x) for x in (search_dir / "trials" / row["run_name"] / "metrics.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "eval" and e["step"] == row["steps"] for e in events)
+
+    best = max((r for r in rows), key=lambda r: r["metric_last"])
+    cfg = load_config(search_dir / "best.toml")  # parses as a training config
+    assert cfg.model.logit_scale.init_temperature == best[TEMPERATURE]
+    assert cfg.run.name == "search-best" and cfg.scaling.num_workers == 1
+    summary = json.loads((search_dir / "summary.json").read_text())
+    assert summary["best_trial"] == best["trial_id"] and summary["stopped_early"] == len(stopped)
+    assert (search_dir / "results.csv").read_text().startswith("\"trial_id\"")
+    for plot in summary["plots"]:
+        assert Path(plot).stat().st_size > 1000
+
+
+def test_resumed_search_reruns_no_finished_trial(search: dict) -> None:
+    first = search["first"]
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
+    finished = {t for t, status in search["statuses_at_crash"].items() if status == "TERMINATED"}
+    assert len(finished) >= 2, search["statuses_at_crash"]
+    starts = [json.loads(line) for line in (search["dir"] / "trial_starts.jsonl").read_text().splitlines()]
+    assert len(starts) > len(search["starts_before"]), "the resume started no trial"
+    for trial in finished:
+        assert sum(s["trial_id"] == trial for s in starts) == 1, f"finished trial {trial} ran again"
+    # A trial that was running at the kill and had a checkpoint went on from it.
+    for trial in search["checkpointed_before"] - finished:
+        events = [json.loads(x) for x in (search["dir"] / "trials" / trial / "metrics.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "resumed" for e in events), f"{trial} restarted from scratch"
