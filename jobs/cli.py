@@ -179,6 +179,11 @@ class ProgressView:
                 f"epoch {event['epoch']}: training on {event['plan']} (in-batch negative similarity "
                 f"{sim['mined']:.3f} vs random {sim['random']:.3f})"
             )
+        elif kind == "eval" and self.total and event.get("step", self.total) < self.total:
+            # a mid-run evaluation (train.eval_every): one line, the bar goes on
+            shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in sorted(event.items())
+                              if k.startswith("eval/") and isinstance(v, float) and "R@5" not in k and "R@10" not in k)
+            self.console.print(f"step {event['step']} eval: {shown}", highlight=False)
         elif kind == "eval":
             self.stop()
             self.console.print("evaluating on the held-out split: done")
