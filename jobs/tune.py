@@ -436,9 +436,6 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
         run_name = trial_id  # a fresh trial, or a restart that Train resumes from its own storage
     raw["run"]["name"] = run_name
     cfg = validate(raw, job.source)
-    with (job.search_dir / "trial_starts.jsonl").open("a") as fh:
-        fh.write(json.dumps({"trial_id": trial_id, "run_name": run_name, "time": time.time(),
-                             "start_from": start_from, "params": params}) + "\n")
 
     run_dir = cfg.run_dir
     every = cfg.train.checkpoint_every
@@ -518,6 +515,11 @@ class _LiveTable:
                 _print_table(self.console, self.job, trials, self.last, self.max_t)
 
             def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+                # Written here, on the driver, not in the trial: trials may run on other nodes.
+                with (self.job.search_dir / "trial_starts.jsonl").open("a") as fh:
+                    fh.write(json.dumps({"trial_id": trial.trial_id, "time": time.time(),
+                                         "params": {d.key: trial.config.get(d.key) for d in self.job.dimensions}},
+                                        default=str) + "\n")
                 self._table(trials)
 
             def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
