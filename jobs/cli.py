@@ -151,17 +151,15 @@ def _add_submit_parsers(sub: Any) -> None:
 
 
 def _submit_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from jobs import submit
 
-    console, err = Console(), Console(stderr=True)
-
+    # Plain print, not rich: rich wraps at the terminal width, and ids and commands are
+    # meant to be copied whole.
     def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False)
+        print(text, flush=True)
 
     def warn(text: str) -> None:
-        err.print(f"[bold yellow]warning:[/] {rich_escape(text)}", highlight=False)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
 
     done = submit.submit(args, say, warn)
     say(f"submitted {args.job_command} {args.config} as job {done.submission_id} to {done.address}")
@@ -172,12 +170,6 @@ def _submit_command(args: argparse.Namespace) -> int:
     if args.follow:
         return _follow(done.address, done.submission_id, args.token_env)
     return 0
-
-
-def rich_escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _follow(address: str, job_id: str, token_env: str | None) -> int:
@@ -202,7 +194,7 @@ def _jobs_command(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.jobs_command == "down":
-        return submit.stop_local_head(lambda text: console.print(text, highlight=False, markup=False))
+        return submit.stop_local_head(print)
     address, _ = submit.resolve_jobs_address(args.address)
     if args.jobs_command == "list":
         table = Table(title=f"jobs on {address}", header_style="bold")
@@ -229,7 +221,7 @@ def _jobs_command(args: argparse.Namespace) -> int:
         if info.end_time:
             rows["ended"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.end_time / 1000))
         for key, value in rows.items():
-            console.print(f"{key:11s} {value}", highlight=False, markup=False)
+            print(f"{key:11s} {value}")
         return 0
     if args.jobs_command == "logs":
         if args.follow:
@@ -238,8 +230,7 @@ def _jobs_command(args: argparse.Namespace) -> int:
         return 0
     if args.jobs_command == "stop":
         stopped = submit.stop_job(address, args.job_id, args.token_env)
-        console.print(f"job {args.job_id}: " + ("stop requested" if stopped else "already ended, nothing to stop"),
-                      highlight=False, markup=False)
+        print(f"job {args.job_id}: " + ("stop requested" if stopped else "already ended, nothing to stop"))
         return 0
     return 1
 
