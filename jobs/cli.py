@@ -179,7 +179,12 @@ def _follow(address: str, job_id: str, token_env: str | None) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    status = submit.follow_logs(address, job_id, token_env, write)
+    try:
+        status = submit.follow_logs(address, job_id, token_env, write)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (`clray jobs stop {job_id}` stops it)",
+              file=sys.stderr)
+        return 130
     if status == "SUCCEEDED":
         return 0
     info = submit.job_info(address, job_id, token_env)

@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -60,7 +61,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PATH_KEYS = {
     "train": ("data.train", "data.eval", "run.output_dir", "model.anchor.pretrained",
               "model.anchor.tokenizer", "model.positive.pretrained", "model.positive.tokenizer"),
-    "tune": ("data.train", "data.eval", "run.output_dir", "tune.output_dir"),
+    "tune": ("data.train", "data.eval", "run.output_dir", "model.anchor.pretrained",
+             "model.anchor.tokenizer", "model.positive.pretrained", "model.positive.tokenizer"),
     "mine": ("data.train", "teacher.path", "output.dir"),
 }
 """Config keys that name files; on a remote cluster they are read there, not here."""
@@ -203,8 +205,56 @@ def stage_bundle(config_path: Path, staging_dir: Path, repo_root: Path = REPO_RO
             shutil.copy2(src, staging_dir / name)
     target = Path(BUNDLE_CONFIG_DIR) / config_path.name
     (staging_dir / BUNDLE_CONFIG_DIR).mkdir()
-    shutil.copy2(config_path, staging_dir / target)
+    base = search_base(config_path)
+    if base is None:
+        shutil.copy2(config_path, staging_dir / target)
+        return target
+    # A search config lays itself over `search.base`, a path relative to the config: ship
+    # that file too, next to the config, and point the shipped copy at it.
+    from jobs.config import read_toml
+
+    bundled_base = f"base-{base.name}"
+    shutil.copy2(base, staging_dir / BUNDLE_CONFIG_DIR / bundled_base)
+    raw = read_toml(config_path)
+    raw["search"]["base"] = bundled_base
+    import tomli_w
+
+    (staging_dir / target).write_text(tomli_w.dumps(raw))
     return target
+
+
+def search_base(config_path: Path) -> Path | None:
+    """The training config a search config names in ``search.base`` (relative to the
+    search config), or None; SubmitError when it names a missing file."""
+    from jobs.config import read_toml
+
+    search = read_toml(config_path).get("search")
+    name = search.get("base") if isinstance(search, dict) else None
+    if name is None:
+        return None
+    base = (config_path.parent / str(name)).expanduser()
+    if not base.is_file():
+        raise SubmitError(f"{config_path}: search.base = {name!r}: no such file {base}")
+    return base
+
+
+def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
+    """The config as its command will read it: laid over ``search.base`` when it names
+    one, then the overrides."""
+    from jobs.config import apply_overrides, read_toml
+
+    raw = read_toml(config_path)
+    base = search_base(config_path)
+    if base is not None:
+        raw = _merge(read_toml(base), raw)
+    return apply_overrides(raw, overrides)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def forwarded_env(names: list[str], environ: Mapping[str, str]) -> dict[str, str]:
@@ -285,10 +335,8 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
 
     On this machine (a loopback head) the full check runs, data shards included. For a remote
     cluster only the syntax and, for train, the schema: paths are checked where they are
-    read, on the cluster."""
-    from jobs.config import apply_overrides, read_toml
-
-    raw = apply_overrides(read_toml(config), overrides)
+    read, on the cluster. A search config is laid over its ``search.base`` first."""
+    raw = merged_raw(config, overrides)
     if command == "train":
         from pydantic import ValidationError
 
@@ -309,6 +357,12 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
         from jobs.mine import load_mine_config
 
         load_mine_config(config, overrides)
+    elif command == "tune" and same_machine:
+        try:
+            from jobs.tune import load_tune_config  # type: ignore[import-not-found]
+        except ImportError:  # a clray without `clray tune`: the job itself will say so
+            return raw
+        load_tune_config(config, overrides)
     return raw
 
 
@@ -365,12 +419,13 @@ class LocalHead:
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the group (``ray start --block`` then stops its processes), then
         SIGKILL what is left; the temp dir goes too."""
-        if _pid_runs(self.pid, self.temp_dir):
+        ours = _pid_runs(self.pid, self.temp_dir)
+        if ours:
             _signal_group(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             while time.monotonic() < deadline and _group_alive(self.pid):
                 time.sleep(0.2)
-        _kill_leftovers(self)
+        _kill_leftovers(self, group=ours)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def to_json(self) -> str:
@@ -412,19 +467,22 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _kill_leftovers(head: LocalHead) -> None:
-    """SIGKILL the head's process group and any process that names its temp dir (Ray
-    starts some of its processes in new sessions)."""
+def _kill_leftovers(head: LocalHead, group: bool) -> None:
+    """SIGKILL what is left of the head: its process group (only when ``group``: the
+    recorded pid was still our ``ray start``, so the group id is not a reused one), any
+    process naming its temp dir, and the Ray client server, which names its GCS port."""
     import psutil
+
+    gcs = re.compile(rf"--address=\S+:{head.gcs_address.rsplit(':', 1)[-1]}(\s|$)")
 
     victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
-            in_group = os.getpgid(proc.pid) == head.pid
+            in_group = group and os.getpgid(proc.pid) == head.pid
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
-        if in_group or head.temp_dir in cmdline or f"--address={head.gcs_address}" in cmdline:
+        if in_group or head.temp_dir in cmdline or ("ray" in cmdline and gcs.search(cmdline)):
             victims.append(proc)
             try:
                 victims.extend(proc.children(recursive=True))

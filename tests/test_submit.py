@@ -199,6 +199,28 @@ def test_env_flag_forwards_exactly_the_named_variable(recorded: RecordingClient,
     assert SECRET + "-token" not in json.dumps(recorded.kwargs, default=str)
 
 
+def test_search_config_ships_with_its_base_and_passes_arguments_through(
+    recorded: RecordingClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "configs").mkdir()
+    base = tmp_path / "configs" / "train-base.toml"
+    base.write_text(QUICKSTART_CONFIG.read_text())
+    (tmp_path / "searches").mkdir()
+    search = tmp_path / "searches" / "temp.toml"
+    search.write_text('[search]\nbase = "../configs/train-base.toml"\nnum_trials = 4\n')
+    assert main(["submit", "tune", str(search), "--address", "https://h", "--", "--resume"]) == 0
+    assert shlex.split(recorded.kwargs["entrypoint"])[3:] == ["tune", "_submitted/temp.toml", "--resume"]
+    shipped = tomllib.loads(recorded.bundle["_submitted/temp.toml"].decode())
+    assert shipped == {"search": {"base": "base-train-base.toml", "num_trials": 4}}
+    assert recorded.bundle["_submitted/base-train-base.toml"] == base.read_bytes()
+    # the base's relative paths are what the cluster will read
+    assert "data.train = 'data/quickstart/train'" in capsys.readouterr().err
+
+    search.write_text('[search]\nbase = "missing.toml"\n')
+    assert main(["submit", "tune", str(search), "--address", "https://h"]) == 2
+    assert "search.base = 'missing.toml': no such file" in capsys.readouterr().err
+
+
 def test_plain_http_submission_warns_and_lists_paths_the_cluster_reads(
     recorded: RecordingClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -288,7 +310,8 @@ def ray_head() -> Any:
     process group and temp dir only (the session's in-process Ray, if any, stays)."""
     head = submit.start_head(num_cpus=3)
     yield head
-    head.stop()
+    head.stop(grace_s=5)
+    assert not submit._pid_runs(head.pid, head.temp_dir) and not Path(head.temp_dir).exists()
 
 
 @pytest.mark.integration
