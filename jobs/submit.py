@@ -458,9 +458,10 @@ def _signal_group(pgid: int, sig: int) -> None:
 def _group_alive(pgid: int) -> bool:
     import psutil
 
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "status"]):
         try:
-            if os.getpgid(proc.pid) == pgid:
+            # a zombie has exited already; it only waits to be reaped
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
                 return True
         except (ProcessLookupError, PermissionError):
             continue

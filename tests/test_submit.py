@@ -315,6 +315,7 @@ def ray_head() -> Any:
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # inside Ray's log tail
 def test_submit_follow_and_read_the_result(
     ray_head: submit.LocalHead, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -349,7 +350,22 @@ def test_submit_follow_and_read_the_result(
     info = submit.job_info(address, job_id, None)
     assert info.runtime_env["env_vars"] == {"CLRAY_FORWARDED": "yes"}
     assert SECRET not in json.dumps(info.runtime_env) + json.dumps(info.metadata)
-    print(f"submitted job took {time.perf_counter() - started:.1f} s")
+    print(f"submit to SUCCEEDED: {time.perf_counter() - started:.1f} s, of which the run itself "
+          f"{summary['wall_seconds']:.1f} s")
 
     assert main(["jobs", "status", "no-such-job", "--address", address]) == 2
     assert "no job 'no-such-job'" in capsys.readouterr().err
+
+    # Without --address, `clray jobs` finds the head recorded by `clray submit` (here: this
+    # head, recorded as `clray submit` records the one it starts), and `jobs down` stops it.
+    monkeypatch.setenv(submit.STATE_DIR_ENV, str(tmp_path / "state"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "state").mkdir()
+    submit.local_head_path().write_text(ray_head.to_json())
+    assert main(["jobs", "status", job_id]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "down"]) == 0
+    assert f"stopped the local Ray head at {address}" in capsys.readouterr().out
+    assert not submit._pid_runs(ray_head.pid, ray_head.temp_dir) and not submit.local_head_path().exists()
+    assert main(["jobs", "list"]) == 2
+    assert "no Jobs API address" in capsys.readouterr().err
