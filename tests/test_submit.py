@@ -350,8 +350,9 @@ def test_submit_follow_and_read_the_result(
     info = submit.job_info(address, job_id, None)
     assert info.runtime_env["env_vars"] == {"CLRAY_FORWARDED": "yes"}
     assert SECRET not in json.dumps(info.runtime_env) + json.dumps(info.metadata)
-    print(f"submit to SUCCEEDED: {time.perf_counter() - started:.1f} s, of which the run itself "
-          f"{summary['wall_seconds']:.1f} s")
+    with capsys.disabled():  # the split between job overhead and the run, for `pytest -s`
+        print(f"\nsubmit to SUCCEEDED: {time.perf_counter() - started:.1f} s, of which the run "
+              f"itself {summary['wall_seconds']:.1f} s")
 
     assert main(["jobs", "status", "no-such-job", "--address", address]) == 2
     assert "no job 'no-such-job'" in capsys.readouterr().err
