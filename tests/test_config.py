@@ -36,10 +36,16 @@ def problems_of(raw: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path: Path) -> None:
-    """Training configs as JobConfig; mining configs (a [teacher] table) as MineConfig."""
+    """Training configs as JobConfig; mining configs (a [teacher] table) as MineConfig;
+    search configs (a [search] table) as a tune job over a valid training config."""
     from jobs.config import read_toml
     from jobs.mine import MineConfig, load_mine_config
+    from jobs.tune import load_tune_config
 
+    if "search" in read_toml(path):
+        job = load_tune_config(path)
+        assert isinstance(job.base, JobConfig) and job.dimensions
+        return
     if "teacher" in read_toml(path):
         mine = load_mine_config(path)
         assert isinstance(mine, MineConfig)
