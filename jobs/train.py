@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -108,17 +110,18 @@ def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
     try:
         if cfg.data.batches == "packed":
             packed_plan = load_plan(
-                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers
+                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
+                storage=cfg.storage,
             )
         else:
-            train_files = resolve_shards(cfg.data.train, "data.train")
-            check_schema(train_files, cfg.data, "data.train")
+            train_files = resolve_shards(cfg.data.train, "data.train", cfg.storage)
+            check_schema(train_files, cfg.data, "data.train", cfg.storage)
     except DataError as err:
         problems.extend(err.problems)
     try:
-        eval_files = resolve_shards(cfg.data.eval, "data.eval") if cfg.data.eval else []
+        eval_files = resolve_shards(cfg.data.eval, "data.eval", cfg.storage) if cfg.data.eval else []
         if eval_files:
-            check_schema(eval_files, cfg.data.without_negatives(), "data.eval")
+            check_schema(eval_files, cfg.data.without_negatives(), "data.eval", cfg.storage)
     except DataError as err:
         problems.extend(err.problems)
     if problems:
@@ -167,7 +170,7 @@ def _remote_user_error(exc: BaseException) -> tuple[str, str] | None:
     return found
 
 
-def _failure_message(exc: BaseException, log_path: Path) -> str:
+def _failure_message(exc: BaseException, log_path: Path | str) -> str:
     rank = None
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -185,6 +188,93 @@ def _failure_message(exc: BaseException, log_path: Path) -> str:
 
 def _list_checkpoints(run_dir: Path) -> list[str]:
     return sorted(str(p) for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+DRIVER_FILES = ("config.toml", "metrics.jsonl", "summary.json", "error.log", "quarantine.parquet",
+                "quarantine-eval.parquet")
+"""What the driver writes into a run directory (Ray Train writes the checkpoints, rank 0
+the export)."""
+
+
+class RunLocation:
+    """Where a run's files go. A local run directory is written in place. For a run
+    directory on S3 (``run.output_dir = "s3://..."``) the driver writes its files into a
+    local staging directory (``$TMPDIR/clray-run-*``, removed when the run returns) and
+    ``sync`` uploads them; Ray Train writes checkpoints straight to S3 and rank 0 uploads
+    the export, so nothing of the run lives only on the driver's disk once it returns.
+    Checking that the location is writable first makes a missing bucket, denied writes or
+    a wrong endpoint fail before Ray starts, naming run.output_dir."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        from pipelines import storage
+
+        self.cfg = cfg
+        self.uri = cfg.run_uri
+        self.remote = storage.is_s3(self.uri)
+        if not self.remote:
+            self.local = cfg.run_dir
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        storage.check_writable(self.uri, cfg.storage, "run.output_dir")
+        self.local = Path(tempfile.mkdtemp(prefix="clray-run-"))
+        # metrics.jsonl is appended to across starts of a run, as it is locally.
+        metrics = storage.join(self.uri, "metrics.jsonl")
+        if storage.is_file(metrics, cfg.storage):
+            (self.local / "metrics.jsonl").write_bytes(storage.read_bytes(metrics, cfg.storage))
+
+    def path(self, name: str) -> str:
+        """Where ``name`` ends up: the staged file's final location."""
+        from pipelines import storage
+
+        return storage.join(self.uri, name)
+
+    def final(self, local_path: str | None) -> str | None:
+        """A staged path as its final location (other paths, e.g. a plan's, unchanged)."""
+        if not self.remote or local_path is None or Path(local_path).parent != self.local:
+            return local_path
+        return self.path(Path(local_path).name)
+
+    def sync(self) -> None:
+        """Upload the driver's files; a quarantine file this start did not write is removed
+        remotely too, so its presence always describes the latest pass (as locally)."""
+        from pipelines import storage
+
+        if not self.remote:
+            return
+        for name in DRIVER_FILES:
+            staged = self.local / name
+            if staged.is_file():
+                storage.upload(staged, self.path(name), self.cfg.storage)
+            elif name.startswith("quarantine"):
+                storage.delete(self.path(name), self.cfg.storage)
+
+    def checkpoints(self) -> list[str]:
+        from pipelines import storage
+
+        if not self.remote:
+            return _list_checkpoints(self.local)
+        return [d for d in storage.list_dirs(self.uri, self.cfg.storage) if d.rsplit("/", 1)[-1].startswith("checkpoint_")]
+
+    def export_dir(self) -> str | None:
+        from pipelines import storage
+
+        export = self.path("export")
+        return export if storage.is_dir(export, self.cfg.storage) else None
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _storage_run_config(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: checkpoints live under ``output_dir/name``, on S3
+    through the same filesystem the data uses, so a rerun on any node resumes from them."""
+    from pipelines import storage
+
+    if not storage.is_s3(cfg.run.output_dir):
+        return {"storage_path": str(run_dir.parent)}
+    fs, inner = storage.filesystem(cfg.run.output_dir, cfg.storage)
+    return {"storage_path": inner, "storage_filesystem": fs}
 
 
 def run_training(
@@ -208,9 +298,27 @@ def run_training(
         raise ValueError(f"stop_epoch must be at least 1 (the epochs to train), got {stop_epoch}")
     train_files, eval_files, packed_plan = _check_data(cfg)
 
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    location = RunLocation(cfg)
+    try:
+        return _run(cfg, location, train_files, eval_files, packed_plan, started, verbose, on_event, stop_epoch)
+    finally:
+        location.close()
+
+
+def _run(
+    cfg: JobConfig,
+    location: RunLocation,
+    train_files: list[str],
+    eval_files: list[str],
+    packed_plan: Any,
+    started: float,
+    verbose: bool,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    stop_epoch: int | None,
+) -> TrainSummary:
+    run_dir = location.local
     (run_dir / "config.toml").write_text(dump_toml(cfg))
+    location.sync()
 
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -241,6 +349,7 @@ def run_training(
                 num_workers=cfg.scaling.num_workers,
                 quarantine_path=quarantine_path,
                 eval_files=eval_files,
+                storage=cfg.storage,
             )
             per_epoch, skipped = packed.steps_per_epoch, packed.skipped_batches
             report, eval_ds, num_rows = packed.report, packed.eval, packed_plan.rows_per_epoch
@@ -254,11 +363,13 @@ def run_training(
                 seed=cfg.run.seed,
                 train_files=train_files,
                 eval_files=eval_files,
+                storage=cfg.storage,
             )
             per_epoch = steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size)
             report, eval_ds, num_rows = prepared.report, prepared.eval, prepared.num_train_rows
             train_datasets = [prepared.train]
     except DataError:
+        location.sync()
         raise
     except Exception as exc:  # a Ray Data task failed: surface the user's error, not Ray's
         root = _root_cause(exc)
@@ -280,7 +391,7 @@ def run_training(
     datasets = dict(zip(plan.dataset_names, train_datasets, strict=True))
     if on_event:
         event = {"event": "data", "plan": asdict(plan), "quarantined": report.quarantined_rows,
-                 "quarantine_path": report.quarantine_path, "reasons": dict(report.reasons)}
+                 "quarantine_path": location.final(report.quarantine_path), "reasons": dict(report.reasons)}
         if packed_plan is not None:
             event["packed"] = {
                 "plan_dir": packed_plan.directory,
@@ -296,7 +407,7 @@ def run_training(
     progress = Queue(actor_options={"num_cpus": 0})
     if eval_ds is not None:
         datasets["eval"] = eval_ds
-    export_dir = run_dir / "export"
+    export_dir = location.path("export")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -304,7 +415,7 @@ def run_training(
             "plan": asdict(plan),
             "progress": progress,
             "has_eval": eval_ds is not None,
-            "export_dir": str(export_dir),
+            "export_dir": export_dir,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -315,7 +426,7 @@ def run_training(
         dataset_config=DataConfig(datasets_to_split=plan.dataset_names),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(run_dir.parent),
+            **_storage_run_config(cfg, run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -355,10 +466,10 @@ def run_training(
         metrics_file.close()
 
     if "error" in outcome:
-        log_path = run_dir / "error.log"
         exc = outcome["error"]
-        log_path.write_text("".join(traceback.format_exception(exc)))
-        raise TrainingError(_failure_message(exc, log_path)) from None
+        (run_dir / "error.log").write_text("".join(traceback.format_exception(exc)))
+        location.sync()
+        raise TrainingError(_failure_message(exc, location.path("error.log"))) from None
 
     # Ray Train V2's Result carries the metrics of the latest *checkpoint* report, so the
     # end-of-run evaluation comes from rank 0's event stream instead.
@@ -372,16 +483,16 @@ def run_training(
     }
     resumed = next((e["step"] for e in events if e.get("event") == "resumed"), None)
     summary = TrainSummary(
-        run_dir=str(run_dir),
+        run_dir=location.uri,
         steps=int(final.get("step", 0)),
         epochs=int(final.get("epoch", 0)),
         steps_per_epoch=per_epoch,
         train_rows=num_rows,
         quarantined_rows=report.quarantined_rows,
-        quarantine_path=report.quarantine_path,
+        quarantine_path=location.final(report.quarantine_path),
         quarantine_reasons=dict(report.reasons),
-        checkpoints=_list_checkpoints(run_dir),
-        export_dir=str(export_dir) if export_dir.exists() else None,
+        checkpoints=location.checkpoints(),
+        export_dir=location.export_dir(),
         final_train={k: v for k, v in (train_events[-1] if train_events else {}).items() if isinstance(v, (int, float))},
         eval={k: float(v) for k, v in final.items() if k.startswith("eval/")},
         resumed_from_step=resumed,
@@ -393,4 +504,5 @@ def run_training(
         skipped_batches=skipped,
     )
     (run_dir / "summary.json").write_text(summary.to_json())
+    location.sync()
     return summary
