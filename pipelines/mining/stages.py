@@ -44,6 +44,7 @@ from pipelines.plan_format import (
     epoch_dir,
     write_json_atomic,
 )
+from pipelines.storage import StorageConfig
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -89,6 +90,7 @@ def embed_corpus(
     work: Path,
     fingerprint: str,
     use_gpu: bool,
+    storage: StorageConfig | None = None,
 ) -> bool:
     """Embed every valid row with the teacher (Ray Data, an actor pool) into
     ``work/embeddings/``; returns False when embeddings for ``fingerprint`` already exist.
@@ -111,7 +113,7 @@ def embed_corpus(
     previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5)
+        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5, storage=storage)
         embedded = ds.map_batches(  # [ray]
             TeacherEmbedder,
             fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": data_cfg, "use_gpu": use_gpu},
@@ -421,12 +423,17 @@ def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningCon
 # ----------------------------------------------------------------------------- write
 
 
-def _corpus_table(files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str]) -> pa.Table:
+def _corpus_table(
+    files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str], storage: StorageConfig | None = None
+) -> pa.Table:
     """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
+    from pipelines.storage import filesystem
+
     names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
     if columns.label:
         names.append(columns.label)
-    table = pa.concat_tables([pq.read_table(f, columns=names) for f in files], promote_options="permissive")
+    parts = [pq.read_table(p, columns=names, filesystem=fs) for fs, p in (filesystem(f, storage) for f in files)]
+    table = pa.concat_tables(parts, promote_options="permissive")
     table = table.set_column(0, data_cfg.id_column, table.column(data_cfg.id_column).cast(pa.string()))
     position = {v: i for i, v in enumerate(table.column(data_cfg.id_column).to_pylist())}
     take = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
