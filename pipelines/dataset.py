@@ -26,7 +26,7 @@ from pipelines._compat import avoid_fsspec_http_import_race
 from pipelines.config import DataConfig
 from pipelines.errors import DataError
 from pipelines.sources import check_schema, required_columns, resolve_shards
-from pipelines.storage import StorageConfig, filesystem_for
+from pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
 from pipelines.validate import (
     PATH_COLUMN,
     ValidationReport,
@@ -403,6 +403,7 @@ def build_eval_dataset(
         positive_tower_cfg,
         quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
         num_cpus=task_cpus,
+        file_scheme=SCHEME if is_s3(eval_files[0]) else "",
     )
     eval_ds = model_inputs(
         read_shards(eval_files, eval_cfg, storage=storage),
@@ -463,6 +464,7 @@ def build_datasets(
         towers["positive"],
         quarantine_path=quarantine_path,
         num_cpus=task_cpus,
+        file_scheme=SCHEME if train_files and is_s3(train_files[0]) else "",
     )
     if report.valid_rows == 0:
         raise DataError(
