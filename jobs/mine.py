@@ -276,7 +276,7 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         t0 = time.perf_counter()
         use_gpu = _use_gpu(cfg.teacher)
         resumed["embed"] = not stages.embed_corpus(files, cfg.data, cfg.teacher, work, embed_fp, use_gpu, cfg.storage)
-        emb, report = stages.load_embeddings(work, out / "quarantine.parquet")
+        emb, report = stages.load_embeddings(work, out / "quarantine.parquet", "s3://" if st.is_s3(files[0]) else "")
         seconds["embed"] = time.perf_counter() - t0
         quarantine_at = st.join(out_uri, "quarantine.parquet") if report.quarantine_path else None
         event("quarantine", valid=report.valid_rows, quarantined=report.quarantined_rows,

@@ -289,6 +289,9 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
     assert "plans/digits/manifest.json" in keys and any(k.startswith("plans/digits/plans/epoch-00000/") for k in keys)
     assert not any("/work/" in k for k in keys)  # the work files stay in local staging
     assert not staging_dir(plan_uri).exists()  # removed once the plan is uploaded
+    quarantine = pq.read_table(pa.BufferReader(
+        _client(s3_endpoint).get_object(Bucket=BUCKET, Key="plans/digits/quarantine.parquet")["Body"].read()))
+    assert all(f.startswith(f"{s3_corpus}/train/part-") for f in quarantine.column("file").to_pylist())
     # The same command again is a no-op that reads the manifest from S3.
     assert run_mining(validate_mine_config(raw)).already_complete
 

@@ -132,17 +132,22 @@ def embed_corpus(
     return True
 
 
-def load_embeddings(work: Path, quarantine_path: Path) -> tuple[Embeddings, Any]:
+def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") -> tuple[Embeddings, Any]:
     """The embed stage's good rows sorted by id (the row numbering of every later stage),
     and its bad rows written to ``quarantine_path`` (id, reason, file; removed when there
-    are none) with a report."""
+    are none) with a report. ``file_scheme`` ("s3://" for a corpus on S3) goes back in
+    front of the file names, which Ray reports inside their filesystem ("bucket/key")."""
     from collections import Counter
 
     from pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
 
     table = pq.read_table(work / "embeddings")
     bad = table.filter(table.column("reason").is_valid())
-    bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA).sort_by([("file", "ascending"), ("id", "ascending")])
+    bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+    if file_scheme and bad.num_rows:
+        named = [None if f is None else file_scheme + f for f in bad.column("file").to_pylist()]
+        bad = bad.set_column(2, "file", pa.array(named, pa.string()))
+    bad = bad.sort_by([("file", "ascending"), ("id", "ascending")])
     table = table.filter(table.column("reason").is_null())
     if bad.num_rows:
         _write_atomic(bad, quarantine_path)
