@@ -356,6 +356,8 @@ class ProgressView:
 def _print_summary(console: Any, summary: Any) -> None:
     from rich.table import Table
 
+    from pipelines.storage import join
+
     table = Table(title=f"clray run: {summary.run_dir}", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -380,7 +382,7 @@ def _print_summary(console: Any, summary: Any) -> None:
             else "none (no bad rows)"
         )
     paths.add_row("quarantine", quarantine)
-    paths.add_row("metrics", str(Path(summary.run_dir) / "metrics.jsonl"))
+    paths.add_row("metrics", join(summary.run_dir, "metrics.jsonl"))  # run_dir may be s3://
     console.print(paths)
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from jobs.remine import RemineConfig, remine_problems
 from models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
 from pipelines.config import DataConfig
+from pipelines.storage import StorageConfig, is_s3, join, normalize
 
 
 class ConfigError(Exception):
@@ -33,7 +34,9 @@ class RunConfig(Strict):
     """Run name; the run directory is output_dir/name. Starting a run again with the
     same name resumes from its latest checkpoint."""
     output_dir: str = "runs"
-    """Where run directories live (relative paths are taken from the working directory)."""
+    """Where run directories live: a local directory (relative paths are taken from the
+    working directory) or an s3://bucket/prefix URI (checkpoints, export, metrics and
+    reports then all go there; see [storage])."""
     seed: int = 0
     """Seeds model init, shuffling and dropout."""
 
@@ -102,6 +105,8 @@ class JobConfig(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     remine: RemineConfig = Field(default_factory=RemineConfig)
     """Re-mine the packed plan between epochs with the current model as teacher."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How to reach s3:// URIs (endpoint, region); credentials come from the AWS chain."""
 
     @model_validator(mode="after")
     def _siglip_defaults(self) -> JobConfig:
@@ -120,7 +125,15 @@ class JobConfig(Strict):
 
     @property
     def run_dir(self) -> Path:
+        """The local run directory; for a run on S3 use ``run_uri``."""
         return Path(self.run.output_dir).expanduser().absolute() / self.run.name
+
+    @property
+    def run_uri(self) -> str:
+        """The run directory as a location: an absolute local path or ``s3://bucket/prefix/name``."""
+        if is_s3(self.run.output_dir):
+            return join(normalize(self.run.output_dir), self.run.name)
+        return str(self.run_dir)
 
 
 def cross_field_problems(cfg: JobConfig) -> list[str]:
@@ -175,6 +188,14 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
         problems.append(
             f'data.batches = "packed" trains on one plan directory written by `clray mine`, but '
             f"data.train has {len(cfg.data.train)} entries: give exactly one (the plan directory)"
+        )
+    if is_s3(cfg.run.output_dir) and not normalize(cfg.run.output_dir)[len("s3://"):].strip("/"):
+        problems.append(f"run.output_dir = {cfg.run.output_dir!r} names no bucket: write s3://bucket/prefix")
+    if is_s3(cfg.run.output_dir) and cfg.remine.every_epochs:
+        problems.append(
+            "remine.every_epochs with run.output_dir on S3 is not supported (the re-mining teacher is "
+            "the run's export, read from a local directory): use a local run.output_dir, or re-mine "
+            "between runs with `clray mine`"
         )
     problems.extend(_loss_problems(cfg))
     problems.extend(remine_problems(cfg))

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from models.config import Strict
 from pipelines.config import DataConfig
 from pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
+from pipelines.storage import StorageConfig
 
 
 class MineConfig(Strict):
@@ -36,6 +37,8 @@ class MineConfig(Strict):
     teacher: TeacherConfig
     mining: MiningConfig
     output: OutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How to reach s3:// URIs in data.train and output.dir; credentials from the AWS chain."""
 
     @model_validator(mode="after")
     def _no_negatives(self) -> MineConfig:
@@ -85,24 +88,33 @@ def _hash(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
-def _corpus_fingerprint(files: list[str]) -> list[dict[str, Any]]:
+def _corpus_fingerprint(files: list[str], storage: StorageConfig | None = None) -> list[dict[str, Any]]:
+    from pipelines import storage as st_mod
+
     out = []
     for f in files:
+        if st_mod.is_s3(f):
+            fs, inner = st_mod.filesystem(f, storage)
+            info = fs.get_file_info(inner)
+            out.append({"file": f, "bytes": info.size, "mtime_ns": info.mtime_ns})
+            continue
         st = os.stat(f)
         out.append({"file": f, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
 
-def _check_ids(files: list[str], data_cfg: DataConfig) -> None:
+def _check_ids(files: list[str], data_cfg: DataConfig, storage: StorageConfig | None = None) -> None:
     """Ids name rows in plans and negatives, so they must be unique over the corpus."""
     import pyarrow.parquet as pq
 
     from pipelines.errors import DataError
+    from pipelines.storage import filesystem
 
     seen: dict[str, str] = {}
     dups: list[str] = []
     for f in files:
-        for value in pq.read_table(f, columns=[data_cfg.id_column]).column(0).to_pylist():
+        fs, inner = filesystem(f, storage)
+        for value in pq.read_table(inner, columns=[data_cfg.id_column], filesystem=fs).column(0).to_pylist():
             if value is None:
                 continue  # quarantined as a null id
             key = str(value)
@@ -144,9 +156,9 @@ def check_mine(cfg: MineConfig) -> list[str]:
 
     problems = teacher_problems(cfg.teacher, cfg.data)
     try:
-        files = resolve_shards(cfg.data.train, "data.train")
-        check_schema(files, cfg.data, "data.train")
-        _check_ids(files, cfg.data)
+        files = resolve_shards(cfg.data.train, "data.train", cfg.storage)
+        check_schema(files, cfg.data, "data.train", cfg.storage)
+        _check_ids(files, cfg.data, cfg.storage)
     except DataError as err:
         problems.extend(err.problems)
         files = []
@@ -203,33 +215,47 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         if on_event:
             on_event({"event": name, **data})
 
+    from pipelines import storage as st
+
     started = time.perf_counter()
     files = check_mine(cfg)
-    out = Path(cfg.output.dir).expanduser().absolute()
+    if st.is_s3(cfg.output.dir):
+        # The plan goes to S3; the job works in a local staging directory that a killed
+        # job finds again on the same machine (so the resume rules hold), and uploads the
+        # plan at the end, manifest last.
+        out_uri = st.normalize(cfg.output.dir)
+        st.check_writable(out_uri, cfg.storage, "output.dir")
+        out = staging_dir(out_uri)
+    else:
+        out = Path(cfg.output.dir).expanduser().absolute()
+        out_uri = str(out)
+    remote = out_uri != str(out)
     columns = plan_columns(cfg)
     teacher_fp = teacher_fingerprint(cfg.teacher)
     embed_fp = _hash({"data": cfg.data.model_dump(mode="json", include={"train", "anchor", "positive", "id_column",
                                                                            "label_column"}),
-                      "corpus": _corpus_fingerprint(files), "teacher": teacher_fp,
+                      "corpus": _corpus_fingerprint(files, cfg.storage), "teacher": teacher_fp,
                       "teacher_cfg": cfg.teacher.model_dump(include={"pooling", "max_length", "kind"})})
     mining_params = {**cfg.mining.model_dump(mode="json"), "target_community_size": cfg.mining.target_community_size}
     plan_fp = _hash({"embed": embed_fp, "mining": mining_params, "format": MANIFEST_VERSION})
 
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.is_file():
+    final_manifest = st.join(out_uri, MANIFEST_NAME)
+    if st.is_file(final_manifest, cfg.storage):
         try:
-            existing = read_manifest(out)
+            existing = read_manifest(out_uri, cfg.storage)
         except PlanFormatError:
             existing = {}
         if existing.get("fingerprint") == plan_fp:
-            event("complete", path=str(manifest_path))
-            return _summary(out, existing, already_complete=True)
+            event("complete", path=final_manifest)
+            return _summary(out_uri, existing, already_complete=True)
         if not overwrite:
             raise MineError(
-                f"{out} already holds a complete plan mined with other settings, teacher or corpus "
+                f"{out_uri} already holds a complete plan mined with other settings, teacher or corpus "
                 f"(its {MANIFEST_NAME} differs): pass --overwrite to replace it or set output.dir to a new directory"
             )
-        manifest_path.unlink()
+        st.delete(final_manifest, cfg.storage)
+        manifest_path.unlink(missing_ok=True)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     if (stages._read_json(work / "plan.json") or {}).get("fingerprint") != plan_fp:
@@ -249,11 +275,12 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
     try:
         t0 = time.perf_counter()
         use_gpu = _use_gpu(cfg.teacher)
-        resumed["embed"] = not stages.embed_corpus(files, cfg.data, cfg.teacher, work, embed_fp, use_gpu)
-        emb, report = stages.load_embeddings(work, out / "quarantine.parquet")
+        resumed["embed"] = not stages.embed_corpus(files, cfg.data, cfg.teacher, work, embed_fp, use_gpu, cfg.storage)
+        emb, report = stages.load_embeddings(work, out / "quarantine.parquet", "s3://" if st.is_s3(files[0]) else "")
         seconds["embed"] = time.perf_counter() - t0
+        quarantine_at = st.join(out_uri, "quarantine.parquet") if report.quarantine_path else None
         event("quarantine", valid=report.valid_rows, quarantined=report.quarantined_rows,
-              path=report.quarantine_path, reasons=report.reasons)
+              path=quarantine_at, reasons=report.reasons)
         event("embedded", rows=len(emb.ids), dim=int(emb.anchors.shape[1]), reused=resumed["embed"], gpu=use_gpu)
 
         n = len(emb.ids)
@@ -282,7 +309,7 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         event("planned", statistics=statistics)
 
         t0 = time.perf_counter()
-        corpus = stages._corpus_table(files, cfg.data, columns, emb.ids)
+        corpus = stages._corpus_table(files, cfg.data, columns, emb.ids, cfg.storage)
         epochs = []
         for ep in plans:
             expected = math.ceil(len(ep.plan.batches) / cfg.mining.batches_per_file)
@@ -305,7 +332,9 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         root = _root_cause(exc)
         last = next((ln for ln in reversed(str(root).strip().splitlines()) if ln.strip()), type(root).__name__)
         (out / "error.log").write_text(repr(exc))
-        raise MineError(f"mining failed: {type(root).__name__}: {last}\n  details: {out / 'error.log'}") from None
+        if remote:
+            st.upload(out / "error.log", st.join(out_uri, "error.log"), cfg.storage)
+        raise MineError(f"mining failed: {type(root).__name__}: {last}\n  details: {st.join(out_uri, 'error.log')}") from None
 
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -328,18 +357,50 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
     write_json_atomic(manifest_path, manifest)
     seconds["total"] = time.perf_counter() - started
     write_json_atomic(out / "timings.json", {k: round(v, 3) for k, v in seconds.items()})
-    return _summary(out, manifest, resumed=resumed, seconds=seconds)
+    if remote:
+        publish_plan(out, out_uri, cfg.storage)
+    return _summary(out_uri, manifest, resumed=resumed, seconds=seconds)
 
 
-def _summary(out: Path, manifest: dict[str, Any], *, already_complete: bool = False,
+def staging_dir(out_uri: str) -> Path:
+    """Local working copy of a plan directory on S3: ``$TMPDIR/clray-mine-<hash of the
+    URI>``, the same on every start so a killed job resumes its stages; removed once the
+    plan is uploaded."""
+    import tempfile
+
+    digest = hashlib.blake2b(out_uri.encode(), digest_size=8).hexdigest()
+    return Path(tempfile.gettempdir()) / f"clray-mine-{digest}"
+
+
+def publish_plan(local: Path, out_uri: str, storage: StorageConfig) -> None:
+    """Upload a finished plan: plans and reports first, ``manifest.json`` last, so a reader
+    on S3 sees a complete plan or none (the local rule). Plans of an earlier, replaced job
+    are removed first; the work files stay behind (they are this machine's cache)."""
+    from pipelines import storage as st
+    from pipelines.plan_format import MANIFEST_NAME
+
+    st.delete(st.join(out_uri, "plans"), storage)
+    st.upload(local / "plans", st.join(out_uri, "plans"), storage)
+    for name in ("quarantine.parquet", "timings.json"):
+        if (local / name).is_file():
+            st.upload(local / name, st.join(out_uri, name), storage)
+        else:
+            st.delete(st.join(out_uri, name), storage)
+    st.upload(local / MANIFEST_NAME, st.join(out_uri, MANIFEST_NAME), storage)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _summary(out: str | Path, manifest: dict[str, Any], *, already_complete: bool = False,
              resumed: dict[str, bool] | None = None, seconds: dict[str, float] | None = None) -> MineSummary:
+    from pipelines.storage import join
+
     epochs = manifest["epochs"]
     return MineSummary(
         out_dir=str(out),
-        manifest=str(out / "manifest.json"),
+        manifest=join(out, "manifest.json"),
         rows=manifest["rows"],
         quarantined_rows=manifest["quarantined_rows"],
-        quarantine_path=str(out / manifest["quarantine_path"]) if manifest.get("quarantine_path") else None,
+        quarantine_path=join(out, manifest["quarantine_path"]) if manifest.get("quarantine_path") else None,
         epochs=len(epochs),
         batches_per_epoch=epochs[0]["num_batches"],
         remainder_per_epoch=[e["num_remainder"] for e in epochs],

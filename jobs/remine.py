@@ -94,6 +94,7 @@ def _mine_config(cfg: Any, first_manifest: dict[str, Any], teacher_dir: Path, ep
         teacher=TeacherConfig(path=str(teacher_dir), **cfg.remine.teacher),
         mining=MiningConfig.model_validate(parameters),
         output=OutputConfig(dir=str(out_dir)),
+        storage=cfg.storage,  # the corpus may be on S3
     )
 
 
@@ -107,13 +108,14 @@ def run_with_remining(
     from jobs.mine import run_mining
     from jobs.train import run_training
     from pipelines.plan_format import read_manifest, write_json_atomic
+    from pipelines.storage import normalize
 
     if not cfg.remine.every_epochs:
         return run_training(cfg, verbose=verbose, on_event=on_event)
     every, epochs = cfg.remine.every_epochs, cfg.train.epochs
     run_dir = cfg.run_dir
-    first_plan = str(Path(cfg.data.train[0]).expanduser().absolute())
-    first_manifest = read_manifest(first_plan)
+    first_plan = normalize(cfg.data.train[0])  # a local path or an s3:// plan
+    first_manifest = read_manifest(first_plan, cfg.storage)
     state_path = run_dir / STATE_FILE
     state = {"plan": first_plan, "from_epoch": 0, "plans": [{"plan": first_plan, "from_epoch": 0}]}
     if state_path.is_file():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig, dump_toml
+from jobs.rundir import RunLocation
 from jobs.worker import RECORD_BATCHES_ENV, Plan, train_loop_per_worker
 
 
@@ -108,17 +109,18 @@ def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
     try:
         if cfg.data.batches == "packed":
             packed_plan = load_plan(
-                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers
+                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
+                storage=cfg.storage,
             )
         else:
-            train_files = resolve_shards(cfg.data.train, "data.train")
-            check_schema(train_files, cfg.data, "data.train")
+            train_files = resolve_shards(cfg.data.train, "data.train", cfg.storage)
+            check_schema(train_files, cfg.data, "data.train", cfg.storage)
     except DataError as err:
         problems.extend(err.problems)
     try:
-        eval_files = resolve_shards(cfg.data.eval, "data.eval") if cfg.data.eval else []
+        eval_files = resolve_shards(cfg.data.eval, "data.eval", cfg.storage) if cfg.data.eval else []
         if eval_files:
-            check_schema(eval_files, cfg.data.without_negatives(), "data.eval")
+            check_schema(eval_files, cfg.data.without_negatives(), "data.eval", cfg.storage)
     except DataError as err:
         problems.extend(err.problems)
     if problems:
@@ -167,7 +169,7 @@ def _remote_user_error(exc: BaseException) -> tuple[str, str] | None:
     return found
 
 
-def _failure_message(exc: BaseException, log_path: Path) -> str:
+def _failure_message(exc: BaseException, log_path: Path | str) -> str:
     rank = None
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -181,10 +183,6 @@ def _failure_message(exc: BaseException, log_path: Path) -> str:
         name, last = remote
     where = f"worker rank {rank}" if rank is not None else "the trainer"
     return f"training failed on {where}: {name}: {last}\n  full traceback: {log_path}"
-
-
-def _list_checkpoints(run_dir: Path) -> list[str]:
-    return sorted(str(p) for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
 def run_training(
@@ -214,9 +212,30 @@ def run_training(
         raise ValueError(f"stop_epoch must be at least 1 (the epochs to train), got {stop_epoch}")
     train_files, eval_files, packed_plan = _check_data(cfg)
 
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    location = RunLocation(cfg)
+    try:
+        return _run(cfg, location, train_files, eval_files, packed_plan, started, verbose, on_event, stop_epoch,
+                    start_from, adopt_config)
+    finally:
+        location.close()
+
+
+def _run(
+    cfg: JobConfig,
+    location: RunLocation,
+    train_files: list[str],
+    eval_files: list[str],
+    packed_plan: Any,
+    started: float,
+    verbose: bool,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    stop_epoch: int | None,
+    start_from: str | None = None,
+    adopt_config: bool = False,
+) -> TrainSummary:
+    run_dir = location.local
     (run_dir / "config.toml").write_text(dump_toml(cfg))
+    location.sync()
 
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -247,6 +266,7 @@ def run_training(
                 num_workers=cfg.scaling.num_workers,
                 quarantine_path=quarantine_path,
                 eval_files=eval_files,
+                storage=cfg.storage,
             )
             per_epoch, skipped = packed.steps_per_epoch, packed.skipped_batches
             report, eval_ds, num_rows = packed.report, packed.eval, packed_plan.rows_per_epoch
@@ -260,11 +280,13 @@ def run_training(
                 seed=cfg.run.seed,
                 train_files=train_files,
                 eval_files=eval_files,
+                storage=cfg.storage,
             )
             per_epoch = steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size)
             report, eval_ds, num_rows = prepared.report, prepared.eval, prepared.num_train_rows
             train_datasets = [prepared.train]
     except DataError:
+        location.sync()
         raise
     except Exception as exc:  # a Ray Data task failed: surface the user's error, not Ray's
         root = _root_cause(exc)
@@ -286,7 +308,7 @@ def run_training(
     datasets = dict(zip(plan.dataset_names, train_datasets, strict=True))
     if on_event:
         event = {"event": "data", "plan": asdict(plan), "quarantined": report.quarantined_rows,
-                 "quarantine_path": report.quarantine_path, "reasons": dict(report.reasons)}
+                 "quarantine_path": location.final(report.quarantine_path), "reasons": dict(report.reasons)}
         if packed_plan is not None:
             event["packed"] = {
                 "plan_dir": packed_plan.directory,
@@ -302,7 +324,7 @@ def run_training(
     progress = Queue(actor_options={"num_cpus": 0})
     if eval_ds is not None:
         datasets["eval"] = eval_ds
-    export_dir = run_dir / "export"
+    export_dir = location.path("export")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -310,7 +332,7 @@ def run_training(
             "plan": asdict(plan),
             "progress": progress,
             "has_eval": eval_ds is not None,
-            "export_dir": str(export_dir),
+            "export_dir": export_dir,
             "start_from": start_from,
             "adopt_config": adopt_config,
         },
@@ -323,7 +345,7 @@ def run_training(
         dataset_config=DataConfig(datasets_to_split=plan.dataset_names),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(run_dir.parent),
+            **location.run_config_storage(),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -363,10 +385,10 @@ def run_training(
         metrics_file.close()
 
     if "error" in outcome:
-        log_path = run_dir / "error.log"
         exc = outcome["error"]
-        log_path.write_text("".join(traceback.format_exception(exc)))
-        raise TrainingError(_failure_message(exc, log_path)) from None
+        (run_dir / "error.log").write_text("".join(traceback.format_exception(exc)))
+        location.sync()
+        raise TrainingError(_failure_message(exc, location.path("error.log"))) from None
 
     # Ray Train V2's Result carries the metrics of the latest *checkpoint* report, so the
     # end-of-run evaluation comes from rank 0's event stream instead.
@@ -380,16 +402,16 @@ def run_training(
     }
     resumed = next((e["step"] for e in events if e.get("event") == "resumed"), None)
     summary = TrainSummary(
-        run_dir=str(run_dir),
+        run_dir=location.uri,
         steps=int(final.get("step", 0)),
         epochs=int(final.get("epoch", 0)),
         steps_per_epoch=per_epoch,
         train_rows=num_rows,
         quarantined_rows=report.quarantined_rows,
-        quarantine_path=report.quarantine_path,
+        quarantine_path=location.final(report.quarantine_path),
         quarantine_reasons=dict(report.reasons),
-        checkpoints=_list_checkpoints(run_dir),
-        export_dir=str(export_dir) if export_dir.exists() else None,
+        checkpoints=location.checkpoints(),
+        export_dir=location.export_dir(),
         final_train={k: v for k, v in (train_events[-1] if train_events else {}).items() if isinstance(v, (int, float))},
         eval={k: float(v) for k, v in final.items() if k.startswith("eval/")},
         resumed_from_step=resumed,
@@ -401,4 +423,5 @@ def run_training(
         skipped_batches=skipped,
     )
     (run_dir / "summary.json").write_text(summary.to_json())
+    location.sync()
     return summary

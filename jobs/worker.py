@@ -281,7 +281,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is None and config.get("start_from"):
         # A new run that starts from another run's checkpoint (a PBT exploit). Once this
         # run has checkpoints of its own, a restart resumes those instead.
-        checkpoint = ray.train.Checkpoint(config["start_from"])  # [ray]
+        from pipelines import storage
+
+        fs, inner = storage.filesystem(config["start_from"], cfg.storage)
+        checkpoint = ray.train.Checkpoint(inner, filesystem=fs)  # [ray]
         adopt = bool(config.get("adopt_config"))
     if checkpoint is not None:
         state = restore_checkpoint(engine, checkpoint, rank)
@@ -445,16 +448,28 @@ def adopt_config(engine: Any, cfg: JobConfig) -> None:
 
 
 def _export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
-    """Rank 0 writes the HF-format export; under ZeRO-3 all ranks first gather the weights."""
+    """Rank 0 writes the HF-format export; under ZeRO-3 all ranks first gather the weights.
+    An ``s3://`` export is written to a local temporary directory on rank 0's node and
+    uploaded from there (the driver may be on another machine)."""
     from models.export import export_model
+    from pipelines import storage
+
+    def write() -> None:
+        if not storage.is_s3(export_dir):
+            export_model(engine.module, cfg.model, export_dir)
+            return
+        with tempfile.TemporaryDirectory(prefix="clray-export-") as tmp:
+            local = export_model(engine.module, cfg.model, Path(tmp) / "export")
+            storage.delete(export_dir, cfg.storage)  # no stale files from an earlier export
+            storage.upload(local, export_dir, cfg.storage)
 
     if cfg.train.zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if rank == 0:
-                export_model(engine.module, cfg.model, export_dir)
+                write()
     elif rank == 0:
-        export_model(engine.module, cfg.model, export_dir)
+        write()
     if dist.is_initialized():
         dist.barrier()

@@ -26,6 +26,7 @@ from pipelines._compat import avoid_fsspec_http_import_race
 from pipelines.config import DataConfig
 from pipelines.errors import DataError
 from pipelines.sources import check_schema, required_columns, resolve_shards
+from pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
 from pipelines.validate import (
     PATH_COLUMN,
     ValidationReport,
@@ -136,13 +137,16 @@ def read_shards(
     include_paths: bool = False,
     shuffle_files_seed: int | None = None,
     num_cpus: float | None = None,
+    storage: StorageConfig | None = None,
 ) -> ray.data.Dataset:
     """Read only the columns the config names, from an already-resolved file list.
 
     ``include_paths`` adds the source file as a ``path`` column for the quarantine
     report; it is skipped when a data column is itself called ``path`` (Ray would
     silently overwrite it). ``shuffle_files_seed`` shuffles file order with a
-    different, reproducible order on every execution (epoch).
+    different, reproducible order on every execution (epoch). ``s3://`` files are read
+    through the S3 filesystem of ``storage`` (pickled to the read tasks without keys;
+    each task's process finds credentials in its own AWS environment).
     """
     import ray.data
 
@@ -151,9 +155,11 @@ def read_shards(
     shuffle = None
     if shuffle_files_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=True)
+    fs, paths = filesystem_for(files, storage)
     with _legacy_parquet_reader():
         return ray.data.read_parquet(
-            files,
+            paths,
+            filesystem=fs,
             columns=columns,
             include_paths=include_paths and PATH_COLUMN not in columns,
             shuffle=shuffle,
@@ -327,7 +333,7 @@ class PreparedData:
     eval_files: list[str] = field(default_factory=list)
 
 
-def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
+def _resolve_and_check(data_cfg: DataConfig, storage: StorageConfig | None = None) -> tuple[list[str], list[str]]:
     # Both splits are resolved and checked before raising, so one error lists them all.
     problems: list[str] = []
     resolved: dict[str, list[str]] = {"train": [], "eval": []}
@@ -337,8 +343,8 @@ def _resolve_and_check(data_cfg: DataConfig) -> tuple[list[str], list[str]]:
             continue
         key = f"data.{split}"
         try:
-            resolved[split] = resolve_shards(specs, key)
-            check_schema(resolved[split], data_cfg if split == "train" else data_cfg.without_negatives(), key)
+            resolved[split] = resolve_shards(specs, key, storage)
+            check_schema(resolved[split], data_cfg if split == "train" else data_cfg.without_negatives(), key, storage)
         except DataError as err:
             problems.extend(err.problems)
     if problems:
@@ -381,6 +387,7 @@ def build_eval_dataset(
     *,
     quarantine_path: str | os.PathLike[str],
     include_ids: bool = False,
+    storage: StorageConfig | None = None,
 ) -> tuple[ray.data.Dataset | None, ValidationReport | None]:
     """The held-out split's model inputs in file order and its quarantine report
     (written to ``sibling_quarantine_path(quarantine_path, "eval")``); (None, None)
@@ -390,15 +397,16 @@ def build_eval_dataset(
     eval_cfg = data_cfg.without_negatives()
     task_cpus = data_task_cpus(data_cfg)
     eval_report = quarantine_pass(
-        read_shards(eval_files, eval_cfg, include_paths=True),
+        read_shards(eval_files, eval_cfg, include_paths=True, storage=storage),
         eval_cfg,
         anchor_tower_cfg,
         positive_tower_cfg,
         quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
         num_cpus=task_cpus,
+        file_scheme=SCHEME if is_s3(eval_files[0]) else "",
     )
     eval_ds = model_inputs(
-        read_shards(eval_files, eval_cfg),
+        read_shards(eval_files, eval_cfg, storage=storage),
         eval_cfg,
         anchor_tower_cfg,
         positive_tower_cfg,
@@ -417,6 +425,7 @@ def build_datasets(
     train_files: list[str] | None = None,
     eval_files: list[str] | None = None,
     include_ids: bool = False,
+    storage: StorageConfig | None = None,
 ) -> PreparedData:
     """Resolve, check, validate and wire up the train and eval datasets.
 
@@ -425,7 +434,9 @@ def build_datasets(
     Eval rows are quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``.
     ``train_files``/``eval_files``: lists the caller already resolved and schema-checked
     (``resolve_shards`` + ``check_schema``); when None, that is done here. ``include_ids``
-    adds the string ``id`` column (see ``model_inputs``).
+    adds the string ``id`` column (see ``model_inputs``). ``storage``: how to reach
+    ``s3://`` shards. ``quarantine_path`` is a local file (a run on S3 stages it locally
+    and uploads it with the run directory).
 
     Shuffling (``data.shuffle``), seeded from ``seed`` so a rerun sees the same orders,
     with a different order every epoch (Ray re-seeds per execution):
@@ -442,17 +453,18 @@ def build_datasets(
     quiet_ray_data()
     towers = _towers(data_cfg, anchor_tower_cfg, positive_tower_cfg)
     if train_files is None or (eval_files is None and data_cfg.eval):
-        train_files, eval_files = _resolve_and_check(data_cfg)
+        train_files, eval_files = _resolve_and_check(data_cfg, storage)
     eval_files = eval_files or []
     task_cpus = data_task_cpus(data_cfg)
 
     report = quarantine_pass(
-        read_shards(train_files, data_cfg, include_paths=True),
+        read_shards(train_files, data_cfg, include_paths=True, storage=storage),
         data_cfg,
         towers["anchor"],
         towers["positive"],
         quarantine_path=quarantine_path,
         num_cpus=task_cpus,
+        file_scheme=SCHEME if train_files and is_s3(train_files[0]) else "",
     )
     if report.valid_rows == 0:
         raise DataError(
@@ -464,7 +476,7 @@ def build_datasets(
     if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(towers, data_cfg)):
         # Preprocess once; each epoch then only reorders blocks held in memory.
         train = model_inputs(
-            read_shards(train_files, data_cfg), data_cfg, towers["anchor"], towers["positive"],
+            read_shards(train_files, data_cfg, storage=storage), data_cfg, towers["anchor"], towers["positive"],
             include_ids=include_ids,
         ).materialize()
         if data_cfg.shuffle == "global":
@@ -473,9 +485,9 @@ def build_datasets(
             train = train.randomize_block_order(seed=seed_config)
     else:
         if data_cfg.shuffle == "local":
-            train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed)
+            train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed, storage=storage)
         else:
-            train_raw = read_shards(train_files, data_cfg)
+            train_raw = read_shards(train_files, data_cfg, storage=storage)
         if data_cfg.shuffle == "global":
             train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
         train = model_inputs(
@@ -484,7 +496,7 @@ def build_datasets(
 
     eval_ds, eval_report = build_eval_dataset(
         data_cfg, towers["anchor"], towers["positive"], eval_files,
-        quarantine_path=quarantine_path, include_ids=include_ids,
+        quarantine_path=quarantine_path, include_ids=include_ids, storage=storage,
     )
     return PreparedData(
         train=train,

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.preprocess import ImageDecodeError
+from pipelines import storage as st
 from pipelines._compat import avoid_fsspec_http_import_race
 from pipelines.config import DataConfig
 from pipelines.dataset import (
@@ -47,6 +48,7 @@ from pipelines.plan_format import (
     read_manifest,
 )
 from pipelines.sources import _list_of, _missing_column_problem, required_columns
+from pipelines.storage import StorageConfig, filesystem_for
 from pipelines.validate import PATH_COLUMN, ValidationReport, image_decodes, row_problems
 
 if TYPE_CHECKING:
@@ -160,7 +162,7 @@ def _column_problems(cols: PlanColumns, data_cfg: DataConfig, num_negatives: int
     return problems
 
 
-def _quarantine_path(manifest: dict[str, Any], out: Path) -> str | None:
+def _quarantine_path(manifest: dict[str, Any], out: Path | str, storage: StorageConfig | None = None) -> str | None:
     """The miner's quarantine file: the manifest's ``quarantine_path`` (relative to the
     plan directory; null when the miner rejected no row), else ``OUT/quarantine.parquet``
     if it exists."""
@@ -168,13 +170,18 @@ def _quarantine_path(manifest: dict[str, Any], out: Path) -> str | None:
         entry = manifest["quarantine_path"]
         if not entry:
             return None
-        path = out / entry
     else:
-        path = out / QUARANTINE_NAME
-    return str(path) if path.is_file() else None
+        entry = QUARANTINE_NAME
+    if st.is_s3(out):
+        path = st.join(str(out), entry)
+        return path if st.is_file(path, storage) else None
+    local = Path(out) / entry
+    return str(local) if local.is_file() else None
 
 
-def _epoch_plans(manifest: dict[str, Any], out: Path, problems: list[str]) -> list[EpochPlan]:
+def _epoch_plans(
+    manifest: dict[str, Any], out: Path | str, problems: list[str], storage: StorageConfig | None = None
+) -> list[EpochPlan]:
     entries = manifest.get("epochs")
     if not isinstance(entries, list) or not entries:
         problems.append(f"{KEY}: the manifest of {out} lists no epoch plans; run `clray mine` again")
@@ -184,14 +191,18 @@ def _epoch_plans(manifest: dict[str, Any], out: Path, problems: list[str]) -> li
         try:
             epoch = int(entry["epoch"])
             num_batches = int(entry["num_batches"])
-            files = tuple(str((out / f).resolve()) for f in entry["files"])
+            if st.is_s3(out):
+                files = tuple(st.join(str(out), f) for f in entry["files"])
+            else:
+                files = tuple(str((Path(out) / f).resolve()) for f in entry["files"])
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"{KEY}: epoch entry {index} of {out}/manifest.json is malformed ({exc!r}); mine again")
             continue
         if not files:
             problems.append(f"{KEY}: epoch {epoch} of the plan at {out} lists no files; mine again")
+        present = set(st.list_files(str(out), storage, KEY)) if st.is_s3(out) else None
         for path in files:
-            if not Path(path).is_file():
+            if not (path in present if present is not None else Path(path).is_file()):
                 problems.append(
                     f"{KEY}: {path} (epoch {epoch} of the plan) does not exist: the plan directory "
                     "is incomplete or was moved without its files; copy it whole or mine again"
@@ -200,7 +211,7 @@ def _epoch_plans(manifest: dict[str, Any], out: Path, problems: list[str]) -> li
     return plans
 
 
-def _footer_problems(plan: EpochPlan, data_cfg: DataConfig) -> list[str]:
+def _footer_problems(plan: EpochPlan, data_cfg: DataConfig, storage: StorageConfig | None = None) -> list[str]:
     """Columns, packed types, and the batch count each file's footer declares."""
     problems: list[str] = []
     wanted = {
@@ -210,10 +221,11 @@ def _footer_problems(plan: EpochPlan, data_cfg: DataConfig) -> list[str]:
     }
     rows = 0
     for path in plan.files:
-        if not Path(path).is_file():
+        if not st.is_s3(path) and not Path(path).is_file():
             continue  # reported by _epoch_plans
         try:
-            meta = pq.read_metadata(path)
+            fs, inner = st.filesystem(path, storage) if st.is_s3(path) else (None, path)
+            meta = pq.read_metadata(inner, filesystem=fs)
             schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as exc:
             problems.append(f"{KEY}: cannot read {path} as Parquet ({type(exc).__name__}: {exc}); mine again")
@@ -246,9 +258,12 @@ def _footer_problems(plan: EpochPlan, data_cfg: DataConfig) -> list[str]:
     return problems
 
 
-def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int) -> PackedPlan:
-    """Read and check the plan that ``data.train`` names, for a run of ``num_workers``
-    workers taking ``global_batch_size`` rows per step; ``DataError`` lists every problem.
+def load_plan(
+    data_cfg: DataConfig, *, global_batch_size: int, num_workers: int, storage: StorageConfig | None = None
+) -> PackedPlan:
+    """Read and check the plan that ``data.train`` names (a local directory or an
+    ``s3://`` prefix, reached through ``storage``), for a run of ``num_workers`` workers
+    taking ``global_batch_size`` rows per step; ``DataError`` lists every problem.
 
     Reads only the manifest and Parquet footers, so it runs in a second before Ray starts.
     """
@@ -257,9 +272,10 @@ def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int)
             f"{KEY}: with data.batches = \"packed\" give exactly one plan directory (the output "
             f"of `clray mine`), not {len(data_cfg.train)} entries"
         )
-    out = Path(os.path.expanduser(data_cfg.train[0].removeprefix("file://"))).absolute()
+    spec = data_cfg.train[0]
+    out: Path | str = st.normalize(spec) if st.is_s3(spec) else Path(os.path.expanduser(spec.removeprefix("file://"))).absolute()
     try:
-        manifest = read_manifest(out)
+        manifest = read_manifest(out, storage)
     except PlanFormatError as exc:
         raise DataError(f"{KEY}: {exc}") from None
     problems: list[str] = []
@@ -277,10 +293,10 @@ def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int)
             f"train.global_batch_size = {batch_size * num_workers} (or mine again with a batch size of {local})"
         )
     problems.extend(_column_problems(cols, data_cfg, num_negatives, str(out)))
-    epochs = _epoch_plans(manifest, out, problems)
+    epochs = _epoch_plans(manifest, out, problems, storage)
     if not problems:
         for plan in epochs:
-            problems.extend(_footer_problems(plan, data_cfg))
+            problems.extend(_footer_problems(plan, data_cfg, storage))
     if problems:
         raise DataError(problems)
     packed = PackedPlan(
@@ -289,7 +305,7 @@ def load_plan(data_cfg: DataConfig, *, global_batch_size: int, num_workers: int)
         num_negatives=num_negatives,
         columns=cols,
         epochs=tuple(epochs),
-        quarantine_path=_quarantine_path(manifest, out),
+        quarantine_path=_quarantine_path(manifest, out, storage),
         quarantined_rows=int(manifest.get("quarantined_rows") or 0),
     )
     if packed.steps_per_epoch(num_workers) < 1:
@@ -389,6 +405,7 @@ def packed_datasets(
     positive_tower: Tower,
     *,
     num_workers: int,
+    storage: StorageConfig | None = None,
 ) -> list[ray.data.Dataset]:
     """One dataset per epoch plan; each row is one mined batch as model inputs with a
     leading dimension of 1 (``iter_torch_batches(batch_size=1)`` then squeeze it).
@@ -409,9 +426,11 @@ def packed_datasets(
     columns = [EPOCH_COLUMN, BATCH_COLUMN, *required_columns(data_cfg)]
     datasets = []
     for epoch in plan.epochs:
+        fs, paths = filesystem_for(list(epoch.files), storage)
         with _legacy_parquet_reader():
             ds = ray.data.read_parquet(
-                list(epoch.files),
+                paths,
+                filesystem=fs,
                 columns=columns,
                 include_paths=PATH_COLUMN not in columns,
                 num_cpus=task_cpus,
@@ -463,6 +482,7 @@ def build_packed_datasets(
     num_workers: int,
     quarantine_path: str | os.PathLike[str],
     eval_files: list[str] | None = None,
+    storage: StorageConfig | None = None,
 ) -> PackedData:
     """The packed training datasets plus the ordinary eval split (``build_eval_dataset``,
     quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``)."""
@@ -471,11 +491,11 @@ def build_packed_datasets(
     quiet_ray_data()
     rows = plan.rows_per_epoch
     eval_ds, eval_report = build_eval_dataset(
-        data_cfg, anchor_tower, positive_tower, eval_files or [], quarantine_path=quarantine_path
+        data_cfg, anchor_tower, positive_tower, eval_files or [], quarantine_path=quarantine_path, storage=storage
     )
     return PackedData(
         plan=plan,
-        train=packed_datasets(plan, data_cfg, anchor_tower, positive_tower, num_workers=num_workers),
+        train=packed_datasets(plan, data_cfg, anchor_tower, positive_tower, num_workers=num_workers, storage=storage),
         steps_per_epoch=plan.steps_per_epoch(num_workers),
         skipped_batches=plan.skipped_batches(num_workers),
         report=ValidationReport(

@@ -38,7 +38,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.storage import StorageConfig
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clray-mined-plan"
@@ -87,19 +90,36 @@ class PlanFormatError(ValueError):
     """A directory that is not a complete mined plan; the message says what to do."""
 
 
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a complete plan directory, or ``PlanFormatError`` naming the path."""
-    out = Path(out_dir).expanduser()
-    path = out / MANIFEST_NAME
-    if not out.is_dir():
+def read_manifest(out_dir: str | os.PathLike[str], storage: StorageConfig | None = None) -> dict[str, Any]:
+    """The manifest of a complete plan directory (local or ``s3://``), or
+    ``PlanFormatError`` naming the path (and, on S3, what the store said)."""
+    from pipelines import storage as st
+    from pipelines.errors import DataError
+
+    if st.is_s3(out_dir):
+        out: Any = st.normalize(out_dir)
+        path: Any = st.join(out, MANIFEST_NAME)
+        try:
+            found_dir, found_file = st.is_dir(out, storage), st.is_file(path, storage)
+        except DataError as exc:
+            raise PlanFormatError(str(exc)) from None
+    else:
+        out = Path(out_dir).expanduser()
+        path = out / MANIFEST_NAME
+        found_dir, found_file = out.is_dir(), path.is_file()
+    if not found_dir:
         raise PlanFormatError(f"{out}: no such directory; point it at the output of `clray mine`")
-    if not path.is_file():
+    if not found_file:
         raise PlanFormatError(
             f"{out} has no {MANIFEST_NAME}: it is not a complete `clray mine` output (a job that was "
             "stopped writes none); run the same `clray mine` command again to finish it"
         )
     try:
-        manifest = json.loads(path.read_text())
+        text = st.read_bytes(path, storage).decode() if st.is_s3(out_dir) else path.read_text()
+    except DataError as exc:
+        raise PlanFormatError(str(exc)) from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PlanFormatError(f"{path} is not valid JSON ({exc}); rerun `clray mine` to rewrite it") from None
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
+from pipelines import storage as storage_mod
 from pipelines.config import DataConfig
 from pipelines.errors import DataError
+from pipelines.storage import StorageConfig
 
 _GLOB_CHARS = set("*?[")
 
@@ -26,19 +29,51 @@ def _is_uri(spec: str) -> bool:
     return "://" in spec and not spec.startswith("file://")
 
 
-def _resolve_remote(spec: str, key: str) -> list[str]:
-    # Seam for object stores: a later change resolves s3:// URIs here with a pyarrow
-    # S3FileSystem (listing prefixes, expanding globs) and returns the URIs unchanged.
+def _resolve_remote(spec: str, key: str, storage: StorageConfig | None = None) -> list[str]:
+    """``s3://`` prefixes, globs and objects -> the ``s3://`` URIs of their Parquet files,
+    with the same rules as local paths (hidden ``_``/``.`` names skipped under a prefix, an
+    explicit object taken as named). A missing bucket, denied listing or unreachable
+    endpoint is reported here, naming the key and the URI, before anything else runs."""
     scheme = spec.split("://", 1)[0]
-    if scheme == "s3":
+    if scheme != "s3":
         raise DataError(
-            f"{key}: {spec!r}: s3:// URIs are not supported yet; copy the shards to a "
-            "local directory (or a shared mount) and point at it"
+            f"{key}: {spec!r}: unsupported URI scheme {scheme!r}; give an s3:// URI or a local "
+            "directory, glob or .parquet file"
         )
-    raise DataError(
-        f"{key}: {spec!r}: unsupported URI scheme {scheme!r}; give a local directory, "
-        "glob or .parquet file"
-    )
+    bucket, prefix = storage_mod.split_s3(spec)
+    if not bucket:
+        raise DataError(f"{key}: {spec!r} names no bucket: write s3://bucket/prefix")
+
+    def parquet_under(uri: str) -> list[str]:
+        base = storage_mod.split_s3(uri)[1]
+        found = []
+        for file in storage_mod.list_files(uri, storage, key):
+            relative = storage_mod.split_s3(file)[1][len(base):].lstrip("/")
+            if file.endswith(".parquet") and not _hidden(Path(relative)):
+                found.append(file)
+        return found
+
+    if _GLOB_CHARS & set(prefix):
+        matches = storage_mod.glob_s3(spec, storage, key)
+        if not matches:
+            storage_mod.require_bucket(spec, storage, key)
+            raise DataError(f"{key}: the glob {spec!r} matches no objects")
+        found = [m for m in matches if m.endswith(".parquet")]
+        if not found:
+            raise DataError(
+                f"{key}: the glob {spec!r} matches {len(matches)} object(s) but no .parquet files "
+                f"(e.g. {matches[0]!r})"
+            )
+        return found
+    kind = storage_mod.file_type(spec, storage, key)
+    if kind == FileType.File:
+        return [storage_mod.normalize(spec)]
+    if kind == FileType.Directory:
+        found = parquet_under(storage_mod.normalize(spec))
+        if not found:
+            raise DataError(f"{key}: the prefix {spec!r} holds no .parquet files")
+        return found
+    raise DataError(f"{key}: {spec!r} does not exist (no object or prefix of that name in bucket {bucket!r})")
 
 
 def _hidden(relative: Path) -> bool:
@@ -84,17 +119,24 @@ def _resolve_local(spec: str, key: str) -> list[str]:
     raise DataError(f"{key}: {spec!r} does not exist (no such file, directory or glob match)")
 
 
-def resolve_shards(specs: list[str], key: str) -> list[str]:
+def resolve_shards(specs: list[str], key: str, storage: StorageConfig | None = None) -> list[str]:
     """Expand directories, globs and files into one sorted, de-duplicated file list.
 
     Ray Data could expand paths itself, but resolving on the driver lets an empty match
     fail with the config key that named it, and gives the row count, the schema check
-    and the quarantine report one exact list of files to talk about.
+    and the quarantine report one exact list of files to talk about. ``s3://`` specs come
+    back as ``s3://`` URIs (``storage``: how to reach the store); a split must not mix
+    them with local paths, since Ray Data reads one filesystem per dataset.
     """
     files: set[str] = set()
     for spec in specs:
-        resolved = _resolve_remote(spec, key) if _is_uri(spec) else _resolve_local(spec, key)
+        resolved = _resolve_remote(spec, key, storage) if _is_uri(spec) else _resolve_local(spec, key)
         files.update(resolved)
+    if files and any(storage_mod.is_s3(f) for f in files) and not all(storage_mod.is_s3(f) for f in files):
+        raise DataError(
+            f"{key} mixes local paths and s3:// URIs: Ray Data reads one filesystem per split, so put "
+            "all of its shards on S3 or all locally"
+        )
     return sorted(files)
 
 
@@ -188,7 +230,7 @@ def _missing_column_problem(file: str, column: str, key: str, have: list[str]) -
     )
 
 
-def check_schema(files: list[str], data_cfg: DataConfig, key: str) -> None:
+def check_schema(files: list[str], data_cfg: DataConfig, key: str, storage: StorageConfig | None = None) -> None:
     """Check every shard's footer for the columns and types the config asks for.
 
     Reading footers is cheap even for thousands of shards, and finding every problem
@@ -198,9 +240,16 @@ def check_schema(files: list[str], data_cfg: DataConfig, key: str) -> None:
     wanted = required_columns(data_cfg)
     for file in files:
         try:
-            schema = pq.read_schema(file)
+            if storage_mod.is_s3(file):
+                fs, inner = storage_mod.filesystem(file, storage)
+                schema = pq.read_schema(inner, filesystem=fs)
+            else:
+                schema = pq.read_schema(file)
         except (OSError, pa.ArrowException) as exc:
-            problems.append(f"{key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
+            if storage_mod.is_s3(file):
+                problems.append(f"{key}: cannot read {file} as Parquet ({storage_mod.explain(exc)})")
+            else:
+                problems.append(f"{key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
             continue
         have = list(schema.names)
         for column, (column_key, type_ok, fix) in wanted.items():

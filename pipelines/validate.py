@@ -247,6 +247,7 @@ def quarantine_pass(
     *,
     quarantine_path: str | os.PathLike[str],
     num_cpus: float | None = None,
+    file_scheme: str = "",
 ) -> ValidationReport:
     """Validate every row in one streaming pass and write the bad ones to a file.
 
@@ -254,7 +255,9 @@ def quarantine_pass(
     names its shard. Only bad rows and one count per batch reach the driver, so the pass
     costs one read of the corpus and no driver memory proportional to it. A quarantine
     file left by an earlier run at the same path is removed when no row is bad, so the
-    file's presence always describes this pass.
+    file's presence always describes this pass. ``file_scheme`` (e.g. "s3://") is put
+    back in front of the file names, which Ray reports inside their filesystem
+    ("bucket/key"), so the quarantine names a shard as the config does.
     """
     checked = ds.map_batches(
         _quarantine_batch,
@@ -278,6 +281,9 @@ def quarantine_pass(
             bad_parts.append(bad.select(QUARANTINE_SCHEMA.names))
 
     quarantined = pa.concat_tables(bad_parts) if bad_parts else QUARANTINE_SCHEMA.empty_table()
+    if file_scheme and quarantined.num_rows:
+        named = [None if f is None else file_scheme + f for f in quarantined.column("file").to_pylist()]
+        quarantined = quarantined.set_column(2, "file", pa.array(named, pa.string()))
     quarantined = quarantined.sort_by([("file", "ascending"), ("id", "ascending")])
     path = Path(quarantine_path)
     written: str | None = None

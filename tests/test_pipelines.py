@@ -160,7 +160,6 @@ def test_resolve_dir_glob_and_files(tmp_path: Path) -> None:
         ("missing-dir", "does not exist"),
         ("empty", "contains no .parquet files"),
         ("*.nothing", "matches no files"),
-        ("s3://bucket/train", "s3:// URIs are not supported yet"),
         ("gs://bucket/train", "unsupported URI scheme"),
     ],
 )

@@ -44,6 +44,7 @@ from pipelines.plan_format import (
     epoch_dir,
     write_json_atomic,
 )
+from pipelines.storage import StorageConfig
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -89,6 +90,7 @@ def embed_corpus(
     work: Path,
     fingerprint: str,
     use_gpu: bool,
+    storage: StorageConfig | None = None,
 ) -> bool:
     """Embed every valid row with the teacher (Ray Data, an actor pool) into
     ``work/embeddings/``; returns False when embeddings for ``fingerprint`` already exist.
@@ -111,7 +113,7 @@ def embed_corpus(
     previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5)
+        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5, storage=storage)
         embedded = ds.map_batches(  # [ray]
             TeacherEmbedder,
             fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": data_cfg, "use_gpu": use_gpu},
@@ -130,17 +132,22 @@ def embed_corpus(
     return True
 
 
-def load_embeddings(work: Path, quarantine_path: Path) -> tuple[Embeddings, Any]:
+def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") -> tuple[Embeddings, Any]:
     """The embed stage's good rows sorted by id (the row numbering of every later stage),
     and its bad rows written to ``quarantine_path`` (id, reason, file; removed when there
-    are none) with a report."""
+    are none) with a report. ``file_scheme`` ("s3://" for a corpus on S3) goes back in
+    front of the file names, which Ray reports inside their filesystem ("bucket/key")."""
     from collections import Counter
 
     from pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
 
     table = pq.read_table(work / "embeddings")
     bad = table.filter(table.column("reason").is_valid())
-    bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA).sort_by([("file", "ascending"), ("id", "ascending")])
+    bad = bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
+    if file_scheme and bad.num_rows:
+        named = [None if f is None else file_scheme + f for f in bad.column("file").to_pylist()]
+        bad = bad.set_column(2, "file", pa.array(named, pa.string()))
+    bad = bad.sort_by([("file", "ascending"), ("id", "ascending")])
     table = table.filter(table.column("reason").is_null())
     if bad.num_rows:
         _write_atomic(bad, quarantine_path)
@@ -421,12 +428,17 @@ def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningCon
 # ----------------------------------------------------------------------------- write
 
 
-def _corpus_table(files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str]) -> pa.Table:
+def _corpus_table(
+    files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str], storage: StorageConfig | None = None
+) -> pa.Table:
     """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
+    from pipelines.storage import filesystem
+
     names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
     if columns.label:
         names.append(columns.label)
-    table = pa.concat_tables([pq.read_table(f, columns=names) for f in files], promote_options="permissive")
+    parts = [pq.read_table(p, columns=names, filesystem=fs) for fs, p in (filesystem(f, storage) for f in files)]
+    table = pa.concat_tables(parts, promote_options="permissive")
     table = table.set_column(0, data_cfg.id_column, table.column(data_cfg.id_column).cast(pa.string()))
     position = {v: i for i, v in enumerate(table.column(data_cfg.id_column).to_pylist())}
     take = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
