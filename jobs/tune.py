@@ -167,8 +167,38 @@ class TuneJob:
     source: str
 
     @property
+    def search_uri(self) -> str:
+        """Where the search lives: a local directory or ``s3://bucket/prefix/NAME``."""
+        return self.base.run_uri
+
+    @property
+    def remote(self) -> bool:
+        from pipelines import storage
+
+        return storage.is_s3(self.search_uri)
+
+    @property
     def search_dir(self) -> Path:
-        return self.base.run_dir
+        """Where the driver writes the search's own files: the search directory itself, or
+        for a search on S3 a local staging directory that ``publish`` uploads from."""
+        if not self.remote:
+            return self.base.run_dir
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(self.search_uri.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"clray-tune-{digest}"
+
+    def publish(self, *names: str) -> None:
+        """Upload staged files (or directories) of a search on S3; no-op locally."""
+        if not self.remote:
+            return
+        from pipelines import storage
+
+        for name in names:
+            local = self.search_dir / name
+            if local.exists():
+                storage.upload(local, storage.join(self.search_uri, name), self.base.storage)
 
     def trial_raw(self, params: dict[str, Any]) -> dict[str, Any]:
         """The training config of one trial: base + sampled keys + per-trial resources."""
@@ -374,17 +404,20 @@ def _trial_steps(job: TuneJob) -> int | None:
     if cfg.data.batches == "examples":
         from pipelines import resolve_shards
 
-        rows = _count_rows(resolve_shards(cfg.data.train, "data.train"))
+        rows = _count_rows(resolve_shards(cfg.data.train, "data.train", cfg.storage), cfg)
         total = max(1, rows // cfg.train.global_batch_size) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = cfg.train.max_steps if total is None else min(total, cfg.train.max_steps)
     return total
 
 
-def _count_rows(files: list[str]) -> int:
+def _count_rows(files: list[str], cfg: JobConfig) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.read_metadata(f).num_rows for f in files)
+    from pipelines import storage
+
+    fs, paths = storage.filesystem_for(files, cfg.storage)
+    return sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
 
 
 def _pointer(run_name: str, trial_id: str, checkpoint: str, step: int) -> Any:
@@ -415,9 +448,11 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     from jobs.train import run_training
 
     trial_id = tune.get_context().get_trial_id()
-    trials_dir = job.search_dir / "trials"
+    from pipelines import storage
+
+    trials_dir = storage.join(job.search_uri, "trials")
     raw = job.trial_raw(params)
-    raw.setdefault("run", {})["output_dir"] = str(trials_dir)
+    raw.setdefault("run", {})["output_dir"] = trials_dir
     if job.search.scheduler == "pbt":
         # PBT copies states at its decisions: checkpoint at every evaluation.
         raw.setdefault("train", {})["checkpoint_every"] = raw.get("train", {}).get("eval_every", 0)
@@ -427,7 +462,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     if pointer is not None and pointer["trial_id"] != trial_id:
         # PBT exploit: a new Train run of this trial starting from the donor's state.
         generation = 1
-        while (trials_dir / f"{trial_id}-{generation}").exists():
+        while storage.exists(storage.join(trials_dir, f"{trial_id}-{generation}"), job.base.storage):
             generation += 1
         run_name, start_from = f"{trial_id}-{generation}", pointer["checkpoint"]
     elif pointer is not None:
@@ -437,7 +472,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     raw["run"]["name"] = run_name
     cfg = validate(raw, job.source)
 
-    run_dir = cfg.run_dir
+    run_uri = cfg.run_uri
     every = cfg.train.checkpoint_every
     latest_train: dict[str, float] = {}
     pending: dict[int, dict[str, Any]] = {}
@@ -448,7 +483,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     def send(step: int, metrics: dict[str, Any]) -> None:
         result = {**latest_train, **metrics, "step": step, "run_name": run_name}
         if step in checkpointed:
-            path = str(run_dir / f"checkpoint_{step:08d}")
+            path = storage.join(run_uri, f"checkpoint_{step:08d}")
             tune.report(result, checkpoint=_pointer(run_name, trial_id, path, step))
         else:
             tune.report(result)
@@ -520,6 +555,7 @@ class _LiveTable:
                     fh.write(json.dumps({"trial_id": trial.trial_id, "time": time.time(),
                                          "params": {d.key: trial.config.get(d.key) for d in self.job.dimensions}},
                                         default=str) + "\n")
+                self.job.publish("trial_starts.jsonl")
                 self._table(trials)
 
             def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
@@ -626,8 +662,10 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     from rich.console import Console
 
     console = console or Console()
+    from pipelines import storage
+
     search_dir = job.search_dir
-    experiment = search_dir / "tune"
+    experiment_uri = storage.join(job.search_uri, "tune")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # A stopped trial's function is blocked inside tune.report while its TorchTrainer keeps
     # going; Tune waits this long before killing the trial's actor, which also ends the
@@ -635,21 +673,28 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     # stopped trial for ten minutes, so stopping early would save nothing.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if resume and not (experiment / "tuner.pkl").exists():
-        raise ConfigError(job.source, [f"--resume: no search to resume in {experiment} (start it without --resume)"])
-    if not resume and experiment.exists():
+    if job.remote:
+        storage.check_writable(job.search_uri, job.base.storage, "run.output_dir")
+    has_search = storage.is_file(storage.join(experiment_uri, "tuner.pkl"), job.base.storage)
+    if resume and not has_search:
+        raise ConfigError(job.source, [f"--resume: no search to resume in {experiment_uri} (start it without --resume)"])
+    if not resume and has_search:
         raise ConfigError(job.source, [
-            f"{search_dir} already holds a search: add --resume to continue it, or set run.name to start a new one"
+            f"{job.search_uri} already holds a search: add --resume to continue it, or set run.name to start a new one"
         ])
     from jobs.train import _check_data, start_ray, worker_env
 
     # Every trial checks its own data, but one check here fails a broken corpus in seconds.
     _check_data(job.base)
     search_dir.mkdir(parents=True, exist_ok=True)
+    starts = storage.join(job.search_uri, "trial_starts.jsonl")
+    if job.remote and resume and storage.is_file(starts, job.base.storage):
+        (search_dir / "trial_starts.jsonl").write_bytes(storage.read_bytes(starts, job.base.storage))
     (search_dir / "search.json").write_text(json.dumps(
         {"source": job.source, "base": job.raw_base, "search": job.search.model_dump(mode="json")},
         indent=2, default=str,
     ))
+    job.publish("search.json")
 
     trial_cfg = validate(job.trial_raw({}), job.source)
     # Room for max_concurrent trials at once (their workers plus Ray Data), so they run
@@ -665,17 +710,22 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     # real resources (what an autoscaler sees); a token CPU keeps it schedulable anywhere.
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"CPU": 0.01})
     live = _LiveTable(job, max_t)
+    # Tune's state next to the trials: on S3 through the filesystem the data uses, so a
+    # search resumes from any machine.
+    fs, inner = storage.filesystem(job.search_uri, job.base.storage)
+    location = {"storage_path": inner, "storage_filesystem": fs} if job.remote else {"storage_path": str(search_dir)}
     run_config = tune.RunConfig(
         name="tune",
-        storage_path=str(search_dir),
+        **location,
         callbacks=[live],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
     )
     if resume:
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True,
-                                   resume_unfinished=True)
-        console.print(f"resuming the search in {search_dir}")
+        restore_path = storage.filesystem(experiment_uri, job.base.storage)[1] if job.remote else experiment_uri
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, resume_unfinished=True,
+                                   storage_filesystem=fs if job.remote else None)
+        console.print(f"resuming the search in {job.search_uri}")
     else:
         param_space = {d.key: d.tune_domain() for d in job.dimensions}
         num_samples = 1 if job.search.algorithm == "grid" else job.search.num_trials
@@ -697,7 +747,26 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     summary = write_outputs(job, grid, max_t)
     summary.wall_seconds = time.perf_counter() - started
     (search_dir / "summary.json").write_text(summary.to_json())
+    job.publish("summary.json", "results.parquet", "results.csv", "best.toml", "plots", "trial_starts.jsonl")
+    if job.remote:
+        summary = _as_uris(job, summary)
     _print_final(console, job, summary)
+    return summary
+
+
+def _as_uris(job: TuneJob, summary: TuneSummary) -> TuneSummary:
+    """The summary of a search on S3 names the uploaded files, not the staging copies."""
+    from pipelines import storage
+
+    def uri(path: str | None) -> str | None:
+        if path is None:
+            return None
+        return storage.join(job.search_uri, str(Path(path).relative_to(job.search_dir)))
+
+    summary.search_dir = job.search_uri
+    summary.best_config = uri(summary.best_config)
+    summary.results_parquet, summary.results_csv = uri(summary.results_parquet), uri(summary.results_csv)
+    summary.plots = [uri(p) for p in summary.plots]
     return summary
 
 

@@ -308,3 +308,51 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
     assert "eval/zero_shot_accuracy" in summary.eval  # the eval split was read from S3 too
     assert Path(summary.export_dir, "model.safetensors").is_file()
     _assert_no_secrets(s3_endpoint, "plans/")
+
+
+def test_tune_search_lives_on_s3(ray_session, s3_corpus: str, s3_endpoint: str, monkeypatch, tmp_path: Path) -> None:
+    """`clray tune` with run.output_dir on S3: Tune's state, every trial's run and the
+    search's results land there, and a second start is refused unless --resume."""
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "search.toml"
+    config.write_text(f"""
+[search]
+base = "{QUICKSTART_CONFIG}"
+metric = "loss"
+mode = "min"
+algorithm = "grid"
+scheduler = "none"
+max_concurrent = 2
+[search.space]
+"model.logit_scale.init_temperature" = {{ grid = [0.05, 0.5] }}
+[search.resources]
+num_workers = 1
+[run]
+name = "search"
+output_dir = "s3://{BUCKET}/searches"
+[storage]
+endpoint_url = "{s3_endpoint}"
+[data]
+train = "{s3_corpus}/train"
+eval = []
+[train]
+global_batch_size = 64
+max_steps = 4
+log_every = 2
+""")
+    assert main(["tune", str(config)]) == 0
+    keys = _keys(s3_endpoint, "searches/search/")
+    for name in ("tune/tuner.pkl", "results.parquet", "results.csv", "best.toml", "summary.json",
+                 "trial_starts.jsonl", "search.json", "plots/curves.png"):
+        assert f"searches/search/{name}" in keys, name
+    rows = pq.read_table(pa.BufferReader(
+        _client(s3_endpoint).get_object(Bucket=BUCKET, Key="searches/search/results.parquet")["Body"].read())).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "COMPLETE" and r["steps"] == 4 for r in rows)
+    for row in rows:
+        assert f"searches/search/trials/{row['run_name']}/summary.json" in keys
+        assert any(k.startswith(f"searches/search/trials/{row['run_name']}/checkpoint_00000004/") for k in keys)
+    assert not (tmp_path / "runs").exists()
+    assert main(["tune", str(config)]) == 2  # a second search into the same place needs --resume
+    _assert_no_secrets(s3_endpoint, "searches/")
