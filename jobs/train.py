@@ -128,6 +128,18 @@ def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
     return train_files, eval_files, packed_plan
 
 
+def _dataset_config(cfg: JobConfig, names: list[str]) -> Any:
+    """Ray Train's ingest settings. Train replaces each dataset's execution options with
+    these when it splits it, so data.deterministic's ordered execution is set here."""
+    from ray.train import DataConfig
+
+    if not cfg.data.deterministic:
+        return DataConfig(datasets_to_split=names)
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=names, execution_options=options)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """Unwrap Ray's wrappers down to the user's own exception."""
     seen = set()
@@ -237,7 +249,7 @@ def _run(
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     location.sync()
 
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -342,7 +354,7 @@ def _run(
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=plan.dataset_names),
+        dataset_config=_dataset_config(cfg, plan.dataset_names),
         run_config=RunConfig(
             name=cfg.run.name,
             **location.run_config_storage(),

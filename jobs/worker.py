@@ -328,7 +328,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     batch_size=cfg.local_batch_size,
                     drop_last=True,
                     local_shuffle_buffer_size=plan.local_shuffle_buffer,
-                    local_shuffle_seed=None,
+                    # data.deterministic: the same buffer order every run, a new one each epoch
+                    local_shuffle_seed=(cfg.run.seed * 100_003 + state.epoch * 101 + rank)
+                    if cfg.data.deterministic else None,
                     prefetch_batches=cfg.data.prefetch_batches,
                     device=device,
                 )

@@ -58,6 +58,11 @@ class DataConfig(Strict):
     plus a shuffle buffer on each worker; none: file order."""
     shuffle_buffer: int = Field(default=2048, ge=1)
     """Rows in each worker's local shuffle buffer (shuffle = local)."""
+    deterministic: bool = False
+    """Same config, same batches: Ray Data keeps block order (preserve_order) and each
+    worker's shuffle buffer is seeded from run.seed and the epoch. Costs some streaming
+    overlap; worth it when runs are compared, e.g. trials of a search, where data-order
+    noise would otherwise blur the effect of the searched keys."""
     preprocess_batch_size: int = Field(default=256, ge=1)
     """Rows per map_batches call for validation, decoding and tokenization."""
     num_cpus: float = Field(default=1.0, gt=0)

@@ -473,6 +473,36 @@ def build_datasets(
         )
 
     seed_config = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    # data.deterministic: datasets copy the current context when created, so ordered
+    # execution set here also covers the cached set's materialisation below.
+    context = ray.data.DataContext.get_current()
+    previous = context.execution_options.preserve_order
+    context.execution_options.preserve_order = previous or data_cfg.deterministic
+    try:
+        train = _train_dataset(data_cfg, towers, train_files, report, seed, seed_config, task_cpus,
+                               include_ids, storage)
+    finally:
+        context.execution_options.preserve_order = previous
+
+    eval_ds, eval_report = build_eval_dataset(
+        data_cfg, towers["anchor"], towers["positive"], eval_files,
+        quarantine_path=quarantine_path, include_ids=include_ids, storage=storage,
+    )
+    return PreparedData(
+        train=train,
+        eval=eval_ds,
+        report=report,
+        num_train_rows=report.valid_rows,
+        eval_report=eval_report,
+        num_eval_rows=eval_report.valid_rows if eval_report else 0,
+        train_files=train_files,
+        eval_files=eval_files,
+    )
+
+
+def _train_dataset(data_cfg: DataConfig, towers: dict[str, Any], train_files: list[str], report: Any, seed: int,
+                   seed_config: Any, task_cpus: float, include_ids: bool, storage: StorageConfig | None) -> Any:
+    """The training dataset with data.shuffle applied (see build_datasets)."""
     if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(towers, data_cfg)):
         # Preprocess once; each epoch then only reorders blocks held in memory.
         train = model_inputs(
@@ -493,18 +523,4 @@ def build_datasets(
         train = model_inputs(
             train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
         )
-
-    eval_ds, eval_report = build_eval_dataset(
-        data_cfg, towers["anchor"], towers["positive"], eval_files,
-        quarantine_path=quarantine_path, include_ids=include_ids, storage=storage,
-    )
-    return PreparedData(
-        train=train,
-        eval=eval_ds,
-        report=report,
-        num_train_rows=report.valid_rows,
-        eval_report=eval_report,
-        num_eval_rows=eval_report.valid_rows if eval_report else 0,
-        train_files=train_files,
-        eval_files=eval_files,
-    )
+    return train
