@@ -207,3 +207,17 @@ def test_worker_failure_is_one_clear_message(ray_session, corpus: Path, tmp_path
     assert message.startswith("training failed on worker rank")
     assert "no-such-architecture" in message
     assert (tmp_path / "quickstart" / "error.log").is_file()
+
+
+def test_deterministic_data_gives_the_same_run_twice(ray_session, corpus: Path, tmp_path: Path) -> None:
+    """data.deterministic: two runs of one config see the same batches, so every logged
+    loss matches exactly (the comparison tune trials and benchmarks rely on)."""
+    losses = []
+    for name in ("first", "second"):
+        cfg = load_config(QUICKSTART_CONFIG, quickstart_overrides(
+            corpus, tmp_path, f'run.name="{name}"', "data.deterministic=true", "data.eval=[]",
+            "scaling.num_workers=1", "train.global_batch_size=64", "train.max_steps=6", "train.log_every=1",
+        ))
+        run_training(cfg)
+        losses.append([e["loss"] for e in read_events(tmp_path / name) if e["event"] == "train"])
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
