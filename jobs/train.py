@@ -67,10 +67,15 @@ def worker_env(cfg: JobConfig) -> dict[str, str]:
     return env
 
 
-def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False) -> None:
+def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False) -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray with at least ``needed_cpus``
     logical CPUs (the job's long-lived workers or actors plus room for Ray Data), so its
-    tasks can always schedule; oversubscribing logical CPUs is fine here."""
+    tasks can always schedule; oversubscribing logical CPUs is fine here.
+
+    ``dashboard``: also start Ray's dashboard, which serves the state API. A search needs
+    it: Tune kills the trials it stops, and Ray Train's placement-group cleaner asks the
+    state API whether the trial's controller died before it frees the trial's resources;
+    without it every stopped trial keeps its workers' CPUs reserved for good."""
     import logging
 
     import ray
@@ -78,7 +83,7 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(
-        include_dashboard=False,
+        include_dashboard=dashboard,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         runtime_env={"env_vars": env_vars},

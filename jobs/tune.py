@@ -699,7 +699,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     trial_cfg = validate(job.trial_raw({}), job.source)
     # Room for max_concurrent trials at once (their workers plus Ray Data), so they run
     # side by side here; on a cluster the autoscaler provides it.
-    start_ray(job.search.max_concurrent * _trial_cpus(job), worker_env(trial_cfg), verbose)
+    start_ray(job.search.max_concurrent * _trial_cpus(job), worker_env(trial_cfg), verbose, dashboard=True)
     from ray import tune
 
     from pipelines import quiet_ray_data

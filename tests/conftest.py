@@ -46,7 +46,9 @@ def ray_session(aws_test_env: None) -> Iterator[None]:
     from pipelines import quiet_ray_data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner
+        # needs to free the resources of trials that Tune kills (tests/test_tune.py).
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     quiet_ray_data()
     yield
     ray.shutdown()

@@ -290,6 +290,20 @@ def test_asha_search_runs_trials_stops_some_early_and_writes_a_best_config(searc
         assert Path(plot).stat().st_size > 1000
 
 
+def test_stopped_and_killed_trials_give_their_resources_back(search: dict) -> None:
+    """Tune kills the trials ASHA stops (and the killed driver's trials die with it); Ray
+    Train must then free their workers' reservations, or later trials wait forever."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == total
+
+
 def test_resumed_search_reruns_no_finished_trial(search: dict) -> None:
     first = search["first"]
     assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
