@@ -215,6 +215,7 @@ def _assert_no_secrets(s3_endpoint: str, prefix: str) -> None:
             assert secret.encode() not in body, key
 
 
+@pytest.mark.slow
 def test_train_from_s3_into_s3_run_dir_and_resume(ray_session, s3_corpus: str, s3_endpoint: str,
                                                  monkeypatch, tmp_path: Path) -> None:
     """Corpus, quarantine, checkpoints, export, metrics and summary all on S3; a second
@@ -261,6 +262,7 @@ def test_train_from_s3_into_s3_run_dir_and_resume(ray_session, s3_corpus: str, s
     _assert_no_secrets(s3_endpoint, "runs/")
 
 
+@pytest.mark.slow
 def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus: str, s3_endpoint: str,
                                                           tmp_path: Path) -> None:
     import torch
@@ -310,6 +312,7 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
     _assert_no_secrets(s3_endpoint, "plans/")
 
 
+@pytest.mark.slow
 def test_tune_search_lives_on_s3(ray_session, s3_corpus: str, s3_endpoint: str, monkeypatch, tmp_path: Path) -> None:
     """`clray tune` with run.output_dir on S3: Tune's state, every trial's run and the
     search's results land there, and a second start is refused unless --resume."""

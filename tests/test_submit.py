@@ -316,6 +316,7 @@ def ray_head() -> Any:
 
 @pytest.mark.integration
 @pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # inside Ray's log tail
+@pytest.mark.slow
 def test_submit_follow_and_read_the_result(
     ray_head: submit.LocalHead, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
