@@ -242,19 +242,13 @@ def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     """The config as its command will read it: laid over ``search.base`` when it names
     one, then the overrides."""
     from jobs.config import apply_overrides, read_toml
+    from jobs.tune import merge_tables
 
     raw = read_toml(config_path)
     base = search_base(config_path)
     if base is not None:
-        raw = _merge(read_toml(base), raw)
+        raw = merge_tables(read_toml(base), raw)
     return apply_overrides(raw, overrides)
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def forwarded_env(names: list[str], environ: Mapping[str, str]) -> dict[str, str]:

@@ -369,11 +369,12 @@ def check_tune_config(raw: dict[str, Any], source: str) -> TuneJob:
     return TuneJob(raw_base=raw, base=base, search=search, dimensions=dimensions, source=source)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, table by table (how ``search.base`` is applied)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_tables(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -389,7 +390,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> Tu
         base_path = Path(path).parent / str(base_name)
         if not base_path.is_file():
             raise ConfigError(str(path), [f"search.base = {base_name!r}: no such file {base_path}"])
-        raw = _merge(read_toml(base_path), raw)
+        raw = merge_tables(read_toml(base_path), raw)
     return check_tune_config(apply_overrides(raw, overrides or []), str(path))
 
 
