@@ -69,8 +69,9 @@ class DataConfig(Strict):
     """CPUs Ray Data may use for preprocessing beside the training workers."""
     cache: Literal["auto", "always", "never"] = "auto"
     """Keep the preprocessed training set in Ray's object store after the first pass, so
-    later epochs skip read, decode and tokenize. auto: when it fits `cache_max_gb`
-    (its size is exact: tokens and pixels have fixed shapes)."""
+    later epochs skip read, decode and tokenize, and likewise the eval split, so each
+    evaluation skips them. auto: each split when it fits `cache_max_gb` (its size is
+    exact: tokens and pixels have fixed shapes)."""
     cache_max_gb: float = Field(default=2.0, gt=0)
     """Largest preprocessed training set `cache = "auto"` keeps in memory."""
     prefetch_batches: int = Field(default=2, ge=0)

@@ -412,6 +412,12 @@ def build_eval_dataset(
         positive_tower_cfg,
         include_ids=include_ids,
     )
+    towers = {"anchor": anchor_tower_cfg, "positive": positive_tower_cfg}
+    if should_cache(eval_cfg, eval_report.valid_rows * preprocessed_row_bytes(towers, eval_cfg)):
+        # Every rank reads the whole split at every evaluation: preprocessed once and held
+        # in the object store, an evaluation costs its forwards only, not a new read,
+        # decode and tokenize in freshly started Ray Data tasks (seconds each time).
+        eval_ds = eval_ds.materialize()
     return eval_ds, eval_report
 
 

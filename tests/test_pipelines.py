@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.data.dataset import MaterializedDataset
 
 from models.config import ConvTowerConfig, TextTowerConfig
 from models.preprocess import ImageDecodeError, decode_image
@@ -323,6 +324,8 @@ def test_build_datasets_yields_model_inputs(ray_session: None, corpus: Path, tmp
     assert not set(ids) & set(EXPECTED_BAD)
 
     assert prepared.eval is not None
+    # Small enough for data.cache = "auto": preprocessed once, not re-read at every evaluation.
+    assert isinstance(prepared.eval, MaterializedDataset)
     eval_batch = prepared.eval.take_batch(batch_size=16)
     assert set(eval_batch) == {
         "anchor_pixel_values",
@@ -414,8 +417,11 @@ def test_check_schema_wants_list_columns_for_negatives(tmp_path: Path, corpus: P
 
 @pytest.mark.integration
 def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus: Path, tmp_path: Path) -> None:
-    cfg = negatives_config(negatives_corpus)
+    # data.cache = "never": both splits stream from the files at every pass.
+    cfg = negatives_config(negatives_corpus).model_copy(update={"cache": "never"})
     prepared = build_datasets(cfg, IMAGE_TOWER, TEXT_TOWER, quarantine_path=tmp_path / "q.parquet", seed=0)
+    assert not isinstance(prepared.train, MaterializedDataset)
+    assert not isinstance(prepared.eval, MaterializedDataset)
     assert prepared.num_train_rows == 1438
     batch = prepared.train.take_batch(batch_size=32)
     assert batch["negative_input_ids"].shape == (32, 2, 24)
