@@ -75,7 +75,10 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     ``dashboard``: also start Ray's dashboard, which serves the state API. A search needs
     it: Tune kills the trials it stops, and Ray Train's placement-group cleaner asks the
     state API whether the trial's controller died before it frees the trial's resources;
-    without it every stopped trial keeps its workers' CPUs reserved for good."""
+    without it every stopped trial keeps its workers' CPUs reserved for good. The local
+    dashboard gets a free loopback port, and the job's processes are told it
+    (RAY_API_SERVER_ADDRESS): left to find it themselves, they give up when another Ray
+    runs on the machine ("Found multiple active Ray instances"), and the resources leak."""
     import logging
 
     import ray
@@ -91,6 +94,12 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         return
+    if dashboard:
+        from jobs.submit import free_port
+
+        port = free_port()
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed_cpus)), **kwargs)
 
 

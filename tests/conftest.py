@@ -43,12 +43,13 @@ def ray_session(aws_test_env: None) -> Iterator[None]:
     workers see the session's fake AWS credentials (``aws_test_env``)."""
     import ray
 
+    from jobs.train import start_ray
     from pipelines import quiet_ray_data
 
-    if not ray.is_initialized():
-        # The dashboard serves the state API, which Ray Train's placement-group cleaner
-        # needs to free the resources of trials that Tune kills (tests/test_tune.py).
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    # With its dashboard, as `clray tune` starts Ray: it serves the state API, which Ray
+    # Train's placement-group cleaner needs to free the resources of trials that Tune
+    # kills (tests/test_tune.py).
+    start_ray(4, {}, dashboard=True)
     quiet_ray_data()
     yield
     ray.shutdown()
