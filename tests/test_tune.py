@@ -260,7 +260,6 @@ def search(ray_session: None, corpus: Path, tmp_path_factory: pytest.TempPathFac
     }
 
 
-@pytest.mark.slow
 def test_asha_search_runs_trials_stops_some_early_and_writes_a_best_config(search: dict) -> None:
     import pyarrow.parquet as pq
 
@@ -291,7 +290,6 @@ def test_asha_search_runs_trials_stops_some_early_and_writes_a_best_config(searc
         assert Path(plot).stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_stopped_and_killed_trials_give_their_resources_back(search: dict) -> None:
     """Tune kills the trials ASHA stops (and the killed driver's trials die with it); Ray
     Train must then free their workers' reservations, or later trials wait forever."""
@@ -306,7 +304,6 @@ def test_stopped_and_killed_trials_give_their_resources_back(search: dict) -> No
     assert ray.available_resources().get("CPU", 0) == total
 
 
-@pytest.mark.slow
 def test_resumed_search_reruns_no_finished_trial(search: dict) -> None:
     first = search["first"]
     assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
