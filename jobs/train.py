@@ -229,9 +229,12 @@ def run_training(
     the whole run (``train.epochs``/``train.max_steps``). A stop at or past the run's end
     is a complete run.
 
-    ``start_from``: a checkpoint directory of another run to start from when this run has
-    none of its own yet (Tune's PBT hands a trial another trial's state this way). With
-    ``adopt_config`` the learning rate and temperature of ``cfg`` replace the checkpoint's.
+    ``start_from``: a checkpoint directory (``checkpoint_<step>``) to start from when this
+    run has no checkpoint of its own at that step or later: another run's (Tune's PBT hands
+    a trial another trial's state this way), or one of this run's own that Ray Train had
+    not yet registered when the run was stopped (a search resumes the state its scheduler
+    saw). With ``adopt_config`` the learning rate and temperature of ``cfg`` replace the
+    checkpoint's.
     """
     started = time.perf_counter()
     if stop_epoch is not None and stop_epoch < 1:

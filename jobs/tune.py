@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -467,7 +468,9 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
             generation += 1
         run_name, start_from = f"{trial_id}-{generation}", pointer["checkpoint"]
     elif pointer is not None:
-        run_name = pointer["run_name"]  # resume this trial's own run where it stopped
+        # Resume this trial's own run at the state the scheduler saw: Ray Train may not have
+        # registered that checkpoint yet when Tune stopped the trial (a PBT pause).
+        run_name, start_from = pointer["run_name"], pointer["checkpoint"]
     else:
         run_name = trial_id  # a fresh trial, or a restart that Train resumes from its own storage
     raw["run"]["name"] = run_name
@@ -481,8 +484,17 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     total_steps = {"value": None}
     metric_is_train = job.search.metric in TRAIN_METRICS
 
-    def send(step: int, metrics: dict[str, Any]) -> None:
-        result = {**latest_train, **metrics, "step": step, "run_name": run_name}
+    final: dict[str, Any] = {}
+
+    def send(step: int, metrics: dict[str, Any], done: bool = False) -> None:
+        if not done and total_steps["value"] is not None and step >= total_steps["value"]:
+            # The run's last result waits until the run has ended (export included) and goes
+            # to Tune marked done: a scheduler acting on it could only stop or pause a trial
+            # in its last seconds (PBT pauses a running trial whenever another waits), and
+            # the restart would redo steps already trained.
+            final.update(metrics, step=step)
+            return
+        result = {**latest_train, **metrics, "step": step, "run_name": run_name, **({"done": True} if done else {})}
         if step in checkpointed:
             path = storage.join(run_uri, f"checkpoint_{step:08d}")
             tune.report(result, checkpoint=_pointer(run_name, trial_id, path, step))
@@ -511,9 +523,13 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
             if step in pending:
                 send(step, pending.pop(step))
 
-    run_training(cfg, on_event=on_event, start_from=start_from, adopt_config=start_from is not None)
+    exploit = pointer is not None and pointer["trial_id"] != trial_id
+    run_training(cfg, on_event=on_event, start_from=start_from, adopt_config=exploit)
     for step, metrics in sorted(pending.items()):
         send(step, metrics)
+    if final:
+        step = final.pop("step")
+        send(step, final, done=True)
 
 
 # ---------------------------------------------------------------- the driver
@@ -632,20 +648,25 @@ def _scheduler(job: TuneJob, max_t: int | None) -> Any:
         )
     if search.scheduler == "pbt":
         mutations = {d.key: d.tune_domain() for d in job.dimensions if d.key in PBT_MUTABLE}
+        if search.seed is not None:
+            # PBT draws its exploit partners and perturbations from Python's global random.
+            random.seed(search.seed)
         return PopulationBasedTraining(
             time_attr="step",
             perturbation_interval=search.pbt.perturbation_interval or train.eval_every,
             hyperparam_mutations=mutations,
             quantile_fraction=search.pbt.quantile_fraction,
             resample_probability=search.pbt.resample_probability,
-            seed=search.seed,
         )
     return FIFOScheduler()
 
 
 def _search_alg(job: TuneJob) -> Any:
     if job.search.algorithm != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Seeded: the same search config draws the same trial configs.
+        return BasicVariantGenerator(max_concurrent=job.search.max_concurrent, random_state=job.search.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -737,7 +758,8 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
                 metric=job.search.metric,
                 mode=job.search.mode,
                 num_samples=num_samples,
-                max_concurrent_trials=job.search.max_concurrent,
+                # random/grid: the generator above limits concurrency itself
+                max_concurrent_trials=job.search.max_concurrent if job.search.algorithm == "optuna" else None,
                 scheduler=_scheduler(job, max_t),
                 search_alg=_search_alg(job),
                 trial_dirname_creator=lambda trial: trial.trial_id,

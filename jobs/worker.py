@@ -244,6 +244,16 @@ def _every(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
 
+def _checkpoint_step(checkpoint: Any) -> int:
+    """The step a ``checkpoint_<step>`` directory (a path or a Ray Checkpoint) holds; -1 for
+    none or a name without a step."""
+    if checkpoint is None:
+        return -1
+    name = str(getattr(checkpoint, "path", checkpoint)).rstrip("/").rsplit("/", 1)[-1]
+    prefix, _, step = name.rpartition("_")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else -1
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train  # [ray]
 
@@ -278,12 +288,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()  # [ray]
     adopt = False
-    if checkpoint is None and config.get("start_from"):
-        # A new run that starts from another run's checkpoint (a PBT exploit). Once this
-        # run has checkpoints of its own, a restart resumes those instead.
+    start_from = config.get("start_from")
+    if start_from and (checkpoint is None or _checkpoint_step(checkpoint) < _checkpoint_step(start_from)):
+        # A new run that starts from another run's checkpoint (a PBT exploit), or this run
+        # resumed at a checkpoint saved after the last one Ray Train registered. Once this
+        # run has a later checkpoint of its own, a restart resumes that instead.
         from pipelines import storage
 
-        fs, inner = storage.filesystem(config["start_from"], cfg.storage)
+        fs, inner = storage.filesystem(start_from, cfg.storage)
         checkpoint = ray.train.Checkpoint(inner, filesystem=fs)  # [ray]
         adopt = bool(config.get("adopt_config"))
     if checkpoint is not None:

@@ -317,3 +317,17 @@ def test_resumed_search_reruns_no_finished_trial(search: dict) -> None:
     for trial in search["checkpointed_before"] - finished:
         events = [json.loads(x) for x in (search["dir"] / "trials" / trial / "metrics.jsonl").read_text().splitlines()]
         assert any(e["event"] == "resumed" for e in events), f"{trial} restarted from scratch"
+
+
+def test_checkpoint_step_is_read_from_the_directory_name() -> None:
+    """How a resumed trial tells whether the checkpoint Tune holds is newer than the last
+    one Ray Train registered for the run (jobs.worker restores the newer)."""
+    from types import SimpleNamespace
+
+    from jobs.worker import _checkpoint_step
+
+    assert _checkpoint_step(None) == -1
+    assert _checkpoint_step("/runs/s/trials/t/checkpoint_00000024") == 24
+    assert _checkpoint_step("s3://bucket/runs/s/trials/t/checkpoint_00000032/") == 32
+    assert _checkpoint_step(SimpleNamespace(path="/runs/t/checkpoint_00000008")) == 8
+    assert _checkpoint_step("/runs/t/export") == -1
