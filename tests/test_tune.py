@@ -331,3 +331,53 @@ def test_checkpoint_step_is_read_from_the_directory_name() -> None:
     assert _checkpoint_step("s3://bucket/runs/s/trials/t/checkpoint_00000032/") == 32
     assert _checkpoint_step(SimpleNamespace(path="/runs/t/checkpoint_00000008")) == 8
     assert _checkpoint_step("/runs/t/export") == -1
+
+
+PBT = f"""
+metric = "eval/zero_shot_accuracy"
+mode = "max"
+num_trials = 2
+max_concurrent = 2
+scheduler = "pbt"
+seed = 0
+[search.space]
+"{TEMPERATURE}" = {{ loguniform = [0.05, 1.0] }}
+"optim.lr" = {{ loguniform = [5e-4, 5e-3] }}
+[search.resources]
+num_workers = 1
+[search.pbt]
+perturbation_interval = 8
+"""
+
+
+@pytest.mark.slow
+def test_pbt_copies_a_strong_trial_and_adopts_its_own_perturbed_config(
+    ray_session: None, corpus: Path, tmp_path: Path
+) -> None:
+    """Two PBT trials, 24 steps, a decision every 8: the weaker one restarts from the
+    stronger one's checkpoint in a new run directory and trains on with its own perturbed
+    learning rate and temperature; no run trains past its end twice."""
+    import pyarrow.parquet as pq
+
+    config = _write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, PBT))
+    assert main(["tune", str(config)]) == 0
+    search_dir = tmp_path / "runs" / "search"
+    rows = pq.read_table(search_dir / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["COMPLETE", "COMPLETE"] and all(r["steps"] == 24 for r in rows)
+    runs = {p.name: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+            for p in (search_dir / "trials").iterdir()}
+    exploits = {name: events for name, events in runs.items() if "-" in name}
+    assert exploits, f"PBT copied no trial: {sorted(runs)}"
+    for name, events in exploits.items():
+        adopted = next(e for e in events if e["event"] == "adopted")
+        resumed = next(e for e in events if e["event"] == "resumed")
+        assert resumed["step"] in (8, 16)
+        trial_cfg = load_config(search_dir / "trials" / name / "config.toml")
+        assert adopted["lr"] == pytest.approx(trial_cfg.optim.lr)
+        assert adopted["temperature"] == pytest.approx(trial_cfg.model.logit_scale.init_temperature)
+        # The adopted temperature is the one it trained with (fixed logit scale).
+        assert next(e for e in events if e["event"] == "train")["temperature"] == pytest.approx(adopted["temperature"])
+    for name, events in runs.items():
+        assert sum(e["event"] == "end" for e in events) <= 1, f"{name} trained to its end twice"
+    best = load_config(search_dir / "best.toml")
+    assert best.model.logit_scale.mode == "fixed"
