@@ -452,6 +452,13 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     trial_id = tune.get_context().get_trial_id()
     from pipelines import storage
 
+    # Tune moves each trial into a directory of its own; a trial is a `clray train`, whose
+    # relative paths (data, pretrained towers, tokenizers) mean the working directory it
+    # was started from, as the driver's checks read them. Tune records that directory.
+    started_in = os.environ.get("TUNE_ORIG_WORKING_DIR")
+    if started_in and os.path.isdir(started_in):
+        os.chdir(started_in)
+
     trials_dir = storage.join(job.search_uri, "trials")
     raw = job.trial_raw(params)
     raw.setdefault("run", {})["output_dir"] = trials_dir

@@ -245,7 +245,12 @@ def search(ray_session: None, corpus: Path, tmp_path_factory: pytest.TempPathFac
     import ray
 
     out = tmp_path_factory.mktemp("tune")
-    config = _write(out / "tune.toml", _search_toml(corpus, out, GOOD))
+    # Data paths relative to the working directory, as in configs/tune_quickstart.toml:
+    # trials must read them from where the search started, not from Tune's trial dirs.
+    assert Path.cwd() == REPO, "run the tests from the repository root"
+    toml = _search_toml(corpus, out, GOOD).replace(f'"{corpus}/', f'"{os.path.relpath(corpus, REPO)}/')
+    assert '"../' in toml
+    config = _write(out / "tune.toml", toml)
     env = {**os.environ, CRASH_ENV: "2", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.run([sys.executable, "-m", "jobs.cli", "tune", str(config)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
