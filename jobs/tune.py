@@ -467,8 +467,9 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
         raw.setdefault("train", {})["checkpoint_every"] = raw.get("train", {}).get("eval_every", 0)
 
     pointer = _read_pointer(tune.get_checkpoint())
+    exploit = pointer is not None and pointer["trial_id"] != trial_id
     start_from = None
-    if pointer is not None and pointer["trial_id"] != trial_id:
+    if exploit:
         # PBT exploit: a new Train run of this trial starting from the donor's state.
         generation = 1
         while storage.exists(storage.join(trials_dir, f"{trial_id}-{generation}"), job.base.storage):
@@ -530,7 +531,6 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
             if step in pending:
                 send(step, pending.pop(step))
 
-    exploit = pointer is not None and pointer["trial_id"] != trial_id
     run_training(cfg, on_event=on_event, start_from=start_from, adopt_config=exploit)
     for step, metrics in sorted(pending.items()):
         send(step, metrics)
