@@ -73,7 +73,6 @@ def main() -> int:
     data = work / "data"
     if not (data / "train").is_dir():
         write_quickstart_corpus(data)
-    steps_per_epoch = None
     order = random.Random(ORDER_SEED).sample(TEMPERATURES, len(TEMPERATURES))
     grid = "[" + ", ".join(str(t) for t in order) + "]"
     common = [
@@ -94,7 +93,6 @@ def main() -> int:
         started = time.perf_counter()
         summary = run_tune(job)
         results[name] = (summary, time.perf_counter() - started)
-        steps_per_epoch = steps_per_epoch or job.base.train.eval_every
 
     grid_summary, grid_s = results["grid"]
     asha_summary, asha_s = results["asha"]
