@@ -84,8 +84,8 @@ MMAP_THRESHOLD = "131072"  # glibc's default, pinned (see the module docstring)
 def _config(batch: int, loss_mode: str | None, block_size: int | None = None):
     """The quickstart job config, with its text tower as a shared text-text model."""
     sys.path.insert(0, str(REPO))
-    from jobs.cli import QUICKSTART_CONFIG
-    from jobs.config import load_config
+    from clray.jobs.cli import QUICKSTART_CONFIG
+    from clray.jobs.config import load_config
 
     overrides = [f"train.global_batch_size={batch}", "scaling.num_workers=1"]
     if loss_mode:
@@ -103,8 +103,8 @@ def _batch(cfg: Any, rows: int, seed: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from models.preprocess import preprocess_view
-    from pipelines.quickstart import CAPTION_TEMPLATES, CLASS_NAMES
+    from clray.models.preprocess import preprocess_view
+    from clray.pipelines.quickstart import CAPTION_TEMPLATES, CLASS_NAMES
 
     rng = np.random.default_rng(seed)
     digits = rng.integers(len(CLASS_NAMES), size=rows)
@@ -125,8 +125,8 @@ def _stepper(cfg: Any, engine: bool):
     """A function ``step(batch, chunk)`` running one full training step."""
     import torch
 
-    from models.dual_encoder import DualEncoder
-    from models.losses import apply_loss, build_loss
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.losses import apply_loss, build_loss
 
     torch.manual_seed(cfg.run.seed)
     model = DualEncoder(cfg.model).train()
@@ -137,8 +137,8 @@ def _stepper(cfg: Any, engine: bool):
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        from jobs.engine import build_engine
-        from jobs.worker import train_step
+        from clray.jobs.engine import build_engine
+        from clray.jobs.worker import train_step
 
         ds = build_engine(model, cfg, total_steps=1000)
 
@@ -148,8 +148,8 @@ def _stepper(cfg: Any, engine: bool):
 
         return step
 
-    from jobs.engine import warmup_cosine, warmup_steps
-    from models.gradcache import gradcache_step
+    from clray.jobs.engine import warmup_cosine, warmup_steps
+    from clray.models.gradcache import gradcache_step
 
     optim = cfg.optim
     optimizer = torch.optim.AdamW(model.param_groups(optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)

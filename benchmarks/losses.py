@@ -36,8 +36,8 @@ def _measure(mode: str, batch: int, block: int) -> dict[str, float]:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO))
-    from models.config import LossConfig
-    from models.losses import build_loss
+    from clray.models.config import LossConfig
+    from clray.models.losses import build_loss
 
     torch.set_num_threads(os.cpu_count() or 1)
     loss_fn = build_loss(LossConfig(symmetric=True, mode=mode, block_size=block))

@@ -57,10 +57,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.config import validate  # noqa: E402
-from jobs.mine import run_mining, validate_mine_config  # noqa: E402
-from jobs.train import run_training  # noqa: E402
-from pipelines.synthetic import write_clustered_corpus  # noqa: E402
+from clray.jobs.config import validate  # noqa: E402
+from clray.jobs.mine import run_mining, validate_mine_config  # noqa: E402
+from clray.jobs.train import run_training  # noqa: E402
+from clray.pipelines.synthetic import write_clustered_corpus  # noqa: E402
 
 MODEL = {
     "shared_tower": True,

@@ -70,7 +70,7 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.mining import (  # noqa: E402
+from clray.pipelines.mining import (  # noqa: E402
     batch_stats,
     build_index,
     candidate_mask,

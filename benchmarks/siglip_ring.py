@@ -40,8 +40,8 @@ def _rank(rank: int, world: int, port: int, mode: str, local_batch: int, block: 
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO))
-    from models.config import LossConfig
-    from models.losses import build_loss
+    from clray.models.config import LossConfig
+    from clray.models.losses import build_loss
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)

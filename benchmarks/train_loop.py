@@ -28,16 +28,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobs.config import JobConfig, load_config  # noqa: E402
-from jobs.engine import warmup_cosine, warmup_steps  # noqa: E402
+from clray.jobs.config import JobConfig, load_config  # noqa: E402
+from clray.jobs.engine import warmup_cosine, warmup_steps  # noqa: E402
 
 
 def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    from models.dual_encoder import DualEncoder
-    from models.losses import build_loss
-    from models.preprocess import preprocess_view
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.losses import build_loss
+    from clray.models.preprocess import preprocess_view
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows = pq.read_table(sorted((corpus / "train").glob("*.parquet"))).to_pylist()
@@ -79,7 +79,7 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
 
 
 def clray_loop(cfg: JobConfig) -> dict[str, float]:
-    from jobs.train import run_training
+    from clray.jobs.train import run_training
 
     summary = run_training(cfg)
     events = [json.loads(line) for line in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     args = parser.parse_args()
 
-    from pipelines.quickstart import write_quickstart_corpus
+    from clray.pipelines.quickstart import write_quickstart_corpus
 
     with tempfile.TemporaryDirectory(prefix="clray-bench-") as tmp:
         corpus = Path(tmp) / "data"

@@ -47,8 +47,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.tune import load_tune_config, run_tune  # noqa: E402
-from pipelines.quickstart import write_quickstart_corpus  # noqa: E402
+from clray.jobs.tune import load_tune_config, run_tune  # noqa: E402
+from clray.pipelines.quickstart import write_quickstart_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPERATURES = [0.01, 0.02, 0.04, 0.07, 0.1, 0.2, 0.4, 1.0]

@@ -159,7 +159,7 @@ def _add_submit_parsers(sub: Any) -> None:
 
 
 def _submit_command(args: argparse.Namespace) -> int:
-    from jobs import submit
+    from clray.jobs import submit
 
     # Plain print, not rich: rich wraps at the terminal width, and ids and commands are
     # meant to be copied whole.
@@ -181,7 +181,7 @@ def _submit_command(args: argparse.Namespace) -> int:
 
 
 def _follow(address: str, job_id: str, token_env: str | None) -> int:
-    from jobs import submit
+    from clray.jobs import submit
 
     def write(chunk: str) -> None:
         sys.stdout.write(chunk)
@@ -203,7 +203,7 @@ def _jobs_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from jobs import submit
+    from clray.jobs import submit
 
     console = Console()
     if args.jobs_command == "down":
@@ -356,7 +356,7 @@ class ProgressView:
 def _print_summary(console: Any, summary: Any) -> None:
     from rich.table import Table
 
-    from pipelines.storage import join
+    from clray.pipelines.storage import join
 
     table = Table(title=f"clray run: {summary.run_dir}", show_header=True, header_style="bold")
     table.add_column("metric")
@@ -389,8 +389,8 @@ def _print_summary(console: Any, summary: Any) -> None:
 def _train(config_path: str | Path, overrides: list[str], verbose: bool) -> int:
     from rich.console import Console
 
-    from jobs.config import load_config
-    from jobs.remine import run_with_remining
+    from clray.jobs.config import load_config
+    from clray.jobs.remine import run_with_remining
 
     console = Console()
     cfg = load_config(config_path, overrides)
@@ -465,7 +465,7 @@ def _print_mine_summary(console: Any, summary: Any) -> None:
 def _mine(config_path: str, overrides: list[str], verbose: bool, overwrite: bool) -> int:
     from rich.console import Console
 
-    from jobs.mine import load_mine_config, run_mining
+    from clray.jobs.mine import load_mine_config, run_mining
 
     console = Console()
     cfg = load_mine_config(config_path, overrides)
@@ -485,12 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.extra = extra
 
-    from jobs.config import ConfigError
-    from jobs.mine import MineError
-    from jobs.submit import SubmitError
-    from jobs.train import TrainingError
-    from pipelines.errors import DataError
-    from pipelines.plan_format import PlanFormatError
+    from clray.jobs.config import ConfigError
+    from clray.jobs.mine import MineError
+    from clray.jobs.submit import SubmitError
+    from clray.jobs.train import TrainingError
+    from clray.pipelines.errors import DataError
+    from clray.pipelines.plan_format import PlanFormatError
 
     try:
         if args.command == "train":
@@ -500,11 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "jobs":
             return _jobs_command(args)
         if args.command == "cluster":
-            from jobs.cluster_check import main_check
+            from clray.jobs.cluster_check import main_check
 
             return main_check(args.files)
         if args.command == "tune":
-            from jobs.tune import load_tune_config, run_tune
+            from clray.jobs.tune import load_tune_config, run_tune
 
             job = load_tune_config(args.config, args.overrides)
             summary = run_tune(job, resume=args.resume, verbose=args.verbose)
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mine":
             return _mine(args.config, args.overrides, args.verbose, args.overwrite)
         if args.command == "quickstart":
-            from pipelines.quickstart import write_quickstart_corpus
+            from clray.pipelines.quickstart import write_quickstart_corpus
 
             data_dir = Path(args.data_dir)
             if not (data_dir / "train").is_dir():
@@ -521,12 +521,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [f'data.train="{data_dir / "train"}"', f'data.eval="{data_dir / "eval"}"', *args.overrides]
             return _train(QUICKSTART_CONFIG, overrides, args.verbose)
         if args.command == "config":
-            from jobs.config import dump_toml, load_config
+            from clray.jobs.config import dump_toml, load_config
 
             print(dump_toml(load_config(args.config, args.overrides)), end="")
             return 0
         if args.command == "data" and args.data_command == "clustered":
-            from pipelines.synthetic import write_clustered_corpus
+            from clray.pipelines.synthetic import write_clustered_corpus
 
             info = write_clustered_corpus(
                 args.out_dir, num_rows=args.rows, num_clusters=args.clusters, eval_rows=args.eval_rows,
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}: {info[key]}")
             return 0
         if args.command == "data":
-            from pipelines.quickstart import write_quickstart_corpus
+            from clray.pipelines.quickstart import write_quickstart_corpus
 
             info = write_quickstart_corpus(
                 args.out_dir, num_shards=args.shards, seed=args.seed, bad_rows=args.bad_rows,

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import tomllib
 from pydantic import Field, ValidationError, model_validator
 
-from jobs.remine import RemineConfig, remine_problems
-from models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
-from pipelines.config import DataConfig
-from pipelines.storage import StorageConfig, is_s3, join, normalize
+from clray.jobs.remine import RemineConfig, remine_problems
+from clray.models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
+from clray.pipelines.config import DataConfig
+from clray.pipelines.storage import StorageConfig, is_s3, join, normalize
 
 
 class ConfigError(Exception):

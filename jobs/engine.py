@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from jobs.config import JobConfig
+from clray.jobs.config import JobConfig
 
 
 def use_bf16(cfg: JobConfig) -> bool:

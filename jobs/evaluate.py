@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from jobs.config import JobConfig
-from jobs.engine import cast_batch
+from clray.jobs.config import JobConfig
+from clray.jobs.engine import cast_batch
 
 
 def _zero_shot_views(cfg: JobConfig) -> tuple[str, str] | None:
@@ -32,7 +32,7 @@ def _tower_cfg(cfg: JobConfig, view: str):
 
 def class_prompt_embeddings(model: Any, cfg: JobConfig, text_view: str, device: torch.device) -> torch.Tensor:
     """One embedding per class: the normalised mean over the prompt templates."""
-    from models.preprocess import preprocess_view
+    from clray.models.preprocess import preprocess_view
 
     tower = _tower_cfg(cfg, text_view)
     encode = model.encode_anchor if text_view == "anchor" else model.encode_positive
@@ -63,7 +63,7 @@ def embed_split(model: Any, batches: Any, bf16: bool, has_labels: bool) -> dict[
 
 @torch.no_grad()
 def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, bf16: bool) -> dict[str, Any]:
-    from models.metrics import retrieval_metrics, zero_shot_accuracy
+    from clray.models.metrics import retrieval_metrics, zero_shot_accuracy
 
     was_training = model.training
     model.eval()

@@ -24,10 +24,10 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from models.config import Strict
-from pipelines.config import DataConfig
-from pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
-from pipelines.storage import StorageConfig
+from clray.models.config import Strict
+from clray.pipelines.config import DataConfig
+from clray.pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
+from clray.pipelines.storage import StorageConfig
 
 
 class MineConfig(Strict):
@@ -51,13 +51,13 @@ class MineConfig(Strict):
 
 
 def load_mine_config(path: str | Path, overrides: list[str] | None = None) -> MineConfig:
-    from jobs.config import apply_overrides, read_toml
+    from clray.jobs.config import apply_overrides, read_toml
 
     return validate_mine_config(apply_overrides(read_toml(path), overrides or []), str(path))
 
 
 def validate_mine_config(raw: dict[str, Any], source: str = "config") -> MineConfig:
-    from jobs.config import ConfigError, _format_pydantic
+    from clray.jobs.config import ConfigError, _format_pydantic
 
     try:
         return MineConfig.model_validate(raw)
@@ -89,7 +89,7 @@ def _hash(obj: Any) -> str:
 
 
 def _corpus_fingerprint(files: list[str], storage: StorageConfig | None = None) -> list[dict[str, Any]]:
-    from pipelines import storage as st_mod
+    from clray.pipelines import storage as st_mod
 
     out = []
     for f in files:
@@ -107,8 +107,8 @@ def _check_ids(files: list[str], data_cfg: DataConfig, storage: StorageConfig | 
     """Ids name rows in plans and negatives, so they must be unique over the corpus."""
     import pyarrow.parquet as pq
 
-    from pipelines.errors import DataError
-    from pipelines.storage import filesystem
+    from clray.pipelines.errors import DataError
+    from clray.pipelines.storage import filesystem
 
     seen: dict[str, str] = {}
     dups: list[str] = []
@@ -131,7 +131,7 @@ def _check_ids(files: list[str], data_cfg: DataConfig, storage: StorageConfig | 
 
 
 def plan_columns(cfg: MineConfig) -> Any:
-    from pipelines.plan_format import PlanColumns
+    from clray.pipelines.plan_format import PlanColumns
 
     m = cfg.mining
     neg = m.num_negatives > 0
@@ -150,9 +150,9 @@ def plan_columns(cfg: MineConfig) -> Any:
 
 def check_mine(cfg: MineConfig) -> list[str]:
     """Corpus files, schema, ids, teacher and column names: every problem before Ray."""
-    from pipelines import check_schema, resolve_shards
-    from pipelines.errors import DataError
-    from pipelines.mining.teacher import teacher_problems
+    from clray.pipelines import check_schema, resolve_shards
+    from clray.pipelines.errors import DataError
+    from clray.pipelines.mining.teacher import teacher_problems
 
     problems = teacher_problems(cfg.teacher, cfg.data)
     try:
@@ -173,7 +173,7 @@ def check_mine(cfg: MineConfig) -> list[str]:
 
 
 def init_ray_for_mining(cfg: MineConfig, verbose: bool = False) -> None:
-    from jobs.train import start_ray
+    from clray.jobs.train import start_ray
 
     # the teacher actors hold their CPUs for the whole embed stage; reads and writes need more
     start_ray(cfg.teacher.num_actors * cfg.teacher.cpus_per_actor + 2, {"TOKENIZERS_PARALLELISM": "false"}, verbose)
@@ -186,7 +186,7 @@ def _use_gpu(cfg: TeacherConfig) -> bool:
         return False
     has = ray.cluster_resources().get("GPU", 0) > 0
     if cfg.use_gpu == "always" and not has:
-        from pipelines.errors import DataError
+        from clray.pipelines.errors import DataError
 
         raise DataError('teacher.use_gpu = "always" but the Ray cluster has no GPUs: use "auto" or "never"')
     return has
@@ -199,9 +199,9 @@ class MineError(Exception):
 def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = False,
                on_event: Callable[[dict[str, Any]], None] | None = None) -> MineSummary:
     """Run (or resume, or confirm) the mining job for ``cfg``; returns its summary."""
-    from pipelines.mining import stages
-    from pipelines.mining.teacher import teacher_fingerprint, teacher_kind
-    from pipelines.plan_format import (
+    from clray.pipelines.mining import stages
+    from clray.pipelines.mining.teacher import teacher_fingerprint, teacher_kind
+    from clray.pipelines.plan_format import (
         MANIFEST_FORMAT,
         MANIFEST_NAME,
         MANIFEST_VERSION,
@@ -215,7 +215,7 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
         if on_event:
             on_event({"event": name, **data})
 
-    from pipelines import storage as st
+    from clray.pipelines import storage as st
 
     started = time.perf_counter()
     files = check_mine(cfg)
@@ -264,9 +264,9 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
 
     import ray
 
-    from jobs.train import _root_cause
-    from pipelines import quiet_ray_data
-    from pipelines.errors import DataError
+    from clray.jobs.train import _root_cause
+    from clray.pipelines import quiet_ray_data
+    from clray.pipelines.errors import DataError
 
     init_ray_for_mining(cfg, verbose)
     quiet_ray_data()
@@ -376,8 +376,8 @@ def publish_plan(local: Path, out_uri: str, storage: StorageConfig) -> None:
     """Upload a finished plan: plans and reports first, ``manifest.json`` last, so a reader
     on S3 sees a complete plan or none (the local rule). Plans of an earlier, replaced job
     are removed first; the work files stay behind (they are this machine's cache)."""
-    from pipelines import storage as st
-    from pipelines.plan_format import MANIFEST_NAME
+    from clray.pipelines import storage as st
+    from clray.pipelines.plan_format import MANIFEST_NAME
 
     st.delete(st.join(out_uri, "plans"), storage)
     st.upload(local / "plans", st.join(out_uri, "plans"), storage)
@@ -392,7 +392,7 @@ def publish_plan(local: Path, out_uri: str, storage: StorageConfig) -> None:
 
 def _summary(out: str | Path, manifest: dict[str, Any], *, already_complete: bool = False,
              resumed: dict[str, bool] | None = None, seconds: dict[str, float] | None = None) -> MineSummary:
-    from pipelines.storage import join
+    from clray.pipelines.storage import join
 
     epochs = manifest["epochs"]
     return MineSummary(

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from models.config import Strict
+from clray.models.config import Strict
 
 STATE_FILE = "remine.json"
 
@@ -38,14 +38,14 @@ class RemineConfig(Strict):
 
 
 def _format(err: ValidationError, prefix: str) -> list[str]:
-    from jobs.config import _format_pydantic
+    from clray.jobs.config import _format_pydantic
 
     return [f"{prefix}.{line}" for line in _format_pydantic(err)]
 
 
 def remine_problems(cfg: Any) -> list[str]:
     """Cross-checks of the remine section against the rest of a JobConfig."""
-    from pipelines.mining.config import MiningConfig, TeacherConfig
+    from clray.pipelines.mining.config import MiningConfig, TeacherConfig
 
     remine: RemineConfig = cfg.remine
     if not remine.every_epochs:
@@ -80,8 +80,8 @@ def remine_problems(cfg: Any) -> list[str]:
 
 
 def _mine_config(cfg: Any, first_manifest: dict[str, Any], teacher_dir: Path, epoch: int, out_dir: Path) -> Any:
-    from jobs.mine import MineConfig
-    from pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
+    from clray.jobs.mine import MineConfig
+    from clray.pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
 
     data = cfg.data.without_negatives().model_copy(
         update={"train": list(first_manifest["corpus"]["files"]), "batches": "examples", "eval": []}
@@ -105,10 +105,10 @@ def run_with_remining(
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
     """``run_training``, with a new mined plan every ``remine.every_epochs`` epochs."""
-    from jobs.mine import run_mining
-    from jobs.train import run_training
-    from pipelines.plan_format import read_manifest, write_json_atomic
-    from pipelines.storage import normalize
+    from clray.jobs.mine import run_mining
+    from clray.jobs.train import run_training
+    from clray.pipelines.plan_format import read_manifest, write_json_atomic
+    from clray.pipelines.storage import normalize
 
     if not cfg.remine.every_epochs:
         return run_training(cfg, verbose=verbose, on_event=on_event)

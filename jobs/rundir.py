@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.config import JobConfig
-from pipelines import storage
+from clray.jobs.config import JobConfig
+from clray.pipelines import storage
 
 DRIVER_FILES = ("config.toml", "metrics.jsonl", "summary.json", "error.log", "quarantine.parquet",
                 "quarantine-eval.parquet")

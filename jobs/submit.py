@@ -3,7 +3,7 @@
 What travels with a job, and why:
 
 - ``working_dir`` is a *bundle* staged in a temporary directory: clray's own packages
-  (jobs, pipelines, models), ``configs/``, ``pyproject.toml`` and the submitted config
+  (``clray/`` with jobs, pipelines, models and configs), ``pyproject.toml`` and the submitted config
   file. It is built from the packages, not by uploading the repository root with
   excludes, because a repository root also holds ``.venv``, ``data/``, ``runs/`` and
   whatever else a user keeps there (Ray refuses packages over a few hundred MiB), and
@@ -48,9 +48,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The clray package's directory: the repository root in a checkout (installed editable),
+``site-packages/clray`` in an installed wheel."""
 COMMANDS = ("train", "tune", "mine")
+BUNDLE_PACKAGE = "clray"
+"""The bundle holds clray as the package it is installed as: clray/__init__.py (the
+repository root's), clray/jobs, clray/pipelines, clray/models and clray/configs."""
 BUNDLE_PACKAGES = ("jobs", "pipelines", "models")
-BUNDLE_EXTRA = ("configs", "pyproject.toml")
+BUNDLE_DATA = ("configs",)
+BUNDLE_EXTRA = ("pyproject.toml",)
 BUNDLE_CONFIG_DIR = "_submitted"
 """Where the submitted config lands inside the bundle (the job's working directory)."""
 COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", "*.egg-info")
@@ -192,17 +198,20 @@ def _norm(name: str) -> str:
 def stage_bundle(config_path: Path, staging_dir: Path, repo_root: Path = REPO_ROOT) -> Path:
     """Copy clray's code and the config into ``staging_dir``; returns the config's path
     relative to the bundle (the job's working directory)."""
+    package = staging_dir / BUNDLE_PACKAGE
+    package.mkdir()
+    shutil.copy2(repo_root / "__init__.py", package / "__init__.py")
     for name in BUNDLE_PACKAGES:
         src = repo_root / name
         if not (src / "__init__.py").is_file():
             raise SubmitError(f"cannot bundle clray: {src} is not a package directory")
-        shutil.copytree(src, staging_dir / name, ignore=COPY_IGNORE)
+        shutil.copytree(src, package / name, ignore=COPY_IGNORE)
+    for name in BUNDLE_DATA:
+        if (repo_root / name).is_dir():
+            shutil.copytree(repo_root / name, package / name, ignore=COPY_IGNORE)
     for name in BUNDLE_EXTRA:
-        src = repo_root / name
-        if src.is_dir():
-            shutil.copytree(src, staging_dir / name, ignore=COPY_IGNORE)
-        elif src.is_file():
-            shutil.copy2(src, staging_dir / name)
+        if (repo_root / name).is_file():
+            shutil.copy2(repo_root / name, staging_dir / name)
     target = Path(BUNDLE_CONFIG_DIR) / config_path.name
     (staging_dir / BUNDLE_CONFIG_DIR).mkdir()
     base = search_base(config_path)
@@ -211,7 +220,7 @@ def stage_bundle(config_path: Path, staging_dir: Path, repo_root: Path = REPO_RO
         return target
     # A search config lays itself over `search.base`, a path relative to the config: ship
     # that file too, next to the config, and point the shipped copy at it.
-    from jobs.config import read_toml
+    from clray.jobs.config import read_toml
 
     bundled_base = f"base-{base.name}"
     shutil.copy2(base, staging_dir / BUNDLE_CONFIG_DIR / bundled_base)
@@ -226,7 +235,7 @@ def stage_bundle(config_path: Path, staging_dir: Path, repo_root: Path = REPO_RO
 def search_base(config_path: Path) -> Path | None:
     """The training config a search config names in ``search.base`` (relative to the
     search config), or None; SubmitError when it names a missing file."""
-    from jobs.config import read_toml
+    from clray.jobs.config import read_toml
 
     search = read_toml(config_path).get("search")
     name = search.get("base") if isinstance(search, dict) else None
@@ -241,8 +250,8 @@ def search_base(config_path: Path) -> Path | None:
 def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     """The config as its command will read it: laid over ``search.base`` when it names
     one, then the overrides."""
-    from jobs.config import apply_overrides, read_toml
-    from jobs.tune import merge_tables
+    from clray.jobs.config import apply_overrides, read_toml
+    from clray.jobs.tune import merge_tables
 
     raw = read_toml(config_path)
     base = search_base(config_path)
@@ -254,7 +263,7 @@ def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
 def forwarded_env(names: list[str], environ: Mapping[str, str]) -> dict[str, str]:
     """The variables named by ``--env``; a name that is not set is an error, not a silent
     omission (the job would fail later, on the cluster, with a worse message)."""
-    from jobs.train import RECORD_BATCHES_ENV
+    from clray.jobs.train import RECORD_BATCHES_ENV
 
     reserved = {"TOKENIZERS_PARALLELISM", "PYTHONWARNINGS", "DS_ACCELERATOR", RECORD_BATCHES_ENV}
     out: dict[str, str] = {}
@@ -297,9 +306,9 @@ def build_entrypoint(command: str, config_in_bundle: Path, overrides: list[str],
     the config mean what they mean to ``clray train`` here."""
     args = [command, str(config_in_bundle)] + [x for o in overrides for x in ("--set", o)] + extra
     if workdir is None:
-        head = ["python", "-m", "jobs.cli"]
+        head = ["python", "-m", "clray.jobs.cli"]
     else:
-        head = ["python", "-m", "jobs.submit", "--cwd", workdir]
+        head = ["python", "-m", "clray.jobs.submit", "--cwd", workdir]
     return shlex.join(head + args)
 
 
@@ -334,10 +343,10 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
     if command == "train":
         from pydantic import ValidationError
 
-        from jobs.config import ConfigError, JobConfig, _format_pydantic, load_config
+        from clray.jobs.config import ConfigError, JobConfig, _format_pydantic, load_config
 
         if same_machine:
-            from jobs.train import _check_data
+            from clray.jobs.train import _check_data
 
             # the shards and their columns too, with plain pyarrow, as `clray train` does
             # before it starts Ray: a job that would fail on its first line is not submitted
@@ -348,12 +357,12 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
             except ValidationError as err:
                 raise ConfigError(str(config), _format_pydantic(err)) from None
     elif command == "mine" and same_machine:
-        from jobs.mine import load_mine_config
+        from clray.jobs.mine import load_mine_config
 
         load_mine_config(config, overrides)
     elif command == "tune" and same_machine:
         try:
-            from jobs.tune import load_tune_config  # type: ignore[import-not-found]
+            from clray.jobs.tune import load_tune_config  # type: ignore[import-not-found]
         except ImportError:  # a clray without `clray tune`: the job itself will say so
             return raw
         load_tune_config(config, overrides)
@@ -364,7 +373,7 @@ def needed_cpus(command: str, raw: Mapping[str, Any]) -> int:
     """Logical CPUs a local head needs for this job (the same sum ``clray train`` uses)."""
     cpus = os.cpu_count() or 1
     if command == "train":
-        from jobs.config import JobConfig
+        from clray.jobs.config import JobConfig
 
         try:
             cfg = JobConfig.model_validate(raw)
@@ -771,7 +780,7 @@ def _entry(argv: list[str]) -> int:
     workdir, rest = argv[1], argv[2:]
     rest[1] = str(Path(rest[1]).absolute())  # the config, inside the bundle
     os.chdir(workdir)
-    from jobs.cli import main
+    from clray.jobs.cli import main
 
     return main(rest)
 

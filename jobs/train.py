@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.config import JobConfig, dump_toml
-from jobs.rundir import RunLocation
-from jobs.worker import RECORD_BATCHES_ENV, Plan, train_loop_per_worker
+from clray.jobs.config import JobConfig, dump_toml
+from clray.jobs.rundir import RunLocation
+from clray.jobs.worker import RECORD_BATCHES_ENV, Plan, train_loop_per_worker
 
 
 class TrainingError(Exception):
@@ -95,7 +95,7 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         return
     if dashboard:
-        from jobs.submit import free_port
+        from clray.jobs.submit import free_port
 
         port = free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
@@ -113,8 +113,8 @@ def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
 def _check_data(cfg: JobConfig) -> tuple[list[str], list[str], Any]:
     """Training files (examples) or the checked plan (packed), and the eval files; every
     problem of both splits in one DataError."""
-    from pipelines import DataError, check_schema, resolve_shards
-    from pipelines.packed import load_plan
+    from clray.pipelines import DataError, check_schema, resolve_shards
+    from clray.pipelines.packed import load_plan
 
     train_files: list[str] = []
     eval_files: list[str] = []
@@ -270,14 +270,14 @@ def _run(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from pipelines import (
+    from clray.pipelines import (
         DataError,
         build_datasets,
         local_shuffle_buffer_size,
         quiet_ray_data,
         steps_per_epoch,
     )
-    from pipelines.packed import build_packed_datasets
+    from clray.pipelines.packed import build_packed_datasets
 
     init_ray(cfg, verbose)
     quiet_ray_data()

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from jobs.config import (
+from clray.jobs.config import (
     ConfigError,
     JobConfig,
     Strict,
@@ -174,7 +174,7 @@ class TuneJob:
 
     @property
     def remote(self) -> bool:
-        from pipelines import storage
+        from clray.pipelines import storage
 
         return storage.is_s3(self.search_uri)
 
@@ -194,7 +194,7 @@ class TuneJob:
         """Upload staged files (or directories) of a search on S3; no-op locally."""
         if not self.remote:
             return
-        from pipelines import storage
+        from clray.pipelines import storage
 
         for name in names:
             local = self.search_dir / name
@@ -404,7 +404,7 @@ def _trial_steps(job: TuneJob) -> int | None:
     cfg = validate(job.trial_raw({}), job.source)
     total = None
     if cfg.data.batches == "examples":
-        from pipelines import resolve_shards
+        from clray.pipelines import resolve_shards
 
         rows = _count_rows(resolve_shards(cfg.data.train, "data.train", cfg.storage), cfg)
         total = max(1, rows // cfg.train.global_batch_size) * cfg.train.epochs
@@ -416,7 +416,7 @@ def _trial_steps(job: TuneJob) -> int | None:
 def _count_rows(files: list[str], cfg: JobConfig) -> int:
     import pyarrow.parquet as pq
 
-    from pipelines import storage
+    from clray.pipelines import storage
 
     fs, paths = storage.filesystem_for(files, cfg.storage)
     return sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
@@ -447,10 +447,10 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     """One trial: a whole clray training run, its evaluations reported to Tune."""
     from ray import tune
 
-    from jobs.train import run_training
+    from clray.jobs.train import run_training
 
     trial_id = tune.get_context().get_trial_id()
-    from pipelines import storage
+    from clray.pipelines import storage
 
     # Tune moves each trial into a directory of its own; a trial is a `clray train`, whose
     # relative paths (data, pretrained towers, tokenizers) mean the working directory it
@@ -691,7 +691,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     from rich.console import Console
 
     console = console or Console()
-    from pipelines import storage
+    from clray.pipelines import storage
 
     search_dir = job.search_dir
     experiment_uri = storage.join(job.search_uri, "tune")
@@ -711,7 +711,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
         raise ConfigError(job.source, [
             f"{job.search_uri} already holds a search: add --resume to continue it, or set run.name to start a new one"
         ])
-    from jobs.train import _check_data, start_ray, worker_env
+    from clray.jobs.train import _check_data, start_ray, worker_env
 
     # Every trial checks its own data, but one check here fails a broken corpus in seconds.
     _check_data(job.base)
@@ -731,7 +731,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     start_ray(job.search.max_concurrent * _trial_cpus(job), worker_env(trial_cfg), verbose, dashboard=True)
     from ray import tune
 
-    from pipelines import quiet_ray_data
+    from clray.pipelines import quiet_ray_data
 
     quiet_ray_data()
     max_t = _trial_steps(job)
@@ -786,7 +786,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
 
 def _as_uris(job: TuneJob, summary: TuneSummary) -> TuneSummary:
     """The summary of a search on S3 names the uploaded files, not the staging copies."""
-    from pipelines import storage
+    from clray.pipelines import storage
 
     def uri(path: str | None) -> str | None:
         if path is None:

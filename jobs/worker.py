@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs.config import JobConfig
-from jobs.engine import build_engine, cast_batch, use_bf16
+from clray.jobs.config import JobConfig
+from clray.jobs.engine import build_engine, cast_batch, use_bf16
 
 CHECKPOINT_TAG = "state"
 
@@ -154,8 +154,8 @@ def train_step(
 
     Returns the loss output and the logit scale and bias the step used: under ZeRO-3
     those parameters are partitioned outside forward, so this is where they are readable."""
-    from models.gradcache import gradcache_step
-    from models.losses import apply_loss
+    from clray.models.gradcache import gradcache_step
+    from clray.models.losses import apply_loss
 
     used: dict[str, Any] = {}
 
@@ -271,8 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = torch.device("cpu")
     bf16 = use_bf16(cfg)
 
-    from models.dual_encoder import DualEncoder
-    from models.losses import build_loss
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.losses import build_loss
 
     _seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = DualEncoder(cfg.model).to(device)
@@ -293,7 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # A new run that starts from another run's checkpoint (a PBT exploit), or this run
         # resumed at a checkpoint saved after the last one Ray Train registered. Once this
         # run has a later checkpoint of its own, a restart resumes that instead.
-        from pipelines import storage
+        from clray.pipelines import storage
 
         fs, inner = storage.filesystem(start_from, cfg.storage)
         checkpoint = ray.train.Checkpoint(inner, filesystem=fs)  # [ray]
@@ -399,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.epoch += 1
             state.step_in_epoch = 0
 
-    from jobs.evaluate import evaluate
+    from clray.jobs.evaluate import evaluate
 
     complete = state.step >= plan.total_steps
     publish({"event": "end", "step": state.step, "epoch": state.epoch, "complete": complete})
@@ -421,7 +421,7 @@ def _evaluate_now(
 ) -> dict[str, Any]:
     """A mid-run evaluation (train.eval_every): every rank embeds the eval split (see
     jobs.evaluate), so this is a collective step like any other."""
-    from jobs.evaluate import evaluate
+    from clray.jobs.evaluate import evaluate
 
     return {"step": state.step, "epoch": state.epoch, **evaluate(engine.module, cfg, eval_shard, device, bf16)}
 
@@ -465,8 +465,8 @@ def _export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
     """Rank 0 writes the HF-format export; under ZeRO-3 all ranks first gather the weights.
     An ``s3://`` export is written to a local temporary directory on rank 0's node and
     uploaded from there (the driver may be on another machine)."""
-    from models.export import export_model
-    from pipelines import storage
+    from clray.models.export import export_model
+    from clray.pipelines import storage
 
     def write() -> None:
         if not storage.is_s3(export_dir):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelConfig
-from models.preprocess import INPUT_SUFFIXES, NEGATIVE_PREFIX
-from models.towers import build_tower
+from clray.models.config import ModelConfig
+from clray.models.preprocess import INPUT_SUFFIXES, NEGATIVE_PREFIX
+from clray.models.towers import build_tower
 
 
 def build_projection(kind: str, tower_dim: int, embed_dim: int) -> nn.Module:

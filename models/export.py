@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import ModelConfig, TextTowerConfig
-from models.dual_encoder import DualEncoder
-from models.preprocess import build_tokenizer
+from clray.models.config import ModelConfig, TextTowerConfig
+from clray.models.dual_encoder import DualEncoder
+from clray.models.preprocess import build_tokenizer
 
 CONFIG_FILE = "clray_model.json"
 WEIGHTS_FILE = "model.safetensors"

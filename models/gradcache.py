@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.dual_encoder import Encoded
-from models.losses.base import LossOutput
+from clray.models.dual_encoder import Encoded
+from clray.models.losses.base import LossOutput
 
 
 def slice_batch(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
 
 NEGATIVE_PREFIX = "negative"
 INPUT_SUFFIXES = ("input_ids", "attention_mask", "pixel_values")

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from models.preprocess import _local_dir, build_tokenizer, tokenizer_source
+from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from clray.models.preprocess import _local_dir, build_tokenizer, tokenizer_source
 
 IMAGE_CHANNELS = {"L": 1, "RGB": 3}
 

@@ -4,7 +4,7 @@ Importing this package does not import Ray; the functions that need it import it
 when called, so config loading stays fast and Ray-free.
 """
 
-from pipelines.dataset import (
+from clray.pipelines.dataset import (
     PreparedData,
     build_datasets,
     data_task_cpus,
@@ -14,10 +14,10 @@ from pipelines.dataset import (
     read_shards,
     steps_per_epoch,
 )
-from pipelines.errors import DataError
-from pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
-from pipelines.sources import check_schema, resolve_shards
-from pipelines.validate import ValidationReport, quarantine_pass, row_problems
+from clray.pipelines.errors import DataError
+from clray.pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
+from clray.pipelines.sources import check_schema, resolve_shards
+from clray.pipelines.validate import ValidationReport, quarantine_pass, row_problems
 
 __all__ = [
     "CLASS_NAMES",

@@ -22,7 +22,7 @@ import sys
 
 _FSSPEC_HTTP = "fsspec.implementations.http"
 
-WORKER_SETUP_HOOK = "pipelines._compat.setup_data_worker"
+WORKER_SETUP_HOOK = "clray.pipelines._compat.setup_data_worker"
 """Pass as ``runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK}`` to
 ``ray.init`` so Ray's worker processes (which run the ``ListFiles`` tasks) get the fix."""
 

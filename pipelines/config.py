@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from models.config import Strict
+from clray.models.config import Strict
 
 
 class ViewConfig(Strict):

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from models.preprocess import NEGATIVE_PREFIX, ImageDecodeError, preprocess_view
-from pipelines._compat import avoid_fsspec_http_import_race
-from pipelines.config import DataConfig
-from pipelines.errors import DataError
-from pipelines.sources import check_schema, required_columns, resolve_shards
-from pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
-from pipelines.validate import (
+from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from clray.models.preprocess import NEGATIVE_PREFIX, ImageDecodeError, preprocess_view
+from clray.pipelines._compat import avoid_fsspec_http_import_race
+from clray.pipelines.config import DataConfig
+from clray.pipelines.errors import DataError
+from clray.pipelines.sources import check_schema, required_columns, resolve_shards
+from clray.pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
+from clray.pipelines.validate import (
     PATH_COLUMN,
     ValidationReport,
     image_decodes,

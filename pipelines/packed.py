@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from models.preprocess import ImageDecodeError
-from pipelines import storage as st
-from pipelines._compat import avoid_fsspec_http_import_race
-from pipelines.config import DataConfig
-from pipelines.dataset import (
+from clray.models.preprocess import ImageDecodeError
+from clray.pipelines import storage as st
+from clray.pipelines._compat import avoid_fsspec_http_import_race
+from clray.pipelines.config import DataConfig
+from clray.pipelines.dataset import (
     Tower,
     _legacy_parquet_reader,
     _towers,
@@ -38,8 +38,8 @@ from pipelines.dataset import (
     data_task_cpus,
     preprocess_rows,
 )
-from pipelines.errors import DataError
-from pipelines.plan_format import (
+from clray.pipelines.errors import DataError
+from clray.pipelines.plan_format import (
     BATCH_COLUMN,
     EPOCH_COLUMN,
     PlanColumns,
@@ -47,9 +47,9 @@ from pipelines.plan_format import (
     plan_columns,
     read_manifest,
 )
-from pipelines.sources import _list_of, _missing_column_problem, required_columns
-from pipelines.storage import StorageConfig, filesystem_for
-from pipelines.validate import PATH_COLUMN, ValidationReport, image_decodes, row_problems
+from clray.pipelines.sources import _list_of, _missing_column_problem, required_columns
+from clray.pipelines.storage import StorageConfig, filesystem_for
+from clray.pipelines.validate import PATH_COLUMN, ValidationReport, image_decodes, row_problems
 
 if TYPE_CHECKING:
     import ray.data
@@ -486,7 +486,7 @@ def build_packed_datasets(
 ) -> PackedData:
     """The packed training datasets plus the ordinary eval split (``build_eval_dataset``,
     quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``)."""
-    from pipelines.dataset import quiet_ray_data
+    from clray.pipelines.dataset import quiet_ray_data
 
     quiet_ray_data()
     rows = plan.rows_per_epoch

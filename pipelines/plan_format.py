@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipelines.storage import StorageConfig
+    from clray.pipelines.storage import StorageConfig
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clray-mined-plan"
@@ -93,8 +93,8 @@ class PlanFormatError(ValueError):
 def read_manifest(out_dir: str | os.PathLike[str], storage: StorageConfig | None = None) -> dict[str, Any]:
     """The manifest of a complete plan directory (local or ``s3://``), or
     ``PlanFormatError`` naming the path (and, on S3, what the store said)."""
-    from pipelines import storage as st
-    from pipelines.errors import DataError
+    from clray.pipelines import storage as st
+    from clray.pipelines.errors import DataError
 
     if st.is_s3(out_dir):
         out: Any = st.normalize(out_dir)

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
-from pipelines import storage as storage_mod
-from pipelines.config import DataConfig
-from pipelines.errors import DataError
-from pipelines.storage import StorageConfig
+from clray.pipelines import storage as storage_mod
+from clray.pipelines.config import DataConfig
+from clray.pipelines.errors import DataError
+from clray.pipelines.storage import StorageConfig
 
 _GLOB_CHARS = set("*?[")
 

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import field_validator
 
-from models.config import Strict
-from pipelines.errors import DataError
+from clray.models.config import Strict
+from clray.pipelines.errors import DataError
 
 SCHEME = "s3://"
 _GLOB_CHARS = set("*?[")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.quickstart import write_splits
+from clray.pipelines.quickstart import write_splits
 
 MAX_CHARS = 62
 """Longest query or passage: with [CLS] and [SEP] it fits the char tokenizer's 64 tokens."""

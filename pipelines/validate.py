@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from models.preprocess import ImageDecodeError, decode_image
-from pipelines.config import DataConfig
-from pipelines.errors import DataError
+from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
+from clray.models.preprocess import ImageDecodeError, decode_image
+from clray.pipelines.config import DataConfig
+from clray.pipelines.errors import DataError
 
 if TYPE_CHECKING:
     import ray.data

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs.cluster_check import check_file, main_check, ray_version
+from clray.jobs.cluster_check import check_file, main_check, ray_version
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 CLUSTER_FILES = sorted(CLUSTER_DIR.rglob("*.yaml"))
@@ -167,7 +167,7 @@ def test_rayjob_cluster_has_the_raycluster_groups() -> None:
 
 def test_cli_checks_the_shipped_cluster_directory(capsys) -> None:
     """`clray cluster check cluster/`, as CI runs it, passes on every shipped file."""
-    from jobs.cli import main
+    from clray.jobs.cli import main
 
     root = Path(__file__).resolve().parent.parent / "cluster"
     assert main(["cluster", "check", str(root)]) == 0

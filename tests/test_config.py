@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from jobs.config import ConfigError, JobConfig, apply_overrides, load_config, validate
+from clray.jobs.cli import main
+from clray.jobs.config import ConfigError, JobConfig, apply_overrides, load_config, validate
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 
@@ -38,9 +38,9 @@ def problems_of(raw: dict) -> list[str]:
 def test_every_shipped_config_parses(path: Path) -> None:
     """Training configs as JobConfig; mining configs (a [teacher] table) as MineConfig;
     search configs (a [search] table) as a tune job over a valid training config."""
-    from jobs.config import read_toml
-    from jobs.mine import MineConfig, load_mine_config
-    from jobs.tune import load_tune_config
+    from clray.jobs.config import read_toml
+    from clray.jobs.mine import MineConfig, load_mine_config
+    from clray.jobs.tune import load_tune_config
 
     if "search" in read_toml(path):
         job = load_tune_config(path)
@@ -192,7 +192,7 @@ def test_siglip_gets_bias_and_its_own_initial_temperature() -> None:
     # The resolved config round-trips (a Tune best-config file must parse again).
     import tomllib
 
-    from jobs.config import dump_toml
+    from clray.jobs.config import dump_toml
 
     again = validate(tomllib.loads(dump_toml(cfg)))
     assert again.model.logit_bias == cfg.model.logit_bias
@@ -235,7 +235,7 @@ def test_negatives_must_match_the_positive_view_kind() -> None:
 
 def test_shipped_mining_config_fits_the_quickstart() -> None:
     """configs/mine_quickstart.toml mines whole local batches of the quickstart run."""
-    from jobs.mine import load_mine_config
+    from clray.jobs.mine import load_mine_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
     mine = load_mine_config(root / "mine_quickstart.toml")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_models import TINY_BERT
 
-from models.config import ModelConfig
-from models.dual_encoder import DualEncoder
-from models.export import export_model, load_exported
-from models.preprocess import tokenize
+from clray.models.config import ModelConfig
+from clray.models.dual_encoder import DualEncoder
+from clray.models.export import export_model, load_exported
+from clray.models.preprocess import tokenize
 
 # The last text is longer than max_length: truncation must agree everywhere.
 TEXTS = ["a small red boat", "Hello, World!", "x", "a considerably longer caption that gets truncated"]

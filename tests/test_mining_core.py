@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.mining import (
+from clray.pipelines.mining import (
     batch_stats,
     build_index,
     candidate_mask,

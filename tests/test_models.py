@@ -9,18 +9,18 @@ import torch
 from tiny_models import TINY_BERT
 from torch import nn
 
-from models.config import (
+from clray.models.config import (
     ConvTowerConfig,
     LossConfig,
     ModelConfig,
     TextTowerConfig,
     VitTowerConfig,
 )
-from models.dual_encoder import DualEncoder
-from models.losses import InfoNCE, LossOutput, build_loss
-from models.metrics import retrieval_metrics, zero_shot_accuracy
-from models.preprocess import build_tokenizer, tokenize
-from models.towers import build_tower
+from clray.models.dual_encoder import DualEncoder
+from clray.models.losses import InfoNCE, LossOutput, build_loss
+from clray.models.metrics import retrieval_metrics, zero_shot_accuracy
+from clray.models.preprocess import build_tokenizer, tokenize
+from clray.models.towers import build_tower
 
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 4}
 
@@ -62,7 +62,7 @@ def test_text_tower_loads_a_local_pretrained_directory(tmp_path) -> None:
     loaded = build_tower(cfg)
     for (name, want), (_, got) in zip(source.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
-    from models.preprocess import tokenizer_source
+    from clray.models.preprocess import tokenizer_source
 
     assert tokenizer_source(cfg) == str(tmp_path / "enc")
     inputs = text_inputs(cfg, ["the digit 7", "a handwritten seven"], "anchor")
@@ -256,7 +256,7 @@ def test_retrieval_metrics_known_case(monkeypatch: pytest.MonkeyPatch) -> None:
     labelled = retrieval_metrics(e, p, ks=(1,), labels=["x", "x", "y", "z"])
     assert labelled["a2p_label_R@1"] == 1.0 and labelled["p2a_label_R@1"] == 1.0
 
-    import models.metrics as metrics_module
+    import clray.models.metrics as metrics_module
 
     torch.manual_seed(0)
     a = nn.functional.normalize(torch.randn(50, 8), dim=1)

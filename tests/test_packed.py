@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.config import ConfigError, JobConfig, load_config, validate
-from jobs.worker import RECORD_BATCHES_ENV
-from models.config import ConvTowerConfig, TextTowerConfig
-from pipelines.config import DataConfig
-from pipelines.dataset import id_keys, preprocess_rows
-from pipelines.errors import DataError
-from pipelines.packed import load_plan, unpack_batches
-from pipelines.plan_format import (
+from clray.jobs.config import ConfigError, JobConfig, load_config, validate
+from clray.jobs.worker import RECORD_BATCHES_ENV
+from clray.models.config import ConvTowerConfig, TextTowerConfig
+from clray.pipelines.config import DataConfig
+from clray.pipelines.dataset import id_keys, preprocess_rows
+from clray.pipelines.errors import DataError
+from clray.pipelines.packed import load_plan, unpack_batches
+from clray.pipelines.plan_format import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -31,7 +31,7 @@ from pipelines.plan_format import (
     epoch_dir,
     write_json_atomic,
 )
-from pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
+from clray.pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
 BATCH = 32  # local batch: global 64 over 2 workers
@@ -335,8 +335,8 @@ def test_packed_training_takes_whole_plan_batches_and_resumes_at_an_epoch_stop(
     trains epoch 0 and stops there (stop_epoch=1, as re-mining between epochs does); the
     second resumes at that boundary and trains epoch 1 on plan 1 and epoch 2 on plan 0
     again (3 epochs over 2 plans), with hard negatives and an ordinary eval split."""
-    from jobs.engine import warmup_cosine
-    from jobs.train import run_training
+    from clray.jobs.engine import warmup_cosine
+    from clray.jobs.train import run_training
 
     plan_dir, batches = plan
     record = tmp_path / "batches.jsonl"
@@ -386,7 +386,7 @@ def test_a_bad_mined_row_reaches_the_user_as_its_data_error() -> None:
     UserCodeException; the run's message must still be the DataError naming the row."""
     from ray.exceptions import RayTaskError, UserCodeException
 
-    from jobs.train import _failure_message
+    from clray.jobs.train import _failure_message
 
     line = "plan/part-00000.parquet (epoch 0, batch 1): row 'digits-000152' cannot be trained on (caption: empty text)"
     remote = (f"Traceback (most recent call last):\n  File \"pipelines/packed.py\", line 1\n"

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from ray.data.dataset import MaterializedDataset
 
-from models.config import ConvTowerConfig, TextTowerConfig
-from models.preprocess import ImageDecodeError, decode_image
-from pipelines import (
+from clray.models.config import ConvTowerConfig, TextTowerConfig
+from clray.models.preprocess import ImageDecodeError, decode_image
+from clray.pipelines import (
     CLASS_NAMES,
     DataError,
     build_datasets,
@@ -28,9 +28,9 @@ from pipelines import (
     steps_per_epoch,
     write_quickstart_corpus,
 )
-from pipelines.config import DataConfig
-from pipelines.dataset import sibling_quarantine_path
-from pipelines.quickstart import CAPTION_TEMPLATES
+from clray.pipelines.config import DataConfig
+from clray.pipelines.dataset import sibling_quarantine_path
+from clray.pipelines.quickstart import CAPTION_TEMPLATES
 
 IMAGE_TOWER = ConvTowerConfig(image_size=8, image_mode="L", channels=[4])
 TEXT_TOWER = TextTowerConfig(config={"model_type": "bert"}, max_length=24)
@@ -295,7 +295,7 @@ def test_quarantine_pass_records_exactly_the_bad_rows(ray_session: None, corpus:
 
 @pytest.mark.integration
 def test_build_datasets_yields_model_inputs(ray_session: None, corpus: Path, tmp_path: Path) -> None:
-    from pipelines.collate import TorchCollate
+    from clray.pipelines.collate import TorchCollate
 
     cfg = data_config(corpus, shuffle="local")
     prepared = build_datasets(
@@ -429,7 +429,7 @@ def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus:
     assert batch["negative_id_key"].shape == (32, 2) and batch["negative_id_key"].dtype == np.int64
     assert batch["negative_score"].shape == (32, 2) and batch["negative_score"].dtype == np.float32
     # A negative's id key equals the id key of the row it came from: id masking can match them.
-    from pipelines.dataset import id_keys
+    from clray.pipelines.dataset import id_keys
 
     table = read_dir(negatives_corpus / "train")
     by_key = dict(zip(id_keys(table.column("id").to_pylist()).tolist(), table.column("caption").to_pylist(), strict=True))
@@ -440,7 +440,7 @@ def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus:
 
 def test_image_hard_negatives_preprocess_to_k_images_per_row(corpus: Path) -> None:
     """Text anchors with image positives: hard negatives are images, decoded like positives."""
-    from pipelines.dataset import _preprocess
+    from clray.pipelines.dataset import _preprocess
 
     pngs = read_dir(corpus / "eval").column("image").to_pylist()[:6]
     cfg = data_config(

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY
 
-from jobs.cli import QUICKSTART_CONFIG
-from jobs.config import ConfigError, load_config
-from pipelines import storage
-from pipelines.errors import DataError
-from pipelines.sources import check_schema, resolve_shards
-from pipelines.storage import StorageConfig
+from clray.jobs.cli import QUICKSTART_CONFIG
+from clray.jobs.config import ConfigError, load_config
+from clray.pipelines import storage
+from clray.pipelines.errors import DataError
+from clray.pipelines.sources import check_schema, resolve_shards
+from clray.pipelines.storage import StorageConfig
 
 BUCKET = "clray-test"
 
@@ -60,7 +60,7 @@ def _keys(endpoint: str, prefix: str) -> list[str]:
 @pytest.fixture(scope="module")
 def s3_corpus(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The quickstart corpus (4 bad rows included) uploaded to s3://clray-test/corpus."""
-    from pipelines.quickstart import write_quickstart_corpus
+    from clray.pipelines.quickstart import write_quickstart_corpus
 
     local = tmp_path_factory.mktemp("s3-corpus")
     write_quickstart_corpus(local, bad_rows=4)
@@ -181,7 +181,7 @@ def test_config_takes_a_storage_table_and_no_secrets(tmp_path: Path) -> None:
 def test_unusable_run_dir_fails_before_ray(s3_corpus: str, storage_cfg: StorageConfig, s3_endpoint: str) -> None:
     import ray
 
-    from jobs.train import run_training
+    from clray.jobs.train import run_training
 
     was_running = ray.is_initialized()
     cfg = load_config(QUICKSTART_CONFIG, [
@@ -196,7 +196,7 @@ def test_unusable_run_dir_fails_before_ray(s3_corpus: str, storage_cfg: StorageC
 
 
 def test_packed_plan_missing_on_s3_is_named(storage_cfg: StorageConfig) -> None:
-    from pipelines.packed import load_plan
+    from clray.pipelines.packed import load_plan
 
     data = load_config(QUICKSTART_CONFIG, ['data.batches="packed"', f'data.train="s3://{BUCKET}/no-plan"',
                                            "data.eval=[]"]).data
@@ -222,7 +222,7 @@ def test_train_from_s3_into_s3_run_dir_and_resume(ray_session, s3_corpus: str, s
     start with the same name resumes from the S3 checkpoint (nothing of the run is local)."""
     from safetensors.torch import load
 
-    from jobs.train import run_training
+    from clray.jobs.train import run_training
 
     monkeypatch.chdir(tmp_path)
     # No eval split here (the packed test below reads one from S3): each pass costs time.
@@ -267,10 +267,10 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
                                                           tmp_path: Path) -> None:
     import torch
 
-    from jobs.mine import run_mining, staging_dir, validate_mine_config
-    from jobs.train import run_training
-    from models.dual_encoder import DualEncoder
-    from models.export import export_model
+    from clray.jobs.mine import run_mining, staging_dir, validate_mine_config
+    from clray.jobs.train import run_training
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.export import export_model
 
     model_cfg = load_config(QUICKSTART_CONFIG)
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
 def test_tune_search_lives_on_s3(ray_session, s3_corpus: str, s3_endpoint: str, monkeypatch, tmp_path: Path) -> None:
     """`clray tune` with run.output_dir on S3: Tune's state, every trial's run and the
     search's results land there, and a second start is refused unless --resume."""
-    from jobs.cli import main
+    from clray.jobs.cli import main
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "search.toml"

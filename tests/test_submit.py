@@ -16,8 +16,8 @@ import pytest
 import tomli_w
 import tomllib
 
-from jobs import submit
-from jobs.cli import QUICKSTART_CONFIG, REPO_ROOT, main
+from clray.jobs import submit
+from clray.jobs.cli import QUICKSTART_CONFIG, REPO_ROOT, main
 
 SECRET = "fake-secret-do-not-ship-7f3a"
 
@@ -170,15 +170,15 @@ def test_submission_sends_bundle_pins_and_no_environment(
     assert kwargs["submission_id"] == "job-1"
     assert kwargs["entrypoint_num_gpus"] == 0.5 and kwargs["entrypoint_num_cpus"] == 2
     assert shlex.split(kwargs["entrypoint"]) == [
-        "python", "-m", "jobs.cli", "train", "_submitted/elsewhere.toml", "--set", "optim.lr=1e-3", "--verbose"]
+        "python", "-m", "clray.jobs.cli", "train", "_submitted/elsewhere.toml", "--set", "optim.lr=1e-3", "--verbose"]
     runtime_env = kwargs["runtime_env"]
     assert set(runtime_env) == {"working_dir", "pip"}  # no env_vars unless asked for
     assert runtime_env["pip"]["packages"] == submit.pinned_requirements()
     assert kwargs["metadata"] == {"clray_command": "train", "clray_config": "elsewhere.toml"}
     # the bundle: clray's packages, configs and the submitted config; no caches, no data, no venv
     assert recorded.bundle["_submitted/elsewhere.toml"] == config.read_bytes()
-    for name in ("jobs/cli.py", "jobs/submit.py", "pipelines/__init__.py", "models/__init__.py",
-                 "configs/quickstart.toml", "pyproject.toml"):
+    for name in ("clray/__init__.py", "clray/jobs/cli.py", "clray/jobs/submit.py", "clray/pipelines/__init__.py",
+                 "clray/models/__init__.py", "clray/configs/quickstart.toml", "pyproject.toml"):
         assert name in recorded.bundle, name
     assert not [n for n in recorded.bundle if "__pycache__" in n or n.startswith((".venv", "data/", "runs/", ".git"))]
     # nothing from the environment anywhere in what was sent
@@ -250,11 +250,11 @@ def test_loopback_submission_checks_paths_here_and_runs_in_this_directory(
     assert main(["submit", "train", str(config), "--address", "http://127.0.0.1:8265"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert shlex.split(recorded.kwargs["entrypoint"])[:6] == [
-        "python", "-m", "jobs.submit", "--cwd", str(tmp_path), "train"]
+        "python", "-m", "clray.jobs.submit", "--cwd", str(tmp_path), "train"]
 
 
 def _write_one_shard(directory: Path) -> None:
-    from pipelines.quickstart import write_quickstart_corpus
+    from clray.pipelines.quickstart import write_quickstart_corpus
 
     write_quickstart_corpus(directory.parent / "full", num_shards=1, bad_rows=0)
     (directory / "part-00000.parquet").write_bytes((directory.parent / "full" / "train" / "part-00000.parquet").read_bytes())
@@ -275,7 +275,7 @@ def test_submit_errors_before_contacting_anything(
 
 def test_unreachable_address_is_one_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from jobs.cli import main as cli_main
+    from clray.jobs.cli import main as cli_main
 
     port = submit.free_port()  # nothing listens there
     assert cli_main(["jobs", "status", "x", "--address", f"http://127.0.0.1:{port}"]) == 2
@@ -296,7 +296,7 @@ def test_the_job_entry_runs_the_cli_in_the_given_directory(tmp_path: Path, monke
         return 0
 
     monkeypatch.chdir(bundle)
-    monkeypatch.setattr("jobs.cli.main", fake_main)
+    monkeypatch.setattr("clray.jobs.cli.main", fake_main)
     assert submit._entry(["--cwd", str(workdir), "train", "_submitted/c.toml", "--set", "a.b=1"]) == 0
     assert seen == {"cwd": str(workdir), "argv": ["train", str(bundle / "_submitted" / "c.toml"), "--set", "a.b=1"]}
 
@@ -321,7 +321,7 @@ def test_submit_follow_and_read_the_result(
     ray_head: submit.LocalHead, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from pipelines.quickstart import write_quickstart_corpus
+    from clray.pipelines.quickstart import write_quickstart_corpus
 
     corpus = tmp_path / "corpus"
     write_quickstart_corpus(corpus, num_shards=2, bad_rows=0)

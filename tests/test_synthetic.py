@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.config import TextTowerConfig
-from models.preprocess import build_char_tokenizer
-from pipelines import row_problems
-from pipelines.config import DataConfig
-from pipelines.synthetic import (
+from clray.models.config import TextTowerConfig
+from clray.models.preprocess import build_char_tokenizer
+from clray.pipelines import row_problems
+from clray.pipelines.config import DataConfig
+from clray.pipelines.synthetic import (
     MAX_CHARS,
     SCHEMA,
     TOPICS,

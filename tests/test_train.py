@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.cli import QUICKSTART_CONFIG, main
-from jobs.config import load_config
-from jobs.engine import warmup_cosine
-from jobs.train import TrainingError, run_training
-from pipelines.quickstart import write_quickstart_corpus
+from clray.jobs.cli import QUICKSTART_CONFIG, main
+from clray.jobs.config import load_config
+from clray.jobs.engine import warmup_cosine
+from clray.jobs.train import TrainingError, run_training
+from clray.pipelines.quickstart import write_quickstart_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def test_quickstart_command_reaches_target(ray_session, tmp_path: Path, monkeypa
     assert [Path(p).name for p in summary["checkpoints"]] == [f"checkpoint_{summary['steps']:08d}"]
 
     # The export loads without Ray and classifies digits like the trained model did.
-    from models.export import load_exported
+    from clray.models.export import load_exported
 
     model = load_exported(summary["export_dir"])
     with torch.no_grad():
@@ -117,7 +117,7 @@ def _state(export_dir: str) -> dict[str, torch.Tensor]:
 
 
 def _text_batch(model, texts: list[str]) -> dict[str, torch.Tensor]:
-    from models.preprocess import preprocess_view
+    from clray.models.preprocess import preprocess_view
 
     tower = model.cfg.positive_tower
     return {k: torch.from_numpy(v) for k, v in preprocess_view(tower, texts, "positive").items()}

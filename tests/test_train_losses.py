@@ -13,8 +13,8 @@ import pytest
 import tomli_w
 import tomllib
 
-from jobs.cli import QUICKSTART_CONFIG, main
-from pipelines.quickstart import write_quickstart_corpus
+from clray.jobs.cli import QUICKSTART_CONFIG, main
+from clray.pipelines.quickstart import write_quickstart_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_sigmoid_family_ring_with_gradcache(ray_session, corpus: Path, tmp_path:
     assert events[-1]["loss"] < events[0]["loss"]
     assert events[0]["candidates"] == 64 + 64  # in-batch plus one hard negative per row
     # The trained bias is part of the export.
-    from models.export import load_exported
+    from clray.models.export import load_exported
 
     exported = load_exported(tmp_path / "siglip" / "export")
     assert exported.bias().item() == pytest.approx(events[-1]["logit_bias"], abs=0.01)

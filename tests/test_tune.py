@@ -15,10 +15,10 @@ import pytest
 import torch
 from process_group import free_port, init_gloo, spawn_ranks
 
-from jobs.cli import main
-from jobs.config import ConfigError, load_config
-from jobs.tune import CRASH_ENV, check_tune_config, load_tune_config
-from pipelines.quickstart import write_quickstart_corpus
+from clray.jobs.cli import main
+from clray.jobs.config import ConfigError, load_config
+from clray.jobs.tune import CRASH_ENV, check_tune_config, load_tune_config
+from clray.pipelines.quickstart import write_quickstart_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPERATURE = "model.logit_scale.init_temperature"
@@ -187,10 +187,10 @@ def _adopt_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     init_gloo(rank, 1, port)
-    from jobs.config import load_config
-    from jobs.engine import build_engine
-    from jobs.worker import adopt_config
-    from models.dual_encoder import DualEncoder
+    from clray.jobs.config import load_config
+    from clray.jobs.engine import build_engine
+    from clray.jobs.worker import adopt_config
+    from clray.models.dual_encoder import DualEncoder
 
     cfg = load_config(REPO / "configs" / "quickstart.toml", ["scaling.num_workers=1", "optim.lr=1e-3"])
     results = {}
@@ -252,7 +252,7 @@ def search(ray_session: None, corpus: Path, tmp_path_factory: pytest.TempPathFac
     assert '"../' in toml
     config = _write(out / "tune.toml", toml)
     env = {**os.environ, CRASH_ENV: "2", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    first = subprocess.run([sys.executable, "-m", "jobs.cli", "tune", str(config)], cwd=REPO, env=env,
+    first = subprocess.run([sys.executable, "-m", "clray.jobs.cli", "tune", str(config)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     search_dir = out / "runs" / "search"
     statuses = _trial_statuses(search_dir / "tune")
@@ -329,7 +329,7 @@ def test_checkpoint_step_is_read_from_the_directory_name() -> None:
     one Ray Train registered for the run (jobs.worker restores the newer)."""
     from types import SimpleNamespace
 
-    from jobs.worker import _checkpoint_step
+    from clray.jobs.worker import _checkpoint_step
 
     assert _checkpoint_step(None) == -1
     assert _checkpoint_step("/runs/s/trials/t/checkpoint_00000024") == 24

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from models.config import LossConfig
-from models.losses.base import ContrastiveLoss, LossOutput, apply_loss, loss_side_inputs
-from models.losses.contrastive import (
+from clray.models.config import LossConfig
+from clray.models.losses.base import ContrastiveLoss, LossOutput, apply_loss, loss_side_inputs
+from clray.models.losses.contrastive import (
     DCL,
     LOSSES,
     MODES,

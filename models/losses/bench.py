@@ -7,7 +7,7 @@ sigmoid loss in both modes on the same random embeddings, plus how far the two m
 losses and gradients are apart (they should agree to rounding).
 
     import torch.distributed as dist
-    from models.losses.bench import siglip_ring_vs_gather
+    from clray.models.losses.bench import siglip_ring_vs_gather
     dist.init_process_group(...)
     print(dist.get_rank(), siglip_ring_vs_gather(local_batch=8192, dim=256, block_size=2048))
 """
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.config import LossConfig
-from models.distributed import is_distributed, rank, world_size
-from models.losses import build_loss
-from models.losses.ring import ring_memory
+from clray.models.config import LossConfig
+from clray.models.distributed import is_distributed, rank, world_size
+from clray.models.losses import build_loss
+from clray.models.losses.ring import ring_memory
 
 
 def _sync(device: torch.device) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.losses.columns import MaskSpec, tile_masks
-from models.losses.objectives import NEG_INF, Kernel
+from clray.models.losses.columns import MaskSpec, tile_masks
+from clray.models.losses.objectives import NEG_INF, Kernel
 
 BlockGrad = Callable[[Tensor, Tensor], Tensor]
 """(candidate embeddings, their metadata) -> gradient for those embeddings."""

@@ -28,12 +28,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.distributed import all_gather_no_grad, gather_with_grad, rank, world_size
-from models.losses.base import ContrastiveLoss, LossOutput
-from models.losses.blockwise import BlockSource, Problem, blockwise_aggregates, full_aggregates
-from models.losses.columns import MaskSpec, negative_columns, pair_columns, row_meta
-from models.losses.objectives import finalize, make_kernel
-from models.losses.ring import RingBlocks
+from clray.models.distributed import all_gather_no_grad, gather_with_grad, rank, world_size
+from clray.models.losses.base import ContrastiveLoss, LossOutput
+from clray.models.losses.blockwise import (
+    BlockSource,
+    Problem,
+    blockwise_aggregates,
+    full_aggregates,
+)
+from clray.models.losses.columns import MaskSpec, negative_columns, pair_columns, row_meta
+from clray.models.losses.objectives import finalize, make_kernel
+from clray.models.losses.ring import RingBlocks
 
 MODES = ("gather", "tiled", "ring")
 

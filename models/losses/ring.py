@@ -28,8 +28,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from models.distributed import PendingP2P, post_p2p, ring_peer, world_size
-from models.losses.blockwise import BlockGrad, BlockSource
+from clray.models.distributed import PendingP2P, post_p2p, ring_peer, world_size
+from clray.models.losses.blockwise import BlockGrad, BlockSource
 
 # Message tags, so exchanges between one pair of ranks can never be confused.
 _EMB, _META, _GRAD, _HOME = 0, 1, 2, 3

@@ -4,7 +4,7 @@ batches rich in hard negatives, plus mined hard negatives per anchor.
 Pure, seeded numpy-in/numpy-out functions; the Ray job (``clray mine``) calls them.
 """
 
-from pipelines.mining.core import (
+from clray.pipelines.mining.core import (
     DEFAULT_EXACT_THRESHOLD,
     NegativeSample,
     Plan,

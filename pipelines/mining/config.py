@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models.config import Strict
+from clray.models.config import Strict
 
 
 class TeacherConfig(Strict):

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import DataConfig
-from pipelines.errors import DataError
-from pipelines.mining.config import MiningConfig, TeacherConfig
-from pipelines.mining.core import (
+from clray.pipelines.config import DataConfig
+from clray.pipelines.errors import DataError
+from clray.pipelines.mining.config import MiningConfig, TeacherConfig
+from clray.pipelines.mining.core import (
     NegativeSample,
     Plan,
     batch_stats,
@@ -37,14 +37,14 @@ from pipelines.mining.core import (
     sample_negatives,
     similarity_graph,
 )
-from pipelines.plan_format import (
+from clray.pipelines.plan_format import (
     BATCH_COLUMN,
     EPOCH_COLUMN,
     PlanColumns,
     epoch_dir,
     write_json_atomic,
 )
-from pipelines.storage import StorageConfig
+from clray.pipelines.storage import StorageConfig
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -99,8 +99,8 @@ def embed_corpus(
     same rows on every run and a redone stage gives bit-identical embeddings."""
     import ray.data  # [ray]
 
-    from pipelines.dataset import read_shards
-    from pipelines.mining.teacher import TeacherEmbedder
+    from clray.pipelines.dataset import read_shards
+    from clray.pipelines.mining.teacher import TeacherEmbedder
 
     marker = work / "embeddings.json"
     final = work / "embeddings"
@@ -139,7 +139,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     front of the file names, which Ray reports inside their filesystem ("bucket/key")."""
     from collections import Counter
 
-    from pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
+    from clray.pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
 
     table = pq.read_table(work / "embeddings")
     bad = table.filter(table.column("reason").is_valid())
@@ -432,7 +432,7 @@ def _corpus_table(
     files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str], storage: StorageConfig | None = None
 ) -> pa.Table:
     """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
-    from pipelines.storage import filesystem
+    from clray.pipelines.storage import filesystem
 
     names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
     if columns.label:

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from models.config import ModelConfig, TextTowerConfig
-from pipelines.config import DataConfig
-from pipelines.mining.config import TeacherConfig
+from clray.models.config import ModelConfig, TextTowerConfig
+from clray.pipelines.config import DataConfig
+from clray.pipelines.mining.config import TeacherConfig
 
 CLRAY_EXPORT_FILE = "clray_model.json"  # models.export.CONFIG_FILE (kept import-free of torch here)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -113,8 +113,8 @@ def teacher_fingerprint(cfg: TeacherConfig) -> str:
 
 def load_teacher(cfg: TeacherConfig) -> Any:
     """The teacher as a ``DualEncoder`` in eval mode."""
-    from models.dual_encoder import DualEncoder
-    from models.export import load_exported
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.export import load_exported
 
     if teacher_kind(cfg) == "clray":
         return load_exported(Path(cfg.path).expanduser())
@@ -140,7 +140,7 @@ class TeacherEmbedder:
     def _embed(self, table: pa.Table, view_name: str) -> np.ndarray:
         import torch
 
-        from models.preprocess import preprocess_view
+        from clray.models.preprocess import preprocess_view
 
         values = table.column(getattr(self.data_cfg, view_name).column).to_pylist()
         if not values:
@@ -159,7 +159,7 @@ class TeacherEmbedder:
             return encode(inputs).float().cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from pipelines.validate import PATH_COLUMN, row_problems
+        from clray.pipelines.validate import PATH_COLUMN, row_problems
 
         data_cfg = self.data_cfg
         problems = row_problems(table, data_cfg, self.towers["anchor"], self.towers["positive"])
