@@ -137,8 +137,7 @@ def _stepper(cfg: Any, engine: bool):
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        from clray.jobs.engine import build_engine
-        from clray.jobs.worker import train_step
+        from clray.jobs.run.engine import build_engine, train_step
 
         ds = build_engine(model, cfg, total_steps=1000)
 
@@ -148,7 +147,7 @@ def _stepper(cfg: Any, engine: bool):
 
         return step
 
-    from clray.jobs.engine import warmup_cosine, warmup_steps
+    from clray.jobs.run.engine import warmup_cosine, warmup_steps
     from clray.models.gradcache import gradcache_step
 
     optim = cfg.optim

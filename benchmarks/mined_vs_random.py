@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clray.jobs.config import validate  # noqa: E402
 from clray.jobs.mine import run_mining, validate_mine_config  # noqa: E402
-from clray.jobs.train import run_training  # noqa: E402
+from clray.jobs.run import run_training  # noqa: E402
 from clray.pipelines.synthetic import write_clustered_corpus  # noqa: E402
 
 MODEL = {

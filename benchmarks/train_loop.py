@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from clray.jobs.config import JobConfig, load_config  # noqa: E402
-from clray.jobs.engine import warmup_cosine, warmup_steps  # noqa: E402
+from clray.jobs.run.engine import warmup_cosine, warmup_steps  # noqa: E402
 
 
 def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
@@ -79,7 +79,7 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
 
 
 def clray_loop(cfg: JobConfig) -> dict[str, float]:
-    from clray.jobs.train import run_training
+    from clray.jobs.run import run_training
 
     summary = run_training(cfg)
     events = [json.loads(line) for line in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,6 @@ from typing import Any, Literal
 import tomllib
 from pydantic import Field, ValidationError, model_validator
 
-from clray.jobs.remine import RemineConfig, remine_problems
 from clray.models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
 from clray.pipelines.config import DataConfig
 from clray.pipelines.storage import StorageConfig, is_s3, join, normalize
@@ -93,6 +92,19 @@ class ScalingConfig(Strict):
     """One GPU per worker with NCCL; false runs on CPU with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """CPUs reserved per worker; also sets its torch thread count."""
+
+
+class RemineConfig(Strict):
+    every_epochs: int = Field(default=0, ge=0)
+    """0: off. N: after every N epochs, mine a new plan with the run's current model as the
+    teacher (its export) and train on it from the next epoch. Needs data.batches =
+    "packed": data.train is the first plan, and its corpus is what gets re-mined."""
+    mining: dict[str, Any] = Field(default_factory=dict)
+    """Keys of a mining config's [mining] table for the new plans (rank_min, margin,
+    num_negatives, ...); unset keys keep the first plan's values. batch_size and epochs
+    are set by the run: the local batch size and every_epochs."""
+    teacher: dict[str, Any] = Field(default_factory=dict)
+    """Teacher settings other than path (batch_size, num_actors, cpus_per_actor, use_gpu)."""
 
 
 class JobConfig(Strict):
@@ -243,10 +255,47 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def remine_problems(cfg: JobConfig) -> list[str]:
+    """Cross-checks of the remine section against the rest of the config."""
+    from clray.pipelines.mining.config import MiningConfig, TeacherConfig
+
+    remine = cfg.remine
+    if not remine.every_epochs:
+        return []
+    problems = []
+    if cfg.data.batches != "packed":
+        problems.append(
+            "remine.every_epochs needs data.batches = \"packed\" and data.train = a plan from `clray mine` "
+            "(the first plan; its corpus is re-mined)"
+        )
+    if remine.every_epochs >= cfg.train.epochs:
+        problems.append(
+            f"remine.every_epochs = {remine.every_epochs} but train.epochs = {cfg.train.epochs}: no epoch would "
+            "use a new plan; lower every_epochs or train longer"
+        )
+    for key in ("batch_size", "epochs"):
+        if key in remine.mining:
+            problems.append(f"remine.mining.{key} is set by the run (local batch size, every_epochs): remove it")
+    try:
+        MiningConfig.model_validate({"batch_size": max(2, cfg.local_batch_size), **remine.mining,
+                                     "epochs": max(1, remine.every_epochs)})
+    except ValidationError as err:
+        problems.extend(f"remine.mining.{line}" for line in format_pydantic(err))
+    if "path" in remine.teacher:
+        problems.append("remine.teacher.path is the run's own export: remove it")
+    else:
+        try:
+            TeacherConfig.model_validate({"path": ".", **remine.teacher})
+        except ValidationError as err:
+            problems.extend(f"remine.teacher.{line}" for line in format_pydantic(err))
+    return problems
+
+
 _TOWER_TAGS = {"text", "conv", "vit"}
 
 
-def _format_pydantic(err: ValidationError) -> list[str]:
+def format_pydantic(err: ValidationError) -> list[str]:
+    """One line per pydantic error: the dotted key as the user writes it, then the fix."""
     problems = []
     for item in err.errors():
         # pydantic puts the union's discriminator tag (text/conv/vit) into the location;
@@ -293,6 +342,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, table by table (how a search config's ``search.base``
+    and a run's overrides are applied)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_tables(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -307,7 +368,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> JobConfig:
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(source, _format_pydantic(err)) from None
+        raise ConfigError(source, format_pydantic(err)) from None
     problems = cross_field_problems(cfg)
     if problems:
         raise ConfigError(source, problems)

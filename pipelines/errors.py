@@ -1,4 +1,5 @@
-"""The one exception type for data that cannot be trained on."""
+"""The exception types of the data side: data that cannot be trained on, and a mining
+job that cannot go on."""
 
 from __future__ import annotations
 
@@ -23,3 +24,8 @@ class DataError(Exception):
             tail = f"\n  ... and {more} more" if more else ""
             message = f"{len(self.problems)} problem(s) in the data:\n{lines}{tail}"
         super().__init__(message)
+
+
+class MineError(Exception):
+    """A mining job that cannot go on (a different plan in the way, a failed stage); the
+    message is meant for the user as-is."""

@@ -43,7 +43,7 @@ def ray_session(aws_test_env: None) -> Iterator[None]:
     workers see the session's fake AWS credentials (``aws_test_env``)."""
     import ray
 
-    from clray.jobs.train import start_ray
+    from clray.jobs.runtime import start_ray
     from clray.pipelines import quiet_ray_data
 
     # With its dashboard, as `clray tune` starts Ray: it serves the state API, which Ray

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from clray.jobs.cluster_check import check_file, main_check, ray_version
+from clray.jobs.clustercheck import check_file, main_check, ray_version
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster"
 CLUSTER_FILES = sorted(CLUSTER_DIR.rglob("*.yaml"))

@@ -39,8 +39,9 @@ def test_every_shipped_config_parses(path: Path) -> None:
     """Training configs as JobConfig; mining configs (a [teacher] table) as MineConfig;
     search configs (a [search] table) as a tune job over a valid training config."""
     from clray.jobs.config import read_toml
-    from clray.jobs.mine import MineConfig, load_mine_config
+    from clray.jobs.mine import load_mine_config
     from clray.jobs.tune import load_tune_config
+    from clray.pipelines.mining.config import MineConfig
 
     if "search" in read_toml(path):
         job = load_tune_config(path)

@@ -35,7 +35,7 @@ STEPS = 150
 
 
 def _setup(tmp_path: Path, zero_stage: int, precision: str):
-    from clray.jobs.engine import build_engine, cast_batch
+    from clray.jobs.run.engine import build_engine, cast_batch
     from clray.models.dual_encoder import DualEncoder
     from clray.models.preprocess import preprocess_view
     from clray.pipelines.quickstart import write_quickstart_corpus
@@ -58,7 +58,7 @@ def _setup(tmp_path: Path, zero_stage: int, precision: str):
 
 
 def _train(engine, cfg, batch) -> tuple[list[float], list[float]]:
-    from clray.jobs.worker import train_step
+    from clray.jobs.run.engine import train_step
     from clray.models.losses import build_loss
 
     loss_fn = build_loss(cfg.loss)
@@ -71,7 +71,7 @@ def _train(engine, cfg, batch) -> tuple[list[float], list[float]]:
 
 
 def test_bf16_tracks_fp32_on_gpu(nccl_group, tmp_path: Path) -> None:
-    from clray.jobs.engine import use_bf16
+    from clray.jobs.run.engine import use_bf16
 
     cfg, engine, batch, _ = _setup(tmp_path, 2, "auto")
     assert use_bf16(cfg) and engine.bfloat16_enabled()
@@ -102,7 +102,7 @@ def test_bf16_engine_exports_what_it_trained(nccl_group, zero_stage: int, tmp_pa
     engine.eval()
     with torch.no_grad():
         gpu_emb = engine.module.encode_positive(batch).float().cpu()
-    from clray.jobs.worker import _export
+    from clray.jobs.run.checkpoint import export as _export
 
     _export(engine, cfg, str(tmp_path / "export"), rank=0)
     cpu_model = load_exported(tmp_path / "export").float()

@@ -100,7 +100,7 @@ def _engine(model: DualEncoder, stage: int):
 
     from clray.jobs.cli import QUICKSTART_CONFIG
     from clray.jobs.config import load_config
-    from clray.jobs.engine import deepspeed_config
+    from clray.jobs.run.engine import deepspeed_config
 
     cfg = load_config(QUICKSTART_CONFIG, [
         f"scaling.num_workers={WORLD}", f"train.global_batch_size={GLOBAL_BATCH}",
@@ -127,7 +127,7 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
 
 def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str | None = None) -> dict:
     """One ``train_step`` from fresh identical weights; the parameters after it."""
-    from clray.jobs.worker import train_step
+    from clray.jobs.run.engine import train_step
     from clray.models import gradcache
 
     engine = _engine(_model(dropout), stage)

@@ -18,8 +18,9 @@ import pytest
 
 from clray.jobs.cli import QUICKSTART_CONFIG, main
 from clray.jobs.config import ConfigError, load_config
-from clray.jobs.mine import MineError, check_mine, run_mining, validate_mine_config
-from clray.pipelines.errors import DataError
+from clray.jobs.mine import run_mining, validate_mine_config
+from clray.pipelines.errors import DataError, MineError
+from clray.pipelines.mining.job import check_mine
 from clray.pipelines.mining.stages import CRASH_ENV
 from clray.pipelines.plan_format import read_manifest
 from clray.pipelines.quickstart import write_quickstart_corpus
@@ -293,7 +294,7 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan (with its
     mined hard negatives as loss columns), then the run's export mines a new plan, and
     epoch 1 trains on that plan's whole batches."""
-    from clray.jobs.worker import RECORD_BATCHES_ENV
+    from clray.jobs.run.worker import RECORD_BATCHES_ENV
     from clray.pipelines.dataset import id_keys
 
     plan_dir, _ = mined

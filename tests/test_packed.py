@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clray.jobs.config import ConfigError, JobConfig, load_config, validate
-from clray.jobs.worker import RECORD_BATCHES_ENV
+from clray.jobs.run.worker import RECORD_BATCHES_ENV
 from clray.models.config import ConvTowerConfig, TextTowerConfig
 from clray.pipelines.config import DataConfig
 from clray.pipelines.dataset import id_keys, preprocess_rows
@@ -335,8 +335,8 @@ def test_packed_training_takes_whole_plan_batches_and_resumes_at_an_epoch_stop(
     trains epoch 0 and stops there (stop_epoch=1, as re-mining between epochs does); the
     second resumes at that boundary and trains epoch 1 on plan 1 and epoch 2 on plan 0
     again (3 epochs over 2 plans), with hard negatives and an ordinary eval split."""
-    from clray.jobs.engine import warmup_cosine
-    from clray.jobs.train import run_training
+    from clray.jobs.run import run_training
+    from clray.jobs.run.engine import warmup_cosine
 
     plan_dir, batches = plan
     record = tmp_path / "batches.jsonl"
@@ -386,7 +386,7 @@ def test_a_bad_mined_row_reaches_the_user_as_its_data_error() -> None:
     UserCodeException; the run's message must still be the DataError naming the row."""
     from ray.exceptions import RayTaskError, UserCodeException
 
-    from clray.jobs.train import _failure_message
+    from clray.jobs.run.driver import failure_message as _failure_message
 
     line = "plan/part-00000.parquet (epoch 0, batch 1): row 'digits-000152' cannot be trained on (caption: empty text)"
     remote = (f"Traceback (most recent call last):\n  File \"pipelines/packed.py\", line 1\n"

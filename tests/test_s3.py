@@ -181,7 +181,7 @@ def test_config_takes_a_storage_table_and_no_secrets(tmp_path: Path) -> None:
 def test_unusable_run_dir_fails_before_ray(s3_corpus: str, storage_cfg: StorageConfig, s3_endpoint: str) -> None:
     import ray
 
-    from clray.jobs.train import run_training
+    from clray.jobs.run import run_training
 
     was_running = ray.is_initialized()
     cfg = load_config(QUICKSTART_CONFIG, [
@@ -222,7 +222,7 @@ def test_train_from_s3_into_s3_run_dir_and_resume(ray_session, s3_corpus: str, s
     start with the same name resumes from the S3 checkpoint (nothing of the run is local)."""
     from safetensors.torch import load
 
-    from clray.jobs.train import run_training
+    from clray.jobs.run import run_training
 
     monkeypatch.chdir(tmp_path)
     # No eval split here (the packed test below reads one from S3): each pass costs time.
@@ -267,10 +267,11 @@ def test_mine_s3_to_s3_then_train_packed_from_the_s3_plan(ray_session, s3_corpus
                                                           tmp_path: Path) -> None:
     import torch
 
-    from clray.jobs.mine import run_mining, staging_dir, validate_mine_config
-    from clray.jobs.train import run_training
+    from clray.jobs.mine import run_mining, validate_mine_config
+    from clray.jobs.run import run_training
     from clray.models.dual_encoder import DualEncoder
     from clray.models.export import export_model
+    from clray.pipelines.mining.job import staging_dir
 
     model_cfg = load_config(QUICKSTART_CONFIG)
     torch.manual_seed(0)

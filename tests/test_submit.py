@@ -177,7 +177,7 @@ def test_submission_sends_bundle_pins_and_no_environment(
     assert kwargs["metadata"] == {"clray_command": "train", "clray_config": "elsewhere.toml"}
     # the bundle: clray's packages, configs and the submitted config; no caches, no data, no venv
     assert recorded.bundle["_submitted/elsewhere.toml"] == config.read_bytes()
-    for name in ("clray/__init__.py", "clray/jobs/cli.py", "clray/jobs/submit.py", "clray/pipelines/__init__.py",
+    for name in ("clray/__init__.py", "clray/jobs/cli.py", "clray/jobs/submit/__init__.py", "clray/pipelines/__init__.py",
                  "clray/models/__init__.py", "clray/configs/quickstart.toml", "pyproject.toml"):
         assert name in recorded.bundle, name
     assert not [n for n in recorded.bundle if "__pycache__" in n or n.startswith((".venv", "data/", "runs/", ".git"))]

@@ -16,8 +16,8 @@ import torch
 
 from clray.jobs.cli import QUICKSTART_CONFIG, main
 from clray.jobs.config import load_config
-from clray.jobs.engine import warmup_cosine
-from clray.jobs.train import TrainingError, run_training
+from clray.jobs.run import TrainingError, run_training
+from clray.jobs.run.engine import warmup_cosine
 from clray.pipelines.quickstart import write_quickstart_corpus
 
 pytestmark = pytest.mark.integration

@@ -188,8 +188,7 @@ def _adopt_worker(rank: int, port: int, out_dir: str) -> None:
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     init_gloo(rank, 1, port)
     from clray.jobs.config import load_config
-    from clray.jobs.engine import build_engine
-    from clray.jobs.worker import adopt_config
+    from clray.jobs.run.engine import adopt_config, build_engine
     from clray.models.dual_encoder import DualEncoder
 
     cfg = load_config(REPO / "configs" / "quickstart.toml", ["scaling.num_workers=1", "optim.lr=1e-3"])
@@ -329,7 +328,7 @@ def test_checkpoint_step_is_read_from_the_directory_name() -> None:
     one Ray Train registered for the run (jobs.worker restores the newer)."""
     from types import SimpleNamespace
 
-    from clray.jobs.worker import _checkpoint_step
+    from clray.jobs.run.location import checkpoint_step as _checkpoint_step
 
     assert _checkpoint_step(None) == -1
     assert _checkpoint_step("/runs/s/trials/t/checkpoint_00000024") == 24

@@ -1,7 +1,8 @@
 """Typed config of the mining job's own sections: the teacher and the plan parameters.
 
 ``clray mine CONFIG`` reads a TOML with ``[data]`` (the training corpus, exactly as in a
-training config), ``[teacher]``, ``[mining]`` and ``[output]``; see ``jobs/mine.py``.
+training config), ``[teacher]``, ``[mining]``, ``[output]`` and ``[storage]``: a
+``MineConfig``; ``pipelines.mining.job`` runs it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clray.models.config import Strict
+from clray.pipelines.config import DataConfig
+from clray.pipelines.storage import StorageConfig
 
 
 class TeacherConfig(Strict):
@@ -102,3 +105,25 @@ class OutputConfig(Strict):
     """The plan directory (manifest.json, plans/, quarantine, work/). Rerunning into it
     resumes an unfinished job; `data.train = DIR` with `data.batches = "packed"` trains
     on it."""
+
+
+class MineConfig(Strict):
+    """A whole mining job: the corpus, the teacher, the plan parameters and where it goes."""
+
+    data: DataConfig
+    """The corpus, as in a training config: data.train shards, the anchor and positive
+    views, id_column and (optional) label_column. data.eval is not mined."""
+    teacher: TeacherConfig
+    mining: MiningConfig
+    output: OutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How to reach s3:// URIs in data.train and output.dir; credentials from the AWS chain."""
+
+    @model_validator(mode="after")
+    def _no_negatives(self) -> MineConfig:
+        if self.data.negatives is not None:
+            raise ValueError(
+                "data.negatives: the mining job writes hard negatives itself (mining.num_negatives); "
+                "remove data.negatives from the mining config"
+            )
+        return self

@@ -161,7 +161,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     if table.num_rows < 2:
         raise DataError(f"data.train: only {table.num_rows} valid row(s) to mine; see {report.quarantine_path} "
                         "for each bad row's reason")
-    # Ids are unique: jobs.mine.check_mine checked the whole corpus before any work.
+    # Ids are unique: pipelines.mining.job.check_mine checked the whole corpus before any work.
     table = table.sort_by([("id", "ascending")])
     ids = table.column("id").to_pylist()
 

@@ -41,8 +41,9 @@ from clray.jobs.config import (
     ConfigError,
     JobConfig,
     Strict,
-    _format_pydantic,
     apply_overrides,
+    format_pydantic,
+    merge_tables,
     read_toml,
     validate,
 )
@@ -318,7 +319,7 @@ def check_tune_config(raw: dict[str, Any], source: str) -> TuneJob:
     try:
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as err:
-        raise ConfigError(source, [f"search.{p}" for p in _format_pydantic(err)]) from None
+        raise ConfigError(source, [f"search.{p}" for p in format_pydantic(err)]) from None
 
     dimensions: list[Dimension] = []
     for key, spec in _flatten_space(search.space).items():
@@ -368,17 +369,6 @@ def check_tune_config(raw: dict[str, Any], source: str) -> TuneJob:
     if problems:
         raise ConfigError(source, problems)
     return TuneJob(raw_base=raw, base=base, search=search, dimensions=dimensions, source=source)
-
-
-def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` laid over ``base``, table by table (how ``search.base`` is applied)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_tables(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneJob:
@@ -447,7 +437,8 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
     """One trial: a whole clray training run, its evaluations reported to Tune."""
     from ray import tune
 
-    from clray.jobs.train import run_training
+    from clray.jobs.run import run_training
+    from clray.jobs.run.location import checkpoint_name
 
     trial_id = tune.get_context().get_trial_id()
     from clray.pipelines import storage
@@ -504,7 +495,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
             return
         result = {**latest_train, **metrics, "step": step, "run_name": run_name, **({"done": True} if done else {})}
         if step in checkpointed:
-            path = storage.join(run_uri, f"checkpoint_{step:08d}")
+            path = storage.join(run_uri, checkpoint_name(step))
             tune.report(result, checkpoint=_pointer(run_name, trial_id, path, step))
         else:
             tune.report(result)
@@ -681,8 +672,9 @@ def _search_alg(job: TuneJob) -> Any:
 
 
 def _trial_cpus(job: TuneJob) -> float:
-    cfg = validate(job.trial_raw({}), job.source)
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.num_cpus
+    from clray.jobs.runtime import training_cpus
+
+    return training_cpus(validate(job.trial_raw({}), job.source))
 
 
 def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, console: Any = None) -> TuneSummary:
@@ -695,13 +687,10 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
 
     search_dir = job.search_dir
     experiment_uri = storage.join(job.search_uri, "tune")
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    # A stopped trial's function is blocked inside tune.report while its TorchTrainer keeps
-    # going; Tune waits this long before killing the trial's actor, which also ends the
-    # trainer and workers it owns. Tune's default (600 s) holds the resources of every
-    # stopped trial for ten minutes, so stopping early would save nothing.
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "3")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from clray.jobs.runtime import TUNE_DEFAULTS
+
+    for name, value in TUNE_DEFAULTS.items():  # why each: jobs.runtime.RAY_KNOBS
+        os.environ.setdefault(name, value)
     if job.remote:
         storage.check_writable(job.search_uri, job.base.storage, "run.output_dir")
     has_search = storage.is_file(storage.join(experiment_uri, "tuner.pkl"), job.base.storage)
@@ -711,10 +700,12 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
         raise ConfigError(job.source, [
             f"{job.search_uri} already holds a search: add --resume to continue it, or set run.name to start a new one"
         ])
-    from clray.jobs.train import _check_data, start_ray, worker_env
+    from clray.jobs.run.data import check_data
+    from clray.jobs.run.driver import run_worker_env
+    from clray.jobs.runtime import start_ray
 
     # Every trial checks its own data, but one check here fails a broken corpus in seconds.
-    _check_data(job.base)
+    check_data(job.base)
     search_dir.mkdir(parents=True, exist_ok=True)
     starts = storage.join(job.search_uri, "trial_starts.jsonl")
     if job.remote and resume and storage.is_file(starts, job.base.storage):
@@ -728,7 +719,7 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     trial_cfg = validate(job.trial_raw({}), job.source)
     # Room for max_concurrent trials at once (their workers plus Ray Data), so they run
     # side by side here; on a cluster the autoscaler provides it.
-    start_ray(job.search.max_concurrent * _trial_cpus(job), worker_env(trial_cfg), verbose, dashboard=True)
+    start_ray(job.search.max_concurrent * _trial_cpus(job), run_worker_env(trial_cfg), verbose, dashboard=True)
     from ray import tune
 
     from clray.pipelines import quiet_ray_data

@@ -36,7 +36,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from clray.jobs.runtime import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 """The clray package's directory: the repository root in a checkout (installed editable),
 ``site-packages/clray`` in an installed wheel."""
 COMMANDS = ("train", "tune", "mine")
@@ -250,8 +251,7 @@ def search_base(config_path: Path) -> Path | None:
 def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
     """The config as its command will read it: laid over ``search.base`` when it names
     one, then the overrides."""
-    from clray.jobs.config import apply_overrides, read_toml
-    from clray.jobs.tune import merge_tables
+    from clray.jobs.config import apply_overrides, merge_tables, read_toml
 
     raw = read_toml(config_path)
     base = search_base(config_path)
@@ -263,7 +263,7 @@ def merged_raw(config_path: Path, overrides: list[str]) -> dict[str, Any]:
 def forwarded_env(names: list[str], environ: Mapping[str, str]) -> dict[str, str]:
     """The variables named by ``--env``; a name that is not set is an error, not a silent
     omission (the job would fail later, on the cluster, with a worse message)."""
-    from clray.jobs.train import RECORD_BATCHES_ENV
+    from clray.jobs.run.worker import RECORD_BATCHES_ENV
 
     reserved = {"TOKENIZERS_PARALLELISM", "PYTHONWARNINGS", "DS_ACCELERATOR", RECORD_BATCHES_ENV}
     out: dict[str, str] = {}
@@ -343,19 +343,19 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
     if command == "train":
         from pydantic import ValidationError
 
-        from clray.jobs.config import ConfigError, JobConfig, _format_pydantic, load_config
+        from clray.jobs.config import ConfigError, JobConfig, format_pydantic, load_config
 
         if same_machine:
-            from clray.jobs.train import _check_data
+            from clray.jobs.run.data import check_data
 
             # the shards and their columns too, with plain pyarrow, as `clray train` does
             # before it starts Ray: a job that would fail on its first line is not submitted
-            _check_data(load_config(config, overrides))
+            check_data(load_config(config, overrides))
         else:
             try:
                 JobConfig.model_validate(raw)
             except ValidationError as err:
-                raise ConfigError(str(config), _format_pydantic(err)) from None
+                raise ConfigError(str(config), format_pydantic(err)) from None
     elif command == "mine" and same_machine:
         from clray.jobs.mine import load_mine_config
 
@@ -371,25 +371,20 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
 
 def needed_cpus(command: str, raw: Mapping[str, Any]) -> int:
     """Logical CPUs a local head needs for this job (the same sum ``clray train`` uses)."""
-    cpus = os.cpu_count() or 1
+    from clray.jobs.runtime import local_cpus, training_cpus
+
+    needed = 0.0
     if command == "train":
         from clray.jobs.config import JobConfig
 
         try:
-            cfg = JobConfig.model_validate(raw)
-            cpus = max(cpus, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.num_cpus + 0.999))
+            needed = training_cpus(JobConfig.model_validate(raw))
         except Exception:  # validated already; a schema error would have stopped us
             pass
-    return cpus
+    return local_cpus(needed)
 
 
 # --------------------------------------------------------------------------- local head
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def local_head_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -728,13 +723,13 @@ def follow_logs(address: str, job_id: str, token_env: str | None, write: Callabl
     # the stream can close a moment before the status turns terminal
     deadline = time.monotonic() + 30
     status = str(_call(address, lambda: client.get_job_status(job_id), job_id))
-    while _status_name(status) not in TERMINAL and time.monotonic() < deadline:
+    while status_name(status) not in TERMINAL and time.monotonic() < deadline:
         time.sleep(0.5)
         status = str(_call(address, lambda: client.get_job_status(job_id), job_id))
-    return _status_name(status)
+    return status_name(status)
 
 
-def _status_name(status: Any) -> str:
+def status_name(status: Any) -> str:
     return str(getattr(status, "value", status)).split(".")[-1]
 
 
@@ -784,6 +779,3 @@ def _entry(argv: list[str]) -> int:
 
     return main(rest)
 
-
-if __name__ == "__main__":
-    sys.exit(_entry(sys.argv[1:]))

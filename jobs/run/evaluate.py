@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from clray.jobs.config import JobConfig
-from clray.jobs.engine import cast_batch
+from clray.jobs.run.engine import cast_batch
 
 
 def _zero_shot_views(cfg: JobConfig) -> tuple[str, str] | None:

@@ -1,0 +1,170 @@
+"""What a training run tells its driver, as one typed definition per event.
+
+Rank 0 produces the events (``jobs.run.worker``), the driver stamps them with a time and
+appends them to ``metrics.jsonl`` (``jobs.run.driver``), and the consumers read them
+back: the CLI's progress view (``jobs.views``), a search trial (``jobs.tune``), the
+run summary. On the wire and on disk an event is a flat JSON record,
+``{"event": KIND, ...fields}``; ``record()`` writes it and ``parse()`` reads it, so a
+field renamed here is renamed for producer and consumers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(kw_only=True)
+class Event:
+    kind: ClassVar[str] = ""
+    time: float | None = None
+    """Seconds since the epoch, stamped by the driver when the event arrived."""
+
+    def record(self) -> dict[str, Any]:
+        """The flat JSON record (what ``on_event`` callbacks and metrics.jsonl get)."""
+        out: dict[str, Any] = {} if self.time is None else {"time": self.time}
+        out["event"] = self.kind
+        for f in dataclasses.fields(self):
+            if f.name == "time":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "metrics":
+                out.update(value)
+            elif not (f.name == "logit_bias" and value is None):
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Event:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in record.items() if k in names and k != "metrics"}
+        if "metrics" in names:
+            known["metrics"] = {k: v for k, v in record.items() if k not in names and k != "event"}
+        return cls(**known)
+
+
+@dataclass(kw_only=True)
+class DataEvent(Event):
+    """The driver settled the data: how many rows and steps, what was quarantined."""
+
+    kind: ClassVar[str] = "data"
+    plan: dict[str, Any]
+    """The run's schedule (``Schedule`` as a dict): steps_per_epoch, total_steps, ..."""
+    quarantined: int
+    quarantine_path: str | None
+    reasons: dict[str, int]
+    packed: dict[str, Any] | None = None
+    """Packed runs: the plan directory, its epoch plans and the batches skipped."""
+
+    def record(self) -> dict[str, Any]:
+        out = super().record()
+        if self.packed is None:
+            out.pop("packed")
+        return out
+
+
+@dataclass(kw_only=True)
+class ResumedEvent(Event):
+    kind: ClassVar[str] = "resumed"
+    step: int
+    epoch: int
+    step_in_epoch: int
+    dataset: str
+
+
+@dataclass(kw_only=True)
+class AdoptedEvent(Event):
+    """A run started from another run's checkpoint took its own lr and temperature."""
+
+    kind: ClassVar[str] = "adopted"
+    lr: float
+    temperature: float
+
+
+@dataclass(kw_only=True)
+class TrainEvent(Event):
+    """Training metrics of the steps since the last one, averaged over steps and ranks."""
+
+    kind: ClassVar[str] = "train"
+    metrics: dict[str, float]
+    """loss, accuracy, pos_sim, neg_sim, samples_per_s, data_wait_fraction, ... (and the
+    evaluation's figures when this step also evaluated)."""
+    step: int
+    epoch: int
+    samples_seen: int
+    temperature: float
+    logit_bias: float | None = None
+    lr: float
+
+
+@dataclass(kw_only=True)
+class EvalEvent(Event):
+    """An evaluation on data.eval: ``metrics`` holds eval_rows and the eval/... figures."""
+
+    kind: ClassVar[str] = "eval"
+    step: int
+    epoch: int
+    metrics: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return {**({} if self.time is None else {"time": self.time}), "event": self.kind, "step": self.step,
+                "epoch": self.epoch, **self.metrics}
+
+    @property
+    def figures(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.metrics.items() if k.startswith("eval/")}
+
+
+@dataclass(kw_only=True)
+class CheckpointEvent(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+
+
+@dataclass(kw_only=True)
+class EndEvent(Event):
+    """Training stopped at ``step``; ``complete`` when that is the run's last step."""
+
+    kind: ClassVar[str] = "end"
+    step: int
+    epoch: int
+    complete: bool
+
+
+@dataclass(kw_only=True)
+class ExportedEvent(Event):
+    kind: ClassVar[str] = "exported"
+    path: str
+
+
+@dataclass(kw_only=True)
+class RemineEvent(Event):
+    """A re-mining run stopped after ``epoch`` epochs to mine a new plan."""
+
+    kind: ClassVar[str] = "remine"
+    epoch: int
+    teacher: str
+
+
+@dataclass(kw_only=True)
+class ReminedEvent(Event):
+    kind: ClassVar[str] = "remined"
+    epoch: int
+    plan: str
+    statistics: dict[str, Any]
+
+
+EVENTS: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (DataEvent, ResumedEvent, AdoptedEvent, TrainEvent, EvalEvent, CheckpointEvent, EndEvent,
+                ExportedEvent, RemineEvent, ReminedEvent)
+}
+
+
+def parse(record: dict[str, Any]) -> Event:
+    """A record (from metrics.jsonl or an ``on_event`` callback) as its typed event."""
+    kind = record.get("event")
+    if kind not in EVENTS:
+        raise ValueError(f"unknown run event {kind!r}; known: {', '.join(EVENTS)}")
+    return EVENTS[kind].from_record(record)

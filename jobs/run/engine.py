@@ -1,0 +1,176 @@
+"""The DeepSpeed engine of one training worker: building it, one optimizer step, and
+adopting a new learning rate and temperature (no Ray in this module).
+
+Why a client optimizer (torch AdamW) instead of DeepSpeed's config optimizer: the config
+path selects FusedAdam, which JIT-compiles a C++ op on first use (minutes on a small CPU
+box, and racy when several workers compile at once). torch's AdamW needs no build and is
+what ZeRO partitions anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from clray.jobs.config import JobConfig
+
+
+def use_bf16(cfg: JobConfig) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.scaling.use_gpu)
+
+
+def cast_batch(batch: dict[str, torch.Tensor], bf16: bool) -> dict[str, torch.Tensor]:
+    """Floating inputs (pixels) to bf16 when the engine runs in bf16; DeepSpeed casts the
+    module, not its inputs. Token ids and masks stay integers."""
+    if not bf16:
+        return batch
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.local_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    # Always explicit: left out, DeepSpeed clips at its default of 1.0, so grad_clip = 0
+    # would not turn clipping off.
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup from ~0, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def warmup_steps(cfg: JobConfig, total_steps: int) -> int:
+    if cfg.optim.warmup_steps:
+        return min(cfg.optim.warmup_steps, total_steps)
+    return int(cfg.optim.warmup_fraction * total_steps)
+
+
+def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
+    """Wrap the model in a DeepSpeed engine with AdamW + warmup/cosine; returns the engine."""
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+
+    optimizer = torch.optim.AdamW(
+        model.param_groups(cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(total_steps, warmup_steps(cfg, total_steps), cfg.optim.min_lr_ratio),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def train_step(
+    engine: Any, loss_fn: torch.nn.Module, batch: dict[str, Any], gradcache_chunk: int | None = None
+) -> tuple[Any, float, float | None]:
+    """One optimizer step: encode, loss over gathered candidates, backward, step.
+
+    With ``gradcache_chunk`` the encoder runs in chunks of that many rows and their cached
+    embedding gradients are backpropagated chunk by chunk (:mod:`models.gradcache`); the
+    engine's gradient-accumulation boundary is set on the last chunk only, so ZeRO reduces
+    and partitions the summed gradients once. That is not just cheaper: under ZeRO 1 and 2
+    a parameter that gets no gradient in a boundary backward ends the step with a zero
+    gradient, so a boundary on every chunk would silently drop the logit scale's gradient
+    (it enters in the first chunk only). tests/test_gradcache_deepspeed.py checks the
+    result equals the uncached step at ZeRO 0-3.
+
+    Returns the loss output and the logit scale and bias the step used: under ZeRO-3
+    those parameters are partitioned outside forward, so this is where they are readable."""
+    from clray.models.gradcache import gradcache_step
+    from clray.models.losses import apply_loss
+
+    used: dict[str, Any] = {}
+
+    def compute(encoded: Any) -> Any:
+        used["scale"], used["bias"] = encoded.scale, encoded.bias
+        return apply_loss(loss_fn, encoded, batch)
+
+    if gradcache_chunk:
+        if engine.gradient_accumulation_steps() != 1:
+            # The chunks *are* the accumulation: one train_step is one optimizer step.
+            raise ValueError(
+                "gradcache needs DeepSpeed gradient_accumulation_steps = 1 (it sets the "
+                f"accumulation boundary itself), got {engine.gradient_accumulation_steps()}"
+            )
+
+        def backward(surrogate: torch.Tensor, last: bool) -> None:
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(surrogate)
+
+        device = next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).device
+        out = gradcache_step(engine, batch, gradcache_chunk, compute, backward, device=device)
+    else:
+        out = compute(engine(batch))
+        engine.backward(out.loss)
+    engine.step()
+    bias = used["bias"]
+    return out, float(used["scale"].detach().float()), None if bias is None else float(bias.detach().float())
+
+
+def adopt_config(engine: Any, cfg: JobConfig) -> None:
+    """After restoring another run's checkpoint (a PBT exploit), take this config's learning
+    rate and temperature instead of the checkpoint's: that is the perturbation.
+
+    The LR keeps its place on the schedule (warmup/cosine position from the checkpoint);
+    only the peak it scales changes. The temperature restarts at init_temperature, and a
+    learnable one trains on from there."""
+    schedule = engine.lr_scheduler
+    factor = schedule.lr_lambdas[0](schedule.last_epoch)
+    schedule.base_lrs = [cfg.optim.lr for _ in schedule.base_lrs]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = cfg.optim.lr * factor
+    if cfg.model.logit_scale.mode == "scheduled":
+        return  # the schedule sets it each step from the config
+    value = math.log(1.0 / cfg.model.logit_scale.init_temperature)
+    param = engine.module.logit_scale
+    if param.requires_grad:
+        # ZeRO keeps an fp32 master copy of trained parameters and writes it back into the
+        # model after each step: set that copy too, or the next step undoes the change.
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, torch.full((1,), value, dtype=torch.float32, device=param.device))
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            with torch.no_grad():
+                param.fill_(value)
+    else:
+        with torch.no_grad():
+            param.fill_(value)

@@ -1,0 +1,62 @@
+"""What every rank must agree on before a run starts, and where a rank is in it.
+
+The driver fixes the ``Schedule`` from the valid-row count (examples) or the mined plan
+(packed) and hands the same one to every worker: a rank that ran a different number of
+steps would leave the others waiting in a collective for ever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Schedule:
+    """Decided on the driver so every rank agrees: no rank can run a different count."""
+
+    steps_per_epoch: int
+    total_steps: int
+    """Steps of the whole run: what the LR schedule spans."""
+    local_shuffle_buffer: int | None
+    num_train_rows: int
+    packed: bool = False
+    """Mined packed batches: each dataset row is one whole local batch."""
+    num_plans: int = 1
+    """Packed: epoch plans, one dataset each; epoch e reads plan e % num_plans."""
+    stop_step: int | None = None
+    """Stop here (checkpoint + export, no evaluation) and leave the rest of the run to a
+    later start with the same run name; None: run to total_steps."""
+
+    @property
+    def dataset_names(self) -> list[str]:
+        """The trainer's training datasets: "train", or "train_0", "train_1", ... per plan."""
+        return [f"train_{i}" for i in range(self.num_plans)] if self.packed else ["train"]
+
+    def train_dataset(self, epoch: int) -> str:
+        """The dataset epoch ``epoch`` reads (packed plans are cycled through)."""
+        names = self.dataset_names
+        return names[epoch % len(names)]
+
+    @property
+    def end_step(self) -> int:
+        """The step this start of the run ends at."""
+        return self.total_steps if self.stop_step is None else min(self.stop_step, self.total_steps)
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/scheduler that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+
+    def advance(self, samples: int) -> None:
+        self.step += 1
+        self.step_in_epoch += 1
+        self.samples_seen += samples
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0

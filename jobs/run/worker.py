@@ -1,0 +1,300 @@
+"""The training loop that runs on every Ray Train worker.
+
+Read ``train_loop_per_worker`` top to bottom: build the model and engine, restore, then
+per epoch take exactly ``steps_per_epoch`` batches from this worker's shard and step;
+after each step ``Cadence`` says whether to evaluate, log, checkpoint or report, the
+same on every rank; at the end evaluate and export. Every place the worker touches Ray
+is marked ``# [ray]``; everything else is plain torch + DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from clray.jobs import events
+from clray.jobs.config import JobConfig
+from clray.jobs.run.cadence import Cadence, StepActions
+from clray.jobs.run.checkpoint import (
+    checkpoint_to_restore,
+    export,
+    restore_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from clray.jobs.run.engine import adopt_config, build_engine, cast_batch, train_step, use_bf16
+from clray.jobs.run.schedule import Schedule, TrainState
+
+RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
+"""Debugging aid: when this environment variable names a file, every worker appends one
+JSON line per step there: rank, step, epoch, step_in_epoch and the sorted ``id_key``s of
+its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by default."""
+
+
+@dataclass
+class WorkerSpec:
+    """What the driver hands every worker (Ray Train's ``train_loop_config``): the resolved
+    job config, the schedule all ranks share, and where the run's outputs go. ``encode``
+    and ``decode`` are the only way across, so a config key cannot be dropped on the way."""
+
+    job: JobConfig
+    schedule: Schedule
+    has_eval: bool
+    export_dir: str | None
+    start_from: str | None = None
+    adopt_config: bool = False
+    progress: Any = None
+    """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
+
+    def encode(self) -> dict[str, Any]:
+        return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
+                "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
+                "adopt_config": self.adopt_config}
+
+    @classmethod
+    def decode(cls, config: dict[str, Any]) -> WorkerSpec:
+        return cls(job=JobConfig.model_validate(config["job"]), schedule=Schedule(**config["plan"]),
+                   has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
+                   start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
+                   progress=config.get("progress"))
+
+
+class MetricWindow:
+    """Accumulates per-step numbers between two logs."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.data_time = 0.0
+        self.step_time = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, float], data_time: float, step_time: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+        self.data_time += data_time
+        self.step_time += step_time
+
+    def reduce(self, global_batch: int) -> dict[str, float]:
+        """Average over steps and ranks (one small all_reduce)."""
+        keys = sorted(self.sums)
+        local = torch.tensor(
+            [self.sums[k] / max(1, self.steps) for k in keys] + [self.data_time, self.step_time],
+            dtype=torch.float64,
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(local)
+            local /= dist.get_world_size()
+        out = {k: float(v) for k, v in zip(keys, local[: len(keys)], strict=True)}
+        data_time, step_time = float(local[-2]), float(local[-1])
+        elapsed = time.perf_counter() - self.started
+        out["samples_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
+        out["data_wait_fraction"] = data_time / max(step_time, 1e-9)
+        return out
+
+
+class Worker:
+    """One rank's view of the run: its config, schedule, device and event channel."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import ray.train  # [ray]
+
+        self.spec = spec
+        self.cfg = spec.job
+        self.schedule = spec.schedule
+        self.rank = ray.train.get_context().get_world_rank()  # [ray]
+        torch.set_num_threads(max(1, int(self.cfg.scaling.cpus_per_worker)))
+        if self.cfg.scaling.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()  # [ray]
+        else:
+            self.device = torch.device("cpu")
+        self.bf16 = use_bf16(self.cfg)
+        self.eval_shard = ray.train.get_dataset_shard("eval") if spec.has_eval else None  # [ray]
+        self.shards: dict[str, Any] = {}
+        self.record_path = os.environ.get(RECORD_BATCHES_ENV)
+
+    def publish(self, event: events.Event) -> None:
+        if self.rank == 0 and self.spec.progress is not None:
+            self.spec.progress.put(event.record())
+
+    def build(self) -> tuple[Any, torch.nn.Module]:
+        """(DeepSpeed engine, loss): identical initial weights on every rank, then distinct
+        dropout streams per rank."""
+        from clray.models.dual_encoder import DualEncoder
+        from clray.models.losses import build_loss
+
+        seed_everything(self.cfg.run.seed)
+        model = DualEncoder(self.cfg.model).to(self.device)
+        engine = build_engine(model, self.cfg, self.schedule.total_steps)
+        seed_everything(self.cfg.run.seed + 7919 * (self.rank + 1))
+        return engine, build_loss(self.cfg.loss)
+
+    def restore(self, engine: Any) -> TrainState:
+        """The state this start begins at: the run's own latest checkpoint, or the one the
+        driver named (``start_from``), or a fresh start."""
+        import ray.train
+
+        checkpoint, foreign = checkpoint_to_restore(ray.train.get_checkpoint(), self.spec.start_from, self.cfg)  # [ray]
+        state = TrainState()
+        if checkpoint is not None:
+            state = restore_checkpoint(engine, checkpoint, self.rank)
+            if state.step_in_epoch >= self.schedule.steps_per_epoch:
+                # Saved at an epoch's last step: start the next epoch instead of reading this
+                # one again only to skip all of it.
+                state.next_epoch()
+            self.publish(events.ResumedEvent(step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
+                                             dataset=self.schedule.train_dataset(state.epoch)))
+        # Only the start that restored the donor's checkpoint adopts; a later restart of this
+        # run resumes its own checkpoints with what they hold.
+        if foreign and self.spec.adopt_config:
+            adopt_config(engine, self.cfg)
+            self.publish(events.AdoptedEvent(lr=self.cfg.optim.lr, temperature=self.cfg.model.logit_scale.init_temperature))
+        return state
+
+    def epoch_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
+        of them; after the last, the shard's remainder (under one batch) is drained so
+        the next epoch starts clean."""
+        name = self.schedule.train_dataset(state.epoch)
+        if name not in self.shards:
+            import ray.train
+
+            self.shards[name] = ray.train.get_dataset_shard(name)  # [ray]
+        batches = self._iterate(self.shards[name], state.epoch)
+        for _ in range(state.step_in_epoch):  # a mid-epoch resume: these were trained
+            self._next(batches, state)
+        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
+            yield cast_batch(self._next(batches, state), self.bf16)
+        if state.step_in_epoch >= self.schedule.steps_per_epoch:
+            for _ in batches:
+                pass
+
+    def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        data = self.cfg.data
+        if self.schedule.packed:
+            # One row per mined batch: taken whole, never re-batched or shuffled here; each
+            # torch batch is [1, B, ...], the 1 dropped.
+            rows = shard.iter_torch_batches(batch_size=1, drop_last=True, prefetch_batches=data.prefetch_batches,
+                                            device=self.device)  # [ray]
+            return ({key: value[0] for key, value in batch.items()} for batch in rows)
+        return iter(shard.iter_torch_batches(  # [ray]
+            batch_size=self.cfg.local_batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
+            # data.deterministic: the same buffer order every run, a new one each epoch
+            local_shuffle_seed=(self.cfg.run.seed * 100_003 + epoch * 101 + self.rank) if data.deterministic else None,
+            prefetch_batches=data.prefetch_batches,
+            device=self.device,
+        ))
+
+    def _next(self, batches: Iterator[dict[str, torch.Tensor]], state: TrainState) -> dict[str, torch.Tensor]:
+        try:
+            return next(batches)
+        except StopIteration:
+            raise ShardExhaustedError(
+                f"rank {self.rank}: the data shard ran out after {state.step_in_epoch} of "
+                f"{self.schedule.steps_per_epoch} batches in epoch {state.epoch}; the corpus changed since "
+                "the driver counted it, or rows were lost in preprocessing"
+            ) from None
+
+    def record_batch(self, state: TrainState, batch: dict[str, Any]) -> None:
+        if not self.record_path:
+            return
+        line = {"rank": self.rank, "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist())}
+        # One short append per line: ranks writing the same file do not interleave lines.
+        with open(self.record_path, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def evaluate(self, engine: Any, state: TrainState) -> events.EvalEvent:
+        """Every rank embeds the eval split (see jobs.run.evaluate): a collective step."""
+        from clray.jobs.run.evaluate import evaluate
+
+        figures = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
+        return events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures)
+
+    def after_step(self, actions: StepActions, engine: Any, state: TrainState, window: MetricWindow,
+                   scale: float, bias: float | None) -> None:
+        """Do what the cadence decided for the step just taken, in the same order on every rank."""
+        import ray.train
+
+        metrics: dict[str, Any] = {}
+        if actions.evaluate:
+            evaluation = self.evaluate(engine, state)
+            self.publish(evaluation)
+            metrics.update(step=state.step, epoch=state.epoch, **evaluation.metrics)
+        if actions.log:
+            metrics.update(window.reduce(self.cfg.train.global_batch_size))
+            window.reset()
+            train = events.TrainEvent(
+                metrics={k: v for k, v in metrics.items() if k not in ("step", "epoch")},
+                step=state.step, epoch=state.epoch, samples_seen=state.samples_seen, temperature=1.0 / scale,
+                logit_bias=bias, lr=float(engine.get_lr()[0]))
+            self.publish(train)
+            metrics = train.record()
+            del metrics["event"]
+        if actions.checkpoint:
+            save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch})
+            self.publish(events.CheckpointEvent(step=state.step))
+        elif actions.report:
+            ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
+
+    def finish(self, engine: Any, state: TrainState, cadence: Cadence) -> None:
+        """The end of this start: the end event, a final evaluation when the run is
+        complete, the export, and the last report to Ray."""
+        import ray.train
+
+        complete = state.step >= self.schedule.total_steps
+        self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete))
+        final: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+        if cadence.evaluate_at_end(state.step):
+            evaluation = self.evaluate(engine, state)
+            final.update(evaluation.metrics)
+            self.publish(evaluation)
+        if self.spec.export_dir:
+            export(engine, self.cfg, self.spec.export_dir, self.rank)
+            self.publish(events.ExportedEvent(path=self.spec.export_dir))
+        ray.train.report({**final, "final": complete})  # [ray]
+
+
+class ShardExhaustedError(RuntimeError):
+    pass
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    worker = Worker(WorkerSpec.decode(config))
+    engine, loss_fn = worker.build()
+    state = worker.restore(engine)
+    schedule, cfg = worker.schedule, worker.cfg
+    cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
+    gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
+    window = MetricWindow()
+    while state.step < schedule.end_step:
+        window.reset()
+        t0 = time.perf_counter()
+        for batch in worker.epoch_batches(state):
+            t1 = time.perf_counter()
+            worker.record_batch(state, batch)
+            engine.module.set_progress(state.step / max(1, schedule.total_steps - 1))
+            out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk)
+            t2 = time.perf_counter()
+            state.advance(cfg.train.global_batch_size)
+            window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
+            worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
+            t0 = time.perf_counter()
+        if state.step_in_epoch >= schedule.steps_per_epoch:
+            state.next_epoch()
+    worker.finish(engine, state, cadence)

@@ -1,0 +1,180 @@
+"""Ray for every command: starting or joining it, its CPU budget, free ports, turning
+Ray's failures into the user's own error, and the Ray knobs clray depends on.
+
+Every command (train, tune, mine, submit, eval) goes through here, so that a local Ray
+is sized the same way for a job whether it is started by ``clray train`` or by the
+local head of ``clray submit``, and so that a worker's error reaches the user as the
+line they need, not as Ray's wrapper around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clray.jobs.config import JobConfig
+
+RAY_VERSION_CHECKED = "2.60.0"
+"""The Ray release every Ray-specific behaviour below was checked against (pinned in
+pyproject.toml). Revisit each entry of RAY_KNOBS when the pin moves."""
+
+RAY_KNOBS: dict[str, str] = {
+    # Environment variables read by Ray Tune / Train that are not part of their
+    # documented configuration objects, and why clray sets them.
+    "TUNE_GLOBAL_CHECKPOINT_S": "2: Tune saves the search state every 2 s, so a killed "
+    "search resumes with the trials that finished just before (default: adaptive, tens of s)",
+    "TUNE_FORCE_TRIAL_CLEANUP_S": "3: a trial Tune stops is blocked in tune.report while its "
+    "TorchTrainer runs on; Tune kills its actor after this long (default 600 s, which holds "
+    "every stopped trial's resources for ten minutes)",
+    "RAY_AIR_NEW_OUTPUT": "0: Tune's old console reporter, which verbose=0 silences",
+    "RAY_API_SERVER_ADDRESS": "the local dashboard's URL, for Ray Train's placement-group "
+    "cleaner: left to auto-detect the cluster it gives up when another Ray runs on the "
+    "machine, and a stopped trial's CPUs stay reserved",
+    "TUNE_ORIG_WORKING_DIR": "read, not set: the directory a Tune trial was started from "
+    "(Tune moves each trial into its own directory)",
+    "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
+    "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
+    "CPU); clray compiles nothing",
+}
+"""Ray and library knobs outside the documented APIs: name -> value and reason."""
+
+TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a dashboard or a test server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def training_cpus(cfg: JobConfig) -> float:
+    """Logical CPUs one training run holds: its workers' for the whole run, plus
+    ``data.num_cpus`` for Ray Data beside them (without those, Ray Data's tasks never
+    schedule while the workers hold every CPU). A search multiplies it by the trials it
+    runs at once; a local head for a submitted job is started with at least this."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.num_cpus
+
+
+def local_cpus(needed: float) -> int:
+    """Logical CPUs to start a local Ray with: the machine's cores, or more when the job
+    needs more (oversubscribing logical CPUs is fine; a job that cannot schedule is not)."""
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def worker_env(use_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every Ray process a job starts (set as the job's runtime_env)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning", "TORCHDYNAMO_DISABLE": "1"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.update(extra or {})
+    return env
+
+
+def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False) -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray with ``local_cpus(needed_cpus)``
+    logical CPUs. A Ray this process already started is kept as it is.
+
+    ``dashboard``: also start Ray's dashboard, which serves the state API. A search needs
+    it: Tune kills the trials it stops, and Ray Train's placement-group cleaner asks the
+    state API whether the trial's controller died before it frees the trial's resources;
+    without it every stopped trial keeps its workers' CPUs reserved for good. The local
+    dashboard gets a free loopback port, and the job's processes are told it
+    (RAY_API_SERVER_ADDRESS): left to find it themselves, they give up when another Ray
+    runs on the machine ("Found multiple active Ray instances"), and the resources leak."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=dashboard,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        runtime_env={"env_vars": env_vars},
+    )
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        return
+    if dashboard:
+        port = free_port()
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+    ray.init(num_cpus=local_cpus(needed_cpus), **kwargs)
+
+
+# ------------------------------------------------------------------ Ray's failures
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong inside Ray, as the user's own error: the failing rank (when a
+    training worker failed), the exception's type name and its last message line."""
+
+    rank: int | None
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception)): (?P<message>\S.*)$")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """Unwrap Ray's wrappers (worker-group errors, task errors, ``cause`` chains) down to
+    the innermost exception that is still an object here."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            exc = next(iter(sorted(failures.items())))[1]
+            continue
+        cause = getattr(exc, "cause", None) or exc.__cause__
+        if cause is not None and cause is not exc:
+            exc = cause
+            continue
+        break
+    return exc
+
+
+def _remote_user_error(exc: BaseException) -> tuple[str, str] | None:
+    """The user's exception inside a Ray Data UDF failure, from the remote tracebacks.
+
+    Ray Data re-raises a failing map function as ``UserCodeException("UDF failed ...")``
+    and ships the original (e.g. a ``DataError`` naming a bad row of a mined batch) only
+    as traceback text, so the last non-Ray ``module.Type: message`` line there is the
+    user's error."""
+    found = None
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        for line in str(node).splitlines():
+            match = _EXCEPTION_LINE.match(line.strip())
+            if match and not match["type"].startswith("ray."):
+                found = (match["type"].rsplit(".", 1)[-1], match["message"])
+        failures = getattr(node, "worker_failures", None)
+        node = next(iter(sorted(failures.items())))[1] if failures else getattr(node, "cause", None) or node.__cause__
+    return found
+
+
+def describe_failure(exc: BaseException) -> Failure:
+    """The one way clray turns an exception that came out of Ray into a message."""
+    failures = getattr(exc, "worker_failures", None)
+    rank = min(failures) if failures else None
+    root = root_cause(exc)
+    # Ray prefixes remote errors with a traceback; keep the last line, the user's message.
+    text = str(root).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(root).__name__)
+    kind = type(root).__name__
+    if type(root).__module__.startswith("ray.") and (remote := _remote_user_error(exc)) is not None:
+        kind, last = remote
+    return Failure(rank=rank, kind=kind, message=last.strip())

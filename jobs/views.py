@@ -1,0 +1,258 @@
+"""What the ``clray`` command prints: progress while a run trains, the tables at the end
+of a run and of a mining job, jobs on a cluster, and errors. Argument parsing and
+dispatch are in ``jobs.cli``; nothing here starts or changes anything.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from clray.jobs import events
+
+
+def print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    # Plain Text, not markup: messages quote config sections like [model.positive].
+    text = Text("error: ", style="bold red") + Text(message)
+    Console(stderr=True, soft_wrap=True).print(text, highlight=False)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _data_lines(event: events.DataEvent) -> list[str]:
+    plan = event.plan
+    lines = [f"data: {plan['num_train_rows']} training rows, {plan['steps_per_epoch']} steps/epoch, "
+             f"{plan['total_steps']} steps in all"]
+    if event.quarantined:
+        reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event.reasons.items()))
+        lines.append(f"[yellow]quarantined {event.quarantined} bad rows[/] ({reasons}) -> {event.quarantine_path}")
+    packed = event.packed
+    if packed:
+        skipped = sum(packed.get("skipped_batches", []))
+        lines.append(
+            f"packed plan: {len(packed.get('batches_per_plan', []))} epoch plan(s), whole mined batches"
+            + (f"; {skipped} batch(es) skipped to keep steps equal on every rank" if skipped else "")
+            + ("; epochs cycle through the plans" if packed.get("cycles_plans") else "")
+        )
+    return lines
+
+
+class ProgressView:
+    """Renders a run's events: a progress bar during training (one line per log outside a
+    terminal), mid-run evaluations and re-mining as lines, then nothing else."""
+
+    def __init__(self, console: Any):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        # Outside a terminal (CI logs, pipes) a redrawn bar is noise: print one line per report.
+        self.lines = not console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+        self.total = 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        event = events.parse(record)
+        handler = getattr(self, f"_on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def _on_data(self, event: events.DataEvent) -> None:
+        for line in _data_lines(event):
+            self.console.print(line)
+        self.total = event.plan["total_steps"]
+        if not self.lines:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, stats="starting workers...")
+
+    def _on_resumed(self, event: events.ResumedEvent) -> None:
+        self.console.print(f"resumed from checkpoint at step {event.step} (epoch {event.epoch})")
+        if self.task is not None:
+            self.progress.update(self.task, completed=event.step)
+
+    def _on_train(self, event: events.TrainEvent) -> None:
+        m = event.metrics
+        stats = (
+            f"loss {m['loss']:.4f}  temp {event.temperature:.4f}  "
+            f"acc {m.get('accuracy', 0):.3f}  {m['samples_per_s']:.0f} samples/s  "
+            f"data wait {100 * m['data_wait_fraction']:.0f}%"
+        )
+        if self.task is not None:
+            self.progress.update(self.task, completed=event.step, stats=stats)
+        elif self.lines:
+            self.console.print(f"step {event.step}/{self.total}  {stats}", highlight=False)
+
+    def _on_remine(self, event: events.RemineEvent) -> None:
+        self.stop()
+        self.console.print(f"epoch {event.epoch}: mining a new plan with the current model ({event.teacher})")
+
+    def _on_remined(self, event: events.ReminedEvent) -> None:
+        sim = event.statistics["in_batch_negative_similarity"]
+        self.console.print(
+            f"epoch {event.epoch}: training on {event.plan} (in-batch negative similarity "
+            f"{sim['mined']:.3f} vs random {sim['random']:.3f})"
+        )
+
+    def _on_eval(self, event: events.EvalEvent) -> None:
+        if self.total and event.step < self.total:
+            # a mid-run evaluation (train.eval_every): one line, the bar goes on
+            shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in sorted(event.figures.items())
+                              if "R@5" not in k and "R@10" not in k)
+            self.console.print(f"step {event.step} eval: {shown}", highlight=False)
+            return
+        self.stop()
+        self.console.print("evaluating on the held-out split: done")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
+
+def print_summary(console: Any, summary: Any) -> None:
+    from rich.table import Table
+
+    from clray.pipelines.storage import join
+
+    table = Table(title=f"clray run: {summary.run_dir}", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", f"{summary.steps} ({summary.steps_per_epoch}/epoch)")
+    table.add_row("training rows", str(summary.train_rows))
+    for key in ("loss", "temperature", "accuracy", "pos_sim", "neg_sim", "samples_per_s", "data_wait_fraction"):
+        if key in summary.final_train:
+            table.add_row(f"train {key}", fmt(summary.final_train[key]))
+    for key, value in sorted(summary.eval.items()):
+        table.add_row(key, fmt(value))
+    table.add_row("wall time (s)", f"{summary.wall_seconds:.1f}")
+    console.print(table)
+    paths = Table(show_header=False, box=None)
+    paths.add_row("checkpoints", "\n".join(summary.checkpoints) or "-")
+    paths.add_row("export", summary.export_dir or "-")
+    if getattr(summary, "batches", "examples") == "packed":
+        # the mining job validated and quarantined the rows it packed; its file is the record
+        quarantine = f"{summary.quarantine_path} (written by clray mine)" if summary.quarantine_path else "none"
+    else:
+        quarantine = (
+            f"{summary.quarantine_path} ({summary.quarantined_rows} rows)" if summary.quarantine_path
+            else "none (no bad rows)"
+        )
+    paths.add_row("quarantine", quarantine)
+    paths.add_row("metrics", join(summary.run_dir, "metrics.jsonl"))  # run_dir may be s3://
+    console.print(paths)
+
+
+def print_mine_event(console: Any, event: dict[str, Any]) -> None:
+    kind = event["event"]
+    if kind == "complete":
+        console.print(f"already complete: {event['path']} (same corpus, teacher and settings); nothing to do")
+    elif kind == "quarantine":
+        console.print(f"data: {event['valid']} valid rows")
+        if event["quarantined"]:
+            reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event["reasons"].items()))
+            console.print(f"[yellow]quarantined {event['quarantined']} bad rows[/] ({reasons}) -> {event['path']}")
+    elif kind == "embedded":
+        how = "reused from the last run" if event["reused"] else ("on GPU" if event["gpu"] else "on CPU")
+        console.print(f"embed: {event['rows']} rows x {event['dim']} dims ({how})")
+    elif kind == "searched":
+        extra = f", recall@10 {event['recall_at_10']:.3f}" if "recall_at_10" in event else ""
+        console.print(f"search: {event['index']} k={event['k']}, {event['chunks_searched']} of {event['chunks']} "
+                      f"chunks searched now{extra}")
+    elif kind == "planned":
+        st = event["statistics"]
+        console.print(f"graph: {st['graph']['edges']} edges; communities: {st['communities']['count']} "
+                      f"(typical size {st['communities']['typical_size']:.1f})")
+    elif kind == "written":
+        how = "kept from the last run" if event["reused"] else "written"
+        console.print(f"plan epoch {event['epoch']}: {event['batches']} batches {how}")
+
+
+def _false_negative_text(entry: dict[str, float]) -> str:
+    text = f"teacher>=positive {entry['teacher_above_positive']:.3f}"
+    return text + (f", same label {entry['same_label']:.3f}" if "same_label" in entry else "")
+
+
+def print_mine_summary(console: Any, summary: Any) -> None:
+    from rich.table import Table
+
+    st = summary.statistics
+    table = Table(title=f"clray mine: {summary.out_dir}", show_header=True, header_style="bold")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    table.add_row("rows mined", str(summary.rows))
+    table.add_row("quarantined rows", str(summary.quarantined_rows))
+    table.add_row("epoch plans", f"{summary.epochs} x {summary.batches_per_epoch} batches")
+    table.add_row("remainder rows per plan", ", ".join(map(str, summary.remainder_per_epoch)))
+    sim = st["in_batch_negative_similarity"]
+    table.add_row("in-batch negative sim: mined", fmt(sim["mined"]))
+    table.add_row("in-batch negative sim: random", fmt(sim["random"]))
+    table.add_row("mined / random", "-" if sim["ratio"] is None else f"{sim['ratio']:.2f}x")
+    fn = st.get("false_negatives", {})
+    for name, entry in fn.get("in_batch", {}).items():
+        table.add_row(f"est. false negatives in batch, {name.replace('_', ' ')}", _false_negative_text(entry))
+    for name in ("with_filter", "without_filter"):
+        if name in fn:
+            table.add_row(f"est. false negatives in mined negatives, {name.replace('_', ' ')}",
+                          _false_negative_text(fn[name]))
+    for stage, secs in summary.seconds.items():
+        table.add_row(f"time {stage} (s)", f"{secs:.1f}")
+    console.print(table)
+    console.print(f"manifest: {summary.manifest}")
+    if summary.quarantine_path:
+        console.print(f"quarantine: {summary.quarantine_path}")
+
+
+def _clock(millis: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(millis / 1000)) if millis else "-"
+
+
+def print_jobs(console: Any, address: str, jobs: list[Any], status_name: Any) -> None:
+    """``clray jobs list``: one row per job."""
+    from rich.table import Table
+
+    table = Table(title=f"jobs on {address}", header_style="bold")
+    for column in ("submission id", "status", "command", "config", "started"):
+        table.add_column(column)
+    for job in jobs:
+        meta = job.metadata or {}
+        table.add_row(job.submission_id or job.job_id or "-", status_name(job.status),
+                      meta.get("clray_command", "-"), meta.get("clray_config", "-"), _clock(job.start_time))
+    console.print(table)
+
+
+def print_job(job_id: str, info: Any, status_name: Any) -> None:
+    """``clray jobs status``: one job, a line per field."""
+    rows = {
+        "job": job_id,
+        "status": status_name(info.status),
+        "message": (info.message or "").strip() or "-",
+        "entrypoint": info.entrypoint,
+        "metadata": ", ".join(f"{k}={v}" for k, v in (info.metadata or {}).items()) or "-",
+    }
+    if info.start_time:
+        rows["started"] = _clock(info.start_time)
+    if info.end_time:
+        rows["ended"] = _clock(info.end_time)
+    for key, value in rows.items():
+        print(f"{key:11s} {value}")
