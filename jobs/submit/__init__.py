@@ -357,7 +357,7 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
             except ValidationError as err:
                 raise ConfigError(str(config), format_pydantic(err)) from None
     elif command == "mine" and same_machine:
-        from clray.jobs.mine import load_mine_config
+        from clray.jobs.config.mine import load_mine_config
 
         load_mine_config(config, overrides)
     elif command == "tune" and same_machine:
