@@ -16,7 +16,7 @@ import pytest
 import tomli_w
 import tomllib
 
-from clray.jobs import submit
+from clray.jobs.submit import client as submit
 from clray.jobs.cli import QUICKSTART_CONFIG, REPO_ROOT, main
 
 SECRET = "fake-secret-do-not-ship-7f3a"
