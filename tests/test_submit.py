@@ -16,8 +16,8 @@ import pytest
 import tomli_w
 import tomllib
 
-from clray.jobs.submit import client as submit
 from clray.jobs.cli import QUICKSTART_CONFIG, REPO_ROOT, main
+from clray.jobs.submit import client as submit
 
 SECRET = "fake-secret-do-not-ship-7f3a"
 
