@@ -101,7 +101,7 @@ def _add_data_parsers(sub: Any) -> None:
 
 
 def _add_submit_parsers(sub: Any) -> None:
-    """`clray submit` and `clray jobs`: the Jobs API commands (jobs/submit.py)."""
+    """`clray submit` and `clray jobs`: the Jobs API commands (jobs/submit/)."""
 
     def add_access(p: argparse.ArgumentParser) -> None:
         p.add_argument(

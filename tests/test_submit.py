@@ -16,8 +16,9 @@ import pytest
 import tomli_w
 import tomllib
 
-from clray.jobs import submit
 from clray.jobs.cli import QUICKSTART_CONFIG, REPO_ROOT, main
+from clray.jobs.submit import client as submit
+from clray.jobs.submit.__main__ import job_entry
 
 SECRET = "fake-secret-do-not-ship-7f3a"
 
@@ -297,7 +298,7 @@ def test_the_job_entry_runs_the_cli_in_the_given_directory(tmp_path: Path, monke
 
     monkeypatch.chdir(bundle)
     monkeypatch.setattr("clray.jobs.cli.main", fake_main)
-    assert submit._entry(["--cwd", str(workdir), "train", "_submitted/c.toml", "--set", "a.b=1"]) == 0
+    assert job_entry(["--cwd", str(workdir), "train", "_submitted/c.toml", "--set", "a.b=1"]) == 0
     assert seen == {"cwd": str(workdir), "argv": ["train", str(bundle / "_submitted" / "c.toml"), "--set", "a.b=1"]}
 
 
@@ -311,7 +312,7 @@ def ray_head() -> Any:
     head = submit.start_head(num_cpus=3)
     yield head
     head.stop(grace_s=5)
-    assert not submit._pid_runs(head.pid, head.temp_dir) and not Path(head.temp_dir).exists()
+    assert not submit.pid_runs(head.pid, head.temp_dir) and not Path(head.temp_dir).exists()
 
 
 @pytest.mark.integration
@@ -368,6 +369,6 @@ def test_submit_follow_and_read_the_result(
     assert "SUCCEEDED" in capsys.readouterr().out
     assert main(["jobs", "down"]) == 0
     assert f"stopped the local Ray head at {address}" in capsys.readouterr().out
-    assert not submit._pid_runs(ray_head.pid, ray_head.temp_dir) and not submit.local_head_path().exists()
+    assert not submit.pid_runs(ray_head.pid, ray_head.temp_dir) and not submit.local_head_path().exists()
     assert main(["jobs", "list"]) == 2
     assert "no Jobs API address" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""The parts of a training run that need no Ray: what the driver hands the workers, the
+cadence every rank follows, and the events workers send back."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict
+
+import pytest
+
+from clray.jobs import events
+from clray.jobs.cli import QUICKSTART_CONFIG
+from clray.jobs.config import TrainConfig, load_config
+from clray.jobs.run.cadence import Cadence
+from clray.jobs.run.schedule import Schedule
+from clray.jobs.run.worker import WorkerSpec
+
+NON_DEFAULT = [
+    "loss.gradcache=true", "loss.chunk_size=8", 'loss.mode="tiled"', "loss.block_size=16",
+    "loss.hardness_beta=0.5", "optim.grad_clip=0.5", "train.report_every=3", "train.eval_every=5",
+    "train.checkpoint_every=4", "data.deterministic=true", "run.seed=11", 'model.projection="mlp"',
+]
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_workers_train_with_the_drivers_config_key_for_key() -> None:
+    """What a worker validates from Ray's train_loop_config (pickled on the way, as Ray
+    ships it) is the driver's resolved config, every key: none is dropped or defaulted."""
+    cfg = load_config(QUICKSTART_CONFIG, NON_DEFAULT)
+    schedule = Schedule(steps_per_epoch=11, total_steps=33, local_shuffle_buffer=2048, num_train_rows=1438)
+    spec = WorkerSpec(job=cfg, schedule=schedule, has_eval=True, export_dir="/x/export", start_from="/y/ckpt",
+                      adopt_config=True)
+    worker_side = WorkerSpec.decode(pickle.loads(pickle.dumps(spec.encode())))
+    driver, worker = flat(cfg.model_dump(mode="json")), flat(worker_side.job.model_dump(mode="json"))
+    assert worker == driver
+    for override in NON_DEFAULT:  # the keys the issue names really are set away from their defaults
+        key, value = override.split("=", 1)
+        assert str(driver[key]).lower().strip('"') == value.strip('"'), key
+    assert worker_side.schedule == schedule
+    assert (worker_side.has_eval, worker_side.export_dir, worker_side.start_from, worker_side.adopt_config) == (
+        True, "/x/export", "/y/ckpt", True)
+
+
+def cadence(**train: int) -> tuple[Cadence, Schedule]:
+    schedule = Schedule(steps_per_epoch=10, total_steps=30, local_shuffle_buffer=None, num_train_rows=100)
+    return Cadence(TrainConfig(**train), schedule, has_eval=True), schedule
+
+
+def test_cadence_decides_from_the_step_alone() -> None:
+    c, _ = cadence(log_every=4, eval_every=10, checkpoint_every=15, report_every=0)
+    at = {step: c.after(step) for step in range(1, 31)}
+    assert [s for s, a in at.items() if a.log] == [4, 8, 12, 16, 20, 24, 28, 30]
+    # the last step of a complete run is evaluated once, at the end (evaluate_at_end)
+    assert [s for s, a in at.items() if a.evaluate] == [10, 20]
+    assert [s for s, a in at.items() if a.checkpoint] == [15, 30]
+    # an evaluation is reported to Ray (for Tune's schedulers) unless a checkpoint carries it
+    assert [s for s, a in at.items() if a.report] == [10, 20]
+    assert c.evaluate_at_end(30) and not c.evaluate_at_end(29)
+
+
+def test_cadence_of_a_start_that_stops_early() -> None:
+    c, schedule = cadence(log_every=100, eval_every=10)
+    schedule.stop_step = 20
+    after = c.after(20)
+    assert after.checkpoint and after.log and after.evaluate  # 20 < total: a mid-run evaluation
+    assert not c.evaluate_at_end(20)  # the run is evaluated when a later start completes it
+
+
+@pytest.mark.parametrize("event", [
+    events.DataEvent(plan={"total_steps": 3}, quarantined=1, quarantine_path="q.parquet", reasons={"x": 1}),
+    events.DataEvent(plan={}, quarantined=0, quarantine_path=None, reasons={}, packed={"plan_dir": "p"}),
+    events.ResumedEvent(step=4, epoch=1, step_in_epoch=0, dataset="train"),
+    events.TrainEvent(metrics={"loss": 2.5, "accuracy": 0.1}, step=4, epoch=0, samples_seen=512,
+                      temperature=0.07, lr=1e-3),
+    events.TrainEvent(metrics={"loss": 2.5}, step=4, epoch=0, samples_seen=512, temperature=0.1,
+                      logit_bias=-10.0, lr=1e-3),
+    events.EvalEvent(step=4, epoch=0, metrics={"eval_rows": 10, "eval/a2p_R@1": 0.5}),
+    events.CheckpointEvent(step=4), events.EndEvent(step=4, epoch=0, complete=True),
+    events.ExportedEvent(path="/e"), events.AdoptedEvent(lr=0.1, temperature=0.2),
+    events.RemineEvent(epoch=1, teacher="/t"), events.ReminedEvent(epoch=1, plan="/p", statistics={"a": 1}),
+])
+def test_an_event_survives_its_record(event: events.Event) -> None:
+    record = event.record()
+    assert record["event"] == event.kind and "metrics" not in record
+    again = events.parse({"time": 12.5, **record})
+    assert type(again) is type(event) and again.time == 12.5
+    assert asdict(again) == {**asdict(event), "time": 12.5}
+
+
+def test_an_unknown_event_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown run event 'nope'"):
+        events.parse({"event": "nope"})
