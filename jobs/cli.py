@@ -71,7 +71,8 @@ def _add_run_parsers(sub: Any) -> None:
 
     config = sub.add_parser("config", help="inspect configs")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    show = config_sub.add_parser("show", help="print the resolved config with every default")
+    show = config_sub.add_parser(
+        "show", help="print the resolved config with every default (training, mining or search config)")
     show.add_argument("config")
     add_set(show)
 
@@ -287,9 +288,26 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from clray.jobs.config import dump_toml, load_config
+    """The resolved config with every default: a training, mining or search config (told
+    apart by their tables: [search], or [teacher] and [mining])."""
+    import tomli_w
 
-    print(dump_toml(load_config(args.config, args.overrides)), end="")
+    from clray.jobs.config import dump_toml, load_config, read_toml
+
+    raw = read_toml(args.config)
+    if "search" in raw:
+        from clray.jobs.tune import load_tune_config
+
+        job = load_tune_config(args.config, args.overrides)
+        print(dump_toml(job.base), end="")
+        print(tomli_w.dumps({"search": job.search.model_dump(mode="json", exclude_none=True)}), end="")
+    elif "teacher" in raw or "mining" in raw:
+        from clray.jobs.config.mine import load_mine_config
+
+        print(tomli_w.dumps(load_mine_config(args.config, args.overrides).model_dump(mode="json", exclude_none=True)),
+              end="")
+    else:
+        print(dump_toml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
