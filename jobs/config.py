@@ -13,7 +13,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import Field, ValidationError, model_validator
 
-from clray.models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
+from clray.models.config import DEFER_RULES, LogitBiasConfig, LossConfig, ModelConfig, Strict
 from clray.pipelines.config import DataConfig
 from clray.pipelines.storage import StorageConfig, is_s3, join, normalize
 
@@ -217,9 +217,10 @@ def cross_field_problems(cfg: JobConfig) -> list[str]:
 
 
 def _loss_problems(cfg: JobConfig) -> list[str]:
-    """The loss keys that need data columns or rule each other out."""
+    """The loss section's own rules (deferred by :func:`validate` so they come out with
+    the rest), then the loss keys that need data columns or other sections."""
     loss, data = cfg.loss, cfg.data
-    problems: list[str] = []
+    problems = loss.rule_problems()
     if loss.type == "supcon" and data.label_column is None:
         problems.append('loss.type = "supcon" takes its positives from labels: set data.label_column')
     if loss.mask_same_label and data.label_column is None:
@@ -228,16 +229,6 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
         problems.append(
             "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
             "similarity, as `clray mine` writes it) and data.negatives"
-        )
-    if loss.hardness_beta > 0 and loss.type not in ("infonce", "dcl"):
-        problems.append(
-            f'loss.hardness_beta re-weights softmax negatives; loss.type = "{loss.type}" has none: '
-            'use infonce or dcl, or set hardness_beta = 0'
-        )
-    if loss.mode == "ring" and not loss.gather:
-        problems.append(
-            'loss.mode = "ring" exchanges candidates between workers, but loss.gather = false keeps '
-            'them local: set gather = true or mode = "tiled"'
         )
     if cfg.model.logit_bias is not None and loss.type != "siglip":
         problems.append(
@@ -366,7 +357,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def validate(raw: dict[str, Any], source: str = "config") -> JobConfig:
     try:
-        cfg = JobConfig.model_validate(raw)
+        # Sections' within-section rules are deferred to cross_field_problems: raised by
+        # pydantic they would stop every cross-section check from being reported.
+        cfg = JobConfig.model_validate(raw, context={DEFER_RULES: True})
     except ValidationError as err:
         raise ConfigError(source, format_pydantic(err)) from None
     problems = cross_field_problems(cfg)

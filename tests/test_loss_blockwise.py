@@ -121,6 +121,42 @@ def test_build_loss_rejects_combinations_that_make_no_sense(fields: dict, key: s
         build_loss(LossConfig(**fields))
 
 
+@pytest.mark.parametrize(("fields", "key"), [
+    ({"type": "siglip", "hardness_beta": 0.5}, "loss.hardness_beta"),
+    ({"type": "supcon", "hardness_beta": 0.5}, "loss.hardness_beta"),
+    ({"type": "supcon", "mask_same_label": True}, "loss.mask_same_label"),
+])
+def test_build_loss_refuses_them_from_an_unvalidated_config(fields: dict, key: str) -> None:
+    """Defence in depth: a LossConfig made with model_construct skips its validation; the
+    class's traits still refuse a setting the objective would silently ignore."""
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_loss(LossConfig.model_construct(**fields))
+
+
+def test_ring_without_gather_is_defined_for_the_loss() -> None:
+    """The config refuses it (nothing would travel between workers), but the loss itself
+    defines it as each rank's own candidates, tiled: the same as tiled mode."""
+    anchor, positive = _unit(6, 8, seed=12), _unit(6, 8, seed=13)
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    ring = build_loss(LossConfig.model_construct(mode="ring", gather=False, block_size=4))
+    tiled = build_loss(LossConfig(mode="tiled", gather=False, block_size=4))
+    torch.testing.assert_close(ring(anchor, positive, logit_scale=scale).loss,
+                               tiled(anchor, positive, logit_scale=scale).loss, rtol=0, atol=0)
+
+
+def test_config_rules_agree_with_the_objectives_traits() -> None:
+    """LossConfig's rules name the types; the classes declare traits. They must not drift."""
+    import typing
+
+    assert set(typing.get_args(LossConfig.model_fields["type"].annotation)) == set(LOSSES)
+    for name, cls in LOSSES.items():
+        assert cls.objective == name
+        hardness = LossConfig.model_construct(type=name, hardness_beta=0.5).rule_problems()
+        assert (not hardness) == cls.accepts_hardness, name
+        same_label = LossConfig.model_construct(type=name, mask_same_label=True).rule_problems()
+        assert (not same_label) == cls.accepts_mask_same_label, name
+
+
 def test_missing_side_inputs_are_clear_errors() -> None:
     e = torch.eye(4, dtype=torch.float64)
     scale = torch.tensor(1.0)

@@ -38,9 +38,10 @@ LOSSES: dict[str, type[ContrastiveObjective]] = {cls.objective: cls for cls in (
 def build_loss(cfg: LossConfig) -> ContrastiveObjective:
     """The loss object a config describes; the training step never names a concrete class.
 
-    Raises ValueError, naming the ``loss.<key>``, for combinations the objective's
-    traits rule out (e.g. ``hardness_beta`` with siglip or supcon, ``mask_same_label``
-    with supcon).
+    ``LossConfig`` validation already refuses combinations that make no sense (e.g.
+    ``hardness_beta`` with siglip or supcon, ``mask_same_label`` with supcon); the class
+    refuses those that its traits rule out once more, for a config built without
+    validation (``model_construct``), with a ValueError naming the ``loss.<key>``.
     ``gradcache`` and ``chunk_size`` are not the loss's business: the training step wraps
     any loss in :func:`models.gradcache.gradcache_step`.
     """
