@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+DEFER_RULES = "clray.defer_section_rules"
+"""Validation-context key. ``Model.model_validate(raw, context={DEFER_RULES: True})``
+keeps a section from raising its within-section rules (``LossConfig.rule_problems``):
+the caller reports them itself, next to the problems that span sections, so that one
+error lists them all (``jobs.config.validate`` does). Anywhere else (a ``LossConfig``
+built from a dict, an assignment) the rules raise as validation errors."""
 
 
 class Strict(BaseModel):
@@ -143,6 +150,12 @@ class ModelConfig(Strict):
 
 
 class LossConfig(Strict):
+    """The training objective and how it is computed across workers (``models.losses``).
+
+    Settings that rule each other out within this section (``rule_problems``) are
+    refused by its own validation, so a plain script gets the same errors as ``clray``.
+    """
+
     type: Literal["infonce", "siglip", "dcl", "supcon"] = "infonce"
     """The objective. infonce: CLIP's softmax loss over gathered candidates (plus optional
     hard-negative columns). siglip: pairwise sigmoid loss with a learnable bias. dcl:
@@ -183,3 +196,35 @@ class LossConfig(Strict):
     every mode and ZeRO stage."""
     chunk_size: int = Field(default=32, ge=1)
     """Rows per re-encoded chunk with gradcache = true."""
+
+    def rule_problems(self) -> list[str]:
+        """Settings of this section that rule each other out, one line each naming the keys
+        and the fix. They need nothing outside the section, so they are the section's
+        own validation; rules that need ``data.*`` columns are the job config's
+        (``jobs.config``). The loss classes refuse the first two once more through their
+        traits; ring without gather is well defined for a loss (each rank's own block,
+        tiled), only pointless to ask for in a config."""
+        problems: list[str] = []
+        if self.type == "supcon" and self.mask_same_label:
+            problems.append(
+                'loss.mask_same_label = true removes same-label candidates, but loss.type = "supcon" counts '
+                "them as positives: set mask_same_label = false (or a type that masks them: infonce, dcl, siglip)"
+            )
+        if self.hardness_beta > 0 and self.type not in ("infonce", "dcl"):
+            problems.append(
+                f'loss.hardness_beta re-weights softmax negatives; loss.type = "{self.type}" has none: '
+                "use infonce or dcl, or set hardness_beta = 0"
+            )
+        if self.mode == "ring" and not self.gather:
+            problems.append(
+                'loss.mode = "ring" exchanges candidates between workers, but loss.gather = false keeps '
+                'them local: set gather = true or mode = "tiled"'
+            )
+        return problems
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> LossConfig:
+        problems = self.rule_problems()
+        if problems and not (info.context or {}).get(DEFER_RULES):
+            raise ValueError("\n".join(problems))
+        return self

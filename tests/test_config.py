@@ -229,6 +229,54 @@ def test_loss_keys_that_need_data_columns_are_named() -> None:
         assert phrase in joined, phrase
 
 
+LOSS_RULES = [  # [loss] settings that rule each other out, and the key the message starts with
+    ({"type": "supcon", "mask_same_label": True}, "loss.mask_same_label"),
+    ({"type": "siglip", "hardness_beta": 0.5}, "loss.hardness_beta"),
+    ({"type": "supcon", "hardness_beta": 0.5}, "loss.hardness_beta"),
+    ({"mode": "ring", "gather": False}, 'loss.mode = "ring"'),
+]
+
+
+@pytest.mark.parametrize(("loss", "key"), LOSS_RULES, ids=lambda v: v if isinstance(v, str) else None)
+def test_loss_section_rules_come_out_with_the_other_problems(tmp_path: Path, loss: dict, key: str) -> None:
+    """LossConfig owns these rules (a LossConfig alone refuses them), yet load_config reports
+    them in one ConfigError next to an unrelated cross-section problem, not instead of it."""
+    import tomli_w
+    from pydantic import ValidationError
+
+    from clray.models.config import LossConfig
+
+    raw = minimal(label_column="label")  # supcon's labels are there: only the rule trips
+    raw["loss"] = loss
+    raw["train"] = {"global_batch_size": 129}
+    path = tmp_path / "train.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert len(problems) == 2, problems
+    assert any(p.startswith(key) for p in problems), problems
+    assert any(p.startswith("train.global_batch_size = 129") for p in problems), problems
+    with pytest.raises(ValidationError, match=key.replace(".", r"\.")):
+        LossConfig(**loss)
+
+
+def test_supcon_with_mask_same_label_stops_clray_train_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to pass every driver check and fail inside the workers, after Ray started."""
+    import tomli_w
+
+    raw = minimal(label_column="label")
+    raw["loss"] = {"type": "supcon", "mask_same_label": True}
+    path = tmp_path / "supcon.toml"
+    path.write_text(tomli_w.dumps(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "loss.mask_same_label = true removes same-label candidates" in err
+    assert "Traceback" not in err
+
+
 def test_negatives_must_match_the_positive_view_kind() -> None:
     raw = minimal(negatives={"column": "neg_images", "kind": "image"})
     assert any("data.negatives.kind = 'image' but data.positive.kind = 'text'" in p for p in problems_of(raw))

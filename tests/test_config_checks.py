@@ -84,3 +84,15 @@ def test_a_broken_schema_does_not_hide_cross_section_problems(tmp_path: Path) ->
     assert "train.global_batch_size = 127 is not divisible by scaling.num_workers = 2" in text
     assert "data.anchor.column and data.positive.column are both 'caption'" in text
     assert len(err.value.problems) == 3
+
+
+def test_a_loss_rule_comes_out_beside_a_schema_error(tmp_path: Path) -> None:
+    raw = tomllib.loads(QUICKSTART_CONFIG.read_text())
+    raw["loss"].update(type="supcon", mask_same_label=True)
+    raw["optim"]["lr_typo"] = 1.0
+    path = tmp_path / "broken.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = "\n".join(err.value.problems)
+    assert "optim.lr_typo: unknown key" in text and "loss.mask_same_label" in text

@@ -22,7 +22,7 @@ from clray.jobs.config.files import (
     parse_override,
     read_toml,
 )
-from clray.models.config import LogitBiasConfig, LossConfig, ModelConfig, Strict
+from clray.models.config import DEFER_RULES, LogitBiasConfig, LossConfig, ModelConfig, Strict
 from clray.pipelines.config import DataConfig
 from clray.pipelines.storage import StorageConfig, is_s3, join, normalize
 
@@ -176,7 +176,9 @@ class JobConfig(Strict):
 
 def validate(raw: dict[str, Any], source: str = "config") -> JobConfig:
     try:
-        cfg = JobConfig.model_validate(raw)
+        # Sections' within-section rules are deferred to cross_field_problems: raised by
+        # pydantic they would stop every cross-section check from being reported.
+        cfg = JobConfig.model_validate(raw, context={DEFER_RULES: True})
     except ValidationError as err:
         raise ConfigError(source, format_pydantic(err) + partial_problems(raw, JobConfig)) from None
     problems = cross_field_problems(cfg)

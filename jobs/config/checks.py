@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from clray.jobs.config.errors import format_pydantic
+from clray.models.config import DEFER_RULES
 from clray.pipelines.storage import is_s3, normalize
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ def partial_problems(raw: dict[str, Any], model: Any) -> list[str]:
     for name, field in model.model_fields.items():
         try:
             if isinstance(raw, dict) and name in raw:
-                sections[name] = field.annotation.model_validate(raw[name])
+                sections[name] = field.annotation.model_validate(raw[name], context={DEFER_RULES: True})
             elif not field.is_required():
                 sections[name] = field.get_default(call_default_factory=True)
         except (ValidationError, AttributeError, TypeError):
@@ -195,9 +196,10 @@ def partial_problems(raw: dict[str, Any], model: Any) -> list[str]:
 
 
 def _loss_problems(cfg: JobConfig) -> list[str]:
-    """The loss keys that need data columns or rule each other out."""
+    """The loss section's own rules (deferred by ``validate`` so they come out with the
+    rest), then the loss keys that need data columns or other sections."""
     loss, data = cfg.loss, cfg.data
-    problems: list[str] = []
+    problems = loss.rule_problems()
     if loss.type == "supcon" and data.label_column is None:
         problems.append('loss.type = "supcon" takes its positives from labels: set data.label_column')
     if loss.mask_same_label and data.label_column is None:
@@ -206,16 +208,6 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
         problems.append(
             "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
             "similarity, as `clray mine` writes it) and data.negatives"
-        )
-    if loss.hardness_beta > 0 and loss.type not in ("infonce", "dcl"):
-        problems.append(
-            f'loss.hardness_beta re-weights softmax negatives; loss.type = "{loss.type}" has none: '
-            'use infonce or dcl, or set hardness_beta = 0'
-        )
-    if loss.mode == "ring" and not loss.gather:
-        problems.append(
-            'loss.mode = "ring" exchanges candidates between workers, but loss.gather = false keeps '
-            'them local: set gather = true or mode = "tiled"'
         )
     if cfg.model.logit_bias is not None and loss.type != "siglip":
         problems.append(

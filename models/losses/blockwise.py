@@ -3,7 +3,7 @@
 Forward walks the candidate columns block by block (one gathered block in tiled mode,
 blocks arriving around the ring in ring mode, see :mod:`models.losses.ring`) and each
 block in ``block_size x block_size`` tiles, folding every tile into per-row running
-statistics with the objective's :class:`~models.losses.objectives.Kernel` (a streaming
+statistics with the objective's :class:`~models.losses.kernel.Kernel` (a streaming
 log-sum-exp, sums, counts). Backward walks the same blocks again, recomputes each tile
 and turns it into the tile's logit gradient from the saved per-row results
 (``Kernel.dlogits``), then into gradients for the queries, that block's candidates,
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from clray.models.losses.columns import MaskSpec, tile_masks
-from clray.models.losses.objectives import NEG_INF, Kernel
+from clray.models.losses.kernel import NEG_INF, Kernel
 
 BlockGrad = Callable[[Tensor, Tensor], Tensor]
 """(candidate embeddings, their metadata) -> gradient for those embeddings."""

@@ -1,12 +1,18 @@
-"""InfoNCE, DCL, SupCon and SigLIP over candidates from every rank, in three memory modes.
+"""What every objective shares: candidates from every rank, masks, three memory modes.
+
+The objectives themselves (InfoNCE, DCL, SupCon, SigLIP: one class per file, each with
+its formula) only say what they compute per row; :class:`ContrastiveObjective` does the
+rest for all of them, reading their traits (second direction, logit bias, label
+positives, ...) and never their names.
 
 Each rank scores its own ``b`` anchors (direction a2p) against the candidate columns:
 every rank's positives followed by every rank's hard negatives (``negatives`` [b, k, d],
 flattened; each belongs to one anchor but is a candidate for all). ``symmetric`` adds
 the p2a direction (queries: this rank's positives; candidates: every rank's anchors)
-and averages the two; SigLIP scores each pair once and has no second direction. The
-loss is the mean over this rank's rows, so averaging gradients over ranks (DDP,
-DeepSpeed) gives exactly one process's gradient on the concatenated global batch.
+and averages the two, for objectives that have a second direction (SigLIP scores each
+pair once). The loss is the mean over this rank's rows, so averaging gradients over
+ranks (DDP, DeepSpeed) gives exactly one process's gradient on the concatenated global
+batch.
 
 Modes (same loss and gradients, different memory):
 
@@ -25,6 +31,9 @@ negative whose teacher score exceeds the threshold). A row's own target is never
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -37,16 +46,36 @@ from clray.models.losses.blockwise import (
     full_aggregates,
 )
 from clray.models.losses.columns import MaskSpec, negative_columns, pair_columns, row_meta
-from clray.models.losses.objectives import finalize, make_kernel
+from clray.models.losses.kernel import Kernel
 from clray.models.losses.ring import RingBlocks
 
 MODES = ("gather", "tiled", "ring")
 
 
-class ContrastiveObjective(ContrastiveLoss):
-    """One objective (``objective``, set by each subclass) in one mode; see the module docstring."""
+class ContrastiveObjective(ContrastiveLoss, Kernel):
+    """One objective in one mode; see the module docstring.
 
-    objective = ""
+    A subclass is one objective: its kernel (:class:`~models.losses.kernel.Kernel`: the
+    per-row statistics over candidate columns), its :meth:`row_loss` from the target
+    logit and those statistics, the formula in its docstring, and the traits below. The
+    mode machinery here reads the traits, never the objective's name.
+    """
+
+    objective: ClassVar[str] = ""
+    """The ``loss.type`` that selects this class (the key of ``models.losses.LOSSES``)."""
+    two_directions: ClassVar[bool] = True
+    """Whether ``symmetric`` adds the positive->anchor direction. False for an objective
+    that scores each pair once whichever side asks (SigLIP)."""
+    uses_bias: ClassVar[bool] = False
+    """Whether logits include the learned logit bias; such an objective needs one."""
+    label_positives: ClassVar[bool] = False
+    """Whether in-batch candidates with the row's label are extra positives (SupCon)."""
+    needs_labels: ClassVar[bool] = False
+    """Whether every batch must carry labels (``data.label_column``)."""
+    accepts_hardness: ClassVar[bool] = False
+    """Whether the objective has a softmax denominator that ``hardness_beta`` can weight."""
+    accepts_mask_same_label: ClassVar[bool] = True
+    """Whether ``mask_same_label`` makes sense: not where same-label columns are positives."""
 
     def __init__(
         self,
@@ -67,17 +96,19 @@ class ContrastiveObjective(ContrastiveLoss):
             raise ValueError(f"loss.block_size must be at least 1, got {block_size}")
         if hardness_beta < 0:
             raise ValueError(f"loss.hardness_beta must be >= 0, got {hardness_beta}")
-        if hardness_beta > 0 and self.objective not in ("infonce", "dcl"):
+        # The same rules as LossConfig's, from the traits: a class built directly (or from
+        # a LossConfig made with model_construct) must not silently ignore a setting.
+        if hardness_beta > 0 and not self.accepts_hardness:
             raise ValueError(
-                f"loss.hardness_beta weights softmax negatives (infonce, dcl); loss.type = {self.objective!r} "
+                f'loss.hardness_beta weights softmax negatives (infonce, dcl); loss.type = "{self.objective}" '
                 "has no softmax denominator to weight: set hardness_beta = 0"
             )
-        if mask_same_label and self.objective == "supcon":
+        if mask_same_label and not self.accepts_mask_same_label:
             raise ValueError(
-                'loss.mask_same_label removes same-label candidates, but loss.type = "supcon" counts them as '
-                "positives: set mask_same_label = false"
+                f'loss.mask_same_label removes same-label candidates, but loss.type = "{self.objective}" counts '
+                "them as positives: set mask_same_label = false"
             )
-        self.symmetric = symmetric and self.objective != "siglip"
+        self.symmetric = symmetric and self.two_directions
         self.gather = gather
         self.mode = mode
         self.block_size = block_size
@@ -85,7 +116,11 @@ class ContrastiveObjective(ContrastiveLoss):
         self.mask_same_id = mask_same_id
         self.mask_same_label = mask_same_label
         self.teacher_threshold = teacher_threshold
-        self.kernel = make_kernel(self.objective, hardness_beta)
+
+    @abc.abstractmethod
+    def row_loss(self, target: Tensor, aggregates: list[Tensor], count: Tensor) -> Tensor:
+        """Per-row losses from the target logit ``t`` and the kernel's aggregates and count
+        (plain autograd, the same in every mode)."""
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, symmetric={self.symmetric}, gather={self.gather}, block_size={self.block_size}, "
@@ -111,7 +146,7 @@ class ContrastiveObjective(ContrastiveLoss):
         dtype = torch.promote_types(anchor.dtype, torch.float32)
         anchor, positive = anchor.to(dtype), positive.to(dtype)
         scale = logit_scale.to(dtype)
-        bias = logit_bias.to(dtype) if self.objective == "siglip" and logit_bias is not None else None
+        bias = logit_bias.to(dtype) if self.uses_bias and logit_bias is not None else None
         rows, device = anchor.shape[0], anchor.device
 
         distributed = self.gather and world_size() > 1
@@ -131,7 +166,7 @@ class ContrastiveObjective(ContrastiveLoss):
             same_id=self.mask_same_id,
             same_label=self.mask_same_label,
             teacher=self.teacher_threshold is not None,
-            label_positives=self.objective == "supcon",
+            label_positives=self.label_positives,
         )
 
         target_cos = (anchor * positive).sum(dim=1)
@@ -150,7 +185,7 @@ class ContrastiveObjective(ContrastiveLoss):
     ) -> tuple[Tensor, Tensor]:
         """Per-row losses of one direction and its [rows, 3] metric statistics."""
         if self.mode == "ring" and distributed:
-            problem = Problem(self.kernel, spec, self.block_size, RingBlocks())
+            problem = Problem(self, spec, self.block_size, RingBlocks())
             aggregates, count, stats = blockwise_aggregates(
                 problem, queries, queries_meta, cands, cands_meta, scale, bias
             )
@@ -159,14 +194,14 @@ class ContrastiveObjective(ContrastiveLoss):
                 cands, cands_meta = gather_with_grad(cands), all_gather_no_grad(cands_meta)
             if self.mode == "gather":
                 aggregates, count, stats = full_aggregates(
-                    self.kernel, spec, queries, queries_meta, cands, cands_meta, scale, bias
+                    self, spec, queries, queries_meta, cands, cands_meta, scale, bias
                 )
             else:  # tiled, and ring within one rank
-                problem = Problem(self.kernel, spec, self.block_size, BlockSource())
+                problem = Problem(self, spec, self.block_size, BlockSource())
                 aggregates, count, stats = blockwise_aggregates(
                     problem, queries, queries_meta, cands, cands_meta, scale, bias
                 )
-        return finalize(self.objective, target, aggregates, count), stats
+        return self.row_loss(target, aggregates, count), stats
 
     def _check(
         self, anchor: Tensor, positive: Tensor, negatives: Tensor | None, labels: Tensor | None,
@@ -185,12 +220,12 @@ class ContrastiveObjective(ContrastiveLoss):
                 f"negatives must be [b, k, d] = [{rows}, k, {anchor.shape[1]}] (k hard negatives per anchor), "
                 f"got {tuple(negatives.shape)}"
             )
-        if self.objective == "siglip" and logit_bias is None:
+        if self.uses_bias and logit_bias is None:
             raise ValueError(
-                "the sigmoid loss (loss.type = \"siglip\") needs a logit bias: add [model.logit_bias] to the config"
+                f'{name} (loss.type = "{self.objective}") needs a logit bias: add [model.logit_bias] to the config'
             )
-        if self.objective == "supcon" and labels is None:
-            raise ValueError(f"{name} (loss.type = \"supcon\") needs labels: set data.label_column")
+        if self.needs_labels and labels is None:
+            raise ValueError(f'{name} (loss.type = "{self.objective}") needs labels: set data.label_column')
         if self.mask_same_label and labels is None:
             raise ValueError("loss.mask_same_label needs labels: set data.label_column")
         if self.mask_same_id:
@@ -220,32 +255,3 @@ def _metrics(target_cos: Tensor, stats: Tensor) -> dict[str, float]:
     candidates = count.to(target_cos.dtype).mean() + 1
     pos_sim, neg_sim, acc, cands = torch.stack([target_cos.mean(), neg, accuracy, candidates]).tolist()
     return {"pos_sim": pos_sim, "neg_sim": neg_sim, "accuracy": acc, "candidates": cands}
-
-
-class InfoNCE(ContrastiveObjective):
-    """CLIP's softmax cross-entropy: ``-t + log(e^t + sum_j w_j e^{l_j})`` over unmasked negatives,
-    with optional hardness weights ``w`` (``hardness_beta``)."""
-
-    objective = "infonce"
-
-
-class DCL(ContrastiveObjective):
-    """Decoupled contrastive loss: InfoNCE with the positive left out of the denominator."""
-
-    objective = "dcl"
-
-
-class SupCon(ContrastiveObjective):
-    """Supervised contrastive loss: every in-batch candidate with the row's label is a positive;
-    ``log sum_j e^{l_j} - mean_{p in P(i)} l_p``."""
-
-    objective = "supcon"
-
-
-class SigLIP(ContrastiveObjective):
-    """Pairwise sigmoid loss: ``-sum_j log sigmoid(z_j (l_j + bias))``, z = +1 for the target only."""
-
-    objective = "siglip"
-
-
-LOSSES: dict[str, type[ContrastiveObjective]] = {cls.objective: cls for cls in (InfoNCE, DCL, SupCon, SigLIP)}
