@@ -14,8 +14,15 @@ algorithm, the live table). This package is the façade the CLI, tests and bench
 
 from clray.jobs.tune.config import TuneJob, check_tune_config, load_tune_config
 from clray.jobs.tune.driver import CRASH_ENV, run_tune
-from clray.jobs.tune.report import TuneSummary, write_outputs
-from clray.jobs.tune.trial import run_trial
+from clray.jobs.tune.report import TuneSummary, live_status, trial_rows, write_outputs
+from clray.jobs.tune.trial import (
+    TOTAL_STEPS,
+    TrialReporter,
+    run_trial,
+    trial_status,
+    trial_steps_bound,
+)
 
-__all__ = ["CRASH_ENV", "TuneJob", "TuneSummary", "check_tune_config", "load_tune_config", "run_trial", "run_tune",
-           "write_outputs"]
+__all__ = ["CRASH_ENV", "TOTAL_STEPS", "TrialReporter", "TuneJob", "TuneSummary", "check_tune_config",
+           "live_status", "load_tune_config", "run_trial", "run_tune", "trial_rows", "trial_status",
+           "trial_steps_bound", "write_outputs"]

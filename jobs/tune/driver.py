@@ -26,7 +26,7 @@ from typing import Any
 from clray.jobs.config import ConfigError, validate
 from clray.jobs.tune.config import PBT_MUTABLE, TuneJob
 from clray.jobs.tune.report import TuneSummary, print_final, print_trials, published, write_outputs
-from clray.jobs.tune.trial import run_trial, trial_steps
+from clray.jobs.tune.trial import run_trial, trial_steps_bound
 
 CRASH_ENV = "CLRAY_TUNE_CRASH_AFTER"
 """Fault injection for tests: the driver exits hard (no clean-up) once this many trials
@@ -44,8 +44,8 @@ class _LiveTable:
         from ray.tune import Callback
 
         class LiveTable(Callback):
-            def __init__(self, job: TuneJob, max_t: int | None) -> None:
-                self.job, self.max_t = job, max_t
+            def __init__(self, job: TuneJob) -> None:
+                self.job = job
                 self._console: Any = None
                 self.last: dict[str, dict[str, Any]] = {}
                 self.finished = 0
@@ -65,7 +65,7 @@ class _LiveTable:
                 return {**self.__dict__, "_console": None}
 
             def _table(self, trials: list[Any]) -> None:
-                print_trials(self.console, self.job, trials, self.last, self.max_t)
+                print_trials(self.console, self.job, trials, self.last)
 
             def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
                 # Written here, on the driver, not in the trial: trials may run on other nodes.
@@ -101,6 +101,8 @@ class _LiveTable:
 
 
 def _scheduler(job: TuneJob, max_t: int | None) -> Any:
+    """ASHA, PBT or FIFO. ``max_t``: the raw-row upper bound on a trial's steps
+    (``trial_steps_bound``); ASHA only needs a bound, never a trial's real length."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     search, train = job.search, job.base.train
@@ -193,7 +195,7 @@ def _tuner(job: TuneJob, experiment_uri: str, max_t: int | None, resume: bool) -
     run_config = tune.RunConfig(
         name="tune",
         **location,
-        callbacks=[_LiveTable(job, max_t)],
+        callbacks=[_LiveTable(job)],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
     )
@@ -240,12 +242,11 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     from clray.pipelines import quiet_ray_data
 
     quiet_ray_data()
-    max_t = trial_steps(job)
-    tuner = _tuner(job, experiment_uri, max_t, resume)
+    tuner = _tuner(job, experiment_uri, trial_steps_bound(job), resume)
     if resume:
         console.print(f"resuming the search in {job.search_uri}")
     grid = tuner.fit()
-    summary = published(job, write_outputs(job, grid, max_t))
+    summary = published(job, write_outputs(job, grid))
     summary.wall_seconds = time.perf_counter() - started
     (job.search_dir / "summary.json").write_text(summary.to_json())
     staging.publish(*SEARCH_FILES)

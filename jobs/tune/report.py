@@ -1,6 +1,9 @@
 """What a search shows and leaves behind: the trials table while it runs, and at the end
 one row per trial (results.parquet and results.csv), the best trial's config as
 best.toml, plots, and the final table.
+
+A trial's status everywhere here is ``trial.trial_status``: judged against the total
+steps the trial's own run reported, never against the driver's raw-row estimate.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from clray.jobs.config import validate
 from clray.jobs.tune.config import TuneJob
+from clray.jobs.tune.trial import TOTAL_STEPS, trial_status
 
 
 @dataclass
@@ -36,10 +40,18 @@ class TuneSummary:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
 
-def trial_rows(job: TuneJob, grid: Any, max_t: int | None) -> list[dict[str, Any]]:
+def _reported_total(metrics: dict[str, Any], history: Any) -> int | None:
+    """The trial's own total steps from its last result, else from any earlier one."""
+    total = metrics.get(TOTAL_STEPS)
+    if total is None and history is not None and TOTAL_STEPS in history:
+        known = history[TOTAL_STEPS].dropna()
+        total = known.iloc[-1] if len(known) else None
+    return None if total is None else int(total)
+
+
+def trial_rows(job: TuneJob, grid: Any) -> list[dict[str, Any]]:
     """One row per trial of a finished search (Tune's ``ResultGrid`` or any iterable of
-    results with path, config, metrics, metrics_dataframe and error), by trial id; a
-    trial that ended before ``max_t`` steps is STOPPED."""
+    results with path, config, metrics, metrics_dataframe and error), by trial id."""
     rows = []
     sign = 1 if job.search.mode == "max" else -1
     for result in grid:
@@ -56,7 +68,7 @@ def trial_rows(job: TuneJob, grid: Any, max_t: int | None) -> list[dict[str, Any
         error = str(result.error).strip().splitlines()[-1] if result.error else None
         row: dict[str, Any] = {
             "trial_id": path.name if path else "?",
-            "status": "ERROR" if error else ("STOPPED" if max_t and last_step < max_t else "COMPLETE"),
+            "status": trial_status(error, last_step, _reported_total(metrics, history)),
             "steps": last_step,
             "metric_last": values[-1] if values else None,
             "metric_best": (max(values, key=lambda v: sign * v) if values else None),
@@ -71,11 +83,11 @@ def trial_rows(job: TuneJob, grid: Any, max_t: int | None) -> list[dict[str, Any
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def write_outputs(job: TuneJob, grid: Any, max_t: int | None) -> TuneSummary:
+def write_outputs(job: TuneJob, grid: Any) -> TuneSummary:
     """best.toml, results.parquet/csv and plots from the finished search, written into
     ``job.search_dir`` (the summary names those local files; see ``published``)."""
     search_dir = job.search_dir
-    rows = trial_rows(job, grid, max_t)
+    rows = trial_rows(job, grid)
     summary = TuneSummary(
         search_dir=str(search_dir), metric=job.search.metric, mode=job.search.mode, trials=rows,
         total_trial_steps=sum(r["steps"] for r in rows),
@@ -193,17 +205,16 @@ def _plot(job: TuneJob, rows: list[dict[str, Any]]) -> list[str]:
     return written
 
 
-def live_status(trial: Any, result: dict[str, Any], max_t: int | None) -> str:
+def live_status(trial: Any, result: dict[str, Any]) -> str:
     """A Tune trial's status for the live table: Tune's own, except that a TERMINATED
-    trial that ended before ``max_t`` steps is STOPPED."""
+    trial is COMPLETE or STOPPED by ``trial_status`` on its latest result."""
+    if trial.status != "TERMINATED":
+        return trial.status
     step = result.get("step")
-    if trial.status == "TERMINATED" and max_t and step is not None and step < max_t:
-        return "STOPPED"
-    return trial.status
+    return trial_status(None, int(step or 0), result.get(TOTAL_STEPS))
 
 
-def print_trials(console: Any, job: TuneJob, trials: list[Any], last: dict[str, dict[str, Any]],
-                 max_t: int | None) -> None:
+def print_trials(console: Any, job: TuneJob, trials: list[Any], last: dict[str, dict[str, Any]]) -> None:
     """The live table: one line per trial with its latest result (``last``: by trial id,
     from the callback; else Tune's last_result)."""
     from rich.table import Table
@@ -217,7 +228,7 @@ def print_trials(console: Any, job: TuneJob, trials: list[Any], last: dict[str, 
     table.add_column(job.search.metric, justify="right")
     for trial in trials:
         result = last.get(trial.trial_id) or trial.last_result or {}
-        row = [trial.trial_id, live_status(trial, result, max_t)]
+        row = [trial.trial_id, live_status(trial, result)]
         for dim in job.dimensions:
             value = trial.config.get(dim.key)
             row.append(f"{value:.4g}" if isinstance(value, float) else str(value))

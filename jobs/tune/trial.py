@@ -7,6 +7,12 @@ retried or resumed trial needs. Tune only gets a small pointer (run name and che
 path) with each checkpointed report; PBT hands a trial another trial's pointer, and the
 trial then starts a new Train run from that checkpoint with its own, perturbed, learning
 rate and temperature (``run_training(start_from=..., adopt_config=True)``).
+
+A trial's length is the one its run computed (``DataEvent.plan["total_steps"]``: rows
+left after quarantine, capped by train.max_steps), sent to Tune with every result as
+``TOTAL_STEPS``; whether a trial finished is judged against that (``trial_status``). The
+driver's count from the corpus's Parquet footers (``trial_steps_bound``) counts raw rows,
+so it can only bound a trial from above: it is ASHA's max_t and nothing else.
 """
 
 from __future__ import annotations
@@ -21,10 +27,23 @@ from clray.jobs import events
 from clray.jobs.config import JobConfig, validate
 from clray.jobs.tune.config import TRAIN_METRICS, TuneJob
 
+TOTAL_STEPS = "total_steps"
+"""The result key carrying the trial's own total steps, as its run computed them."""
 
-def trial_steps(job: TuneJob) -> int | None:
-    """Steps of one full trial, for ASHA's max_t and for telling stopped trials from
-    finished ones: from the corpus's Parquet footers (examples mode), capped by max_steps."""
+
+def trial_status(error: str | None, step: int, total_steps: int | None) -> str:
+    """ERROR, COMPLETE (the trial reached its own last step) or STOPPED (a scheduler ended
+    it before). ``total_steps`` is what the trial reported (``TOTAL_STEPS``); a trial that
+    reported none never got past its data, so it did not complete."""
+    if error:
+        return "ERROR"
+    return "COMPLETE" if total_steps is not None and step >= total_steps else "STOPPED"
+
+
+def trial_steps_bound(job: TuneJob) -> int | None:
+    """An upper bound on one trial's steps, for ASHA's max_t, counted before any trial
+    runs: raw rows from the corpus's Parquet footers (examples mode), capped by max_steps.
+    Quarantined rows are still in it, so a trial may end below it and be complete."""
     cfg = validate(job.trial_raw({}), job.source)
     total = None
     if cfg.data.batches == "examples":
@@ -67,7 +86,7 @@ def _read_pointer(checkpoint: Any) -> dict[str, Any] | None:
 
 class TrialReporter:
     """Turns a trial's run events into Tune results: every result carries the latest
-    training figures, the step and the run name; an
+    training figures, the step, the run name and the trial's own ``TOTAL_STEPS``; an
     evaluation at a checkpoint step waits for that checkpoint so its result can carry
     the pointer (what PBT copies and a retried trial resumes from)."""
 
@@ -94,7 +113,8 @@ class TrialReporter:
             # the restart would redo steps already trained.
             self.final.update(metrics, step=step)
             return
-        result = {**self.latest_train, **metrics, "step": step, "run_name": self.run_name, **({"done": True} if done else {})}
+        result = {**self.latest_train, **metrics, "step": step, TOTAL_STEPS: self.total_steps,
+                  "run_name": self.run_name, **({"done": True} if done else {})}
         if step in self.checkpointed:
             path = storage.join(self.run_uri, checkpoint_name(step))
             tune.report(result, checkpoint=_pointer(self.run_name, self.trial_id, path, step))
