@@ -49,7 +49,6 @@ class _LiveTable:
                 self._console: Any = None
                 self.last: dict[str, dict[str, Any]] = {}
                 self.finished = 0
-                self.crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
                 self.finished_at: float | None = None
 
             @property
@@ -85,7 +84,11 @@ class _LiveTable:
 
             def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
                 self.finished += 1
-                if self.crash_after and self.finished >= self.crash_after and self.finished_at is None:
+                # Read now, not when the callback was made: Tune restores this callback from
+                # its saved state on --resume, and the resumed driver must not inherit the
+                # killed one's fault injection.
+                crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+                if crash_after and self.finished >= crash_after and self.finished_at is None:
                     self.finished_at = time.monotonic()
                 self._table(trials)
 
