@@ -179,6 +179,69 @@ def test_shipped_search_config_parses() -> None:
     assert job.base.model.logit_scale.mode == "fixed" and job.base.train.eval_every > 0
 
 
+# --------------------------------------- a trial's length is its run's, not the raw rows'
+
+
+def _reported(job, run_total: int, steps: list[int], monkeypatch: pytest.MonkeyPatch, finish: bool) -> list[dict]:
+    """What a trial reports to Tune when its run emits these events (rank 0's order: the
+    data plan, then per evaluation step train, eval and checkpoint)."""
+    import ray.tune
+
+    from clray.jobs import events
+    from clray.jobs.tune import TrialReporter
+
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.tune, "report", lambda result, checkpoint=None: reported.append(result))
+    reporter = TrialReporter(job, "/runs/search/trials/t", "t", "t", job.base.train.checkpoint_every)
+    plan = {"steps_per_epoch": run_total // job.base.train.epochs, "total_steps": run_total}
+    reporter.on_event(events.DataEvent(plan=plan, quarantined=2, quarantine_path=None, reasons={}).record())
+    for step in steps:
+        reporter.on_event(events.TrainEvent(metrics={"loss": 1.0 / step}, step=step, epoch=0, samples_seen=step * 96,
+                                            temperature=0.1, lr=1e-3).record())
+        reporter.on_event(events.EvalEvent(step=step, epoch=0, metrics={"eval/zero_shot_accuracy": step / 100,
+                                                                        "eval_rows": 359}).record())
+        reporter.on_event(events.CheckpointEvent(step=step).record())
+    if finish:
+        reporter.finish()
+    return reported
+
+
+def test_a_trial_that_ran_its_own_steps_is_complete_though_raw_rows_promise_more(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corpus's footers count 1440 train rows, the run trains on the 1438 left after
+    quarantine: at 96 rows a batch that is 15 against 14 steps an epoch. A trial that ran
+    all 28 of its steps is COMPLETE (results, summary, live table), one ASHA ended at
+    step 8 is STOPPED; the raw-row count (30) only bounds ASHA's max_t."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from clray.jobs.tune import live_status, trial_steps_bound, write_outputs
+    from clray.pipelines import steps_per_epoch
+
+    toml = _search_toml(corpus, tmp_path, GOOD).replace("max_steps = 24\n", "").replace(
+        "global_batch_size = 64", "global_batch_size = 96")
+    job = load_tune_config(_write(tmp_path / "tune.toml", toml))
+    run_total = steps_per_epoch(1440 - 2, 96) * job.base.train.epochs  # the 2 bad rows are quarantined
+    assert (run_total, trial_steps_bound(job)) == (28, 30)
+
+    full = _reported(job, run_total, [8, 16, 24, 28], monkeypatch, finish=True)
+    stopped = _reported(job, run_total, [8], monkeypatch, finish=False)
+    assert full[-1]["step"] == 28 and full[-1]["done"] and full[-1]["run_name"] == "t"
+    grid = [SimpleNamespace(path=str(tmp_path / name), config={TEMPERATURE: temperature}, error=None,
+                            metrics=results[-1], metrics_dataframe=pd.DataFrame(results))
+            for name, temperature, results in (("full", 0.1, full), ("stopped", 1.0, stopped))]
+    summary = write_outputs(job, grid)
+    rows = {r["trial_id"]: r for r in pq.read_table(tmp_path / "runs" / "search" / "results.parquet").to_pylist()}
+    assert (rows["full"]["status"], rows["full"]["steps"]) == ("COMPLETE", 28)
+    assert (rows["stopped"]["status"], rows["stopped"]["steps"]) == ("STOPPED", 8)
+    assert summary.stopped_early == 1 and summary.best_trial == "full"
+    terminated = SimpleNamespace(status="TERMINATED")
+    assert live_status(terminated, full[-1]) == "COMPLETE" and live_status(terminated, stopped[-1]) == "STOPPED"
+
+
 # ----------------------------------------------------------- PBT's adopt step (no Ray)
 
 
