@@ -296,7 +296,7 @@ def _config(args: argparse.Namespace) -> int:
 
     raw = read_toml(args.config)
     if "search" in raw:
-        from clray.jobs.tune import load_tune_config
+        from clray.jobs.config.search import load_tune_config
 
         job = load_tune_config(args.config, args.overrides)
         print(dump_toml(job.base), end="")

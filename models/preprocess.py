@@ -67,7 +67,7 @@ def build_char_tokenizer() -> Any:
     )
 
 
-def _local_dir(path: str, what: str) -> Path:
+def local_dir(path: str, what: str) -> Path:
     local = Path(path).expanduser()
     if not local.is_dir():
         raise FileNotFoundError(
@@ -83,7 +83,7 @@ def _cached_tokenizer(source: str) -> Any:
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_local_dir(source, "tokenizer")), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(local_dir(source, "tokenizer")), local_files_only=True)
 
 
 def tokenizer_source(cfg: TextTowerConfig) -> str:

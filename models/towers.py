@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from clray.models.preprocess import _local_dir, build_tokenizer, tokenizer_source
+from clray.models.preprocess import local_dir, build_tokenizer, tokenizer_source
 
 IMAGE_CHANNELS = {"L": 1, "RGB": 3}
 
@@ -60,7 +60,7 @@ class TextTower(nn.Module):
         self.cfg = cfg
         tokenizer = build_tokenizer(cfg)
         if cfg.pretrained is not None:
-            path = str(_local_dir(cfg.pretrained, "text tower `pretrained`"))
+            path = str(local_dir(cfg.pretrained, "text tower `pretrained`"))
             self.model = _without_pooler(AutoModel.from_pretrained, path, local_files_only=True)
             fix = "point `tokenizer` at the directory of the tokenizer this model was trained with"
         else:
@@ -143,7 +143,7 @@ class VitTower(nn.Module):
         self.cfg = cfg
         num_channels = IMAGE_CHANNELS[cfg.image_mode]
         if cfg.pretrained is not None:
-            path = str(_local_dir(cfg.pretrained, "vit tower `pretrained`"))
+            path = str(local_dir(cfg.pretrained, "vit tower `pretrained`"))
             self.model = _without_pooler(ViTModel.from_pretrained, path, local_files_only=True)
             got = (self.model.config.image_size, self.model.config.num_channels)
             if got != (cfg.image_size, num_channels):

@@ -264,14 +264,12 @@ def validate_config(command: str, config: Path, overrides: list[str], same_machi
             except ValidationError as err:
                 raise ConfigError(str(config), format_pydantic(err)) from None
     elif command == "mine" and same_machine:
-        from clray.jobs.mine import load_mine_config
+        from clray.jobs.config.mine import load_mine_config
 
         load_mine_config(config, overrides)
     elif command == "tune" and same_machine:
-        try:
-            from clray.jobs.tune import load_tune_config  # type: ignore[import-not-found]
-        except ImportError:  # a clray without `clray tune`: the job itself will say so
-            return raw
+        from clray.jobs.config.search import load_tune_config
+
         load_tune_config(config, overrides)
     return raw
 

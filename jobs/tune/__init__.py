@@ -12,7 +12,7 @@ results, best.toml and plots), ``driver`` (``run_tune``: Ray, Tune's scheduler a
 algorithm, the live table). This package is the façade the CLI, tests and benchmarks use.
 """
 
-from clray.jobs.tune.config import TuneJob, check_tune_config, load_tune_config
+from clray.jobs.config.search import TuneJob, check_tune_config, load_tune_config
 from clray.jobs.tune.driver import CRASH_ENV, run_tune
 from clray.jobs.tune.report import TuneSummary, live_status, trial_rows, write_outputs
 from clray.jobs.tune.trial import (

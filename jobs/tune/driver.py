@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from clray.jobs.config import ConfigError, validate
-from clray.jobs.tune.config import PBT_MUTABLE, TuneJob
+from clray.jobs.config.search import PBT_MUTABLE, TuneJob
 from clray.jobs.tune.report import TuneSummary, print_final, print_trials, published, write_outputs
 from clray.jobs.tune.trial import run_trial, trial_steps_bound
 

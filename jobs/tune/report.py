@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from clray.jobs.config import validate
-from clray.jobs.tune.config import TuneJob
+from clray.jobs.config.search import TuneJob
 from clray.jobs.tune.trial import TOTAL_STEPS, trial_status
 
 

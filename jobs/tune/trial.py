@@ -25,7 +25,7 @@ from typing import Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig, validate
-from clray.jobs.tune.config import TRAIN_METRICS, TuneJob
+from clray.jobs.config.search import TRAIN_METRICS, TuneJob
 
 TOTAL_STEPS = "total_steps"
 """The result key carrying the trial's own total steps, as its run computed them."""

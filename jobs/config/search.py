@@ -1,4 +1,4 @@
-"""What a search is: the ``[search]`` table, the searched keys, and every check that can
+"""What a search (``clray tune``) is: the ``[search]`` table, the searched keys, and every check that can
 fail before Ray starts (each problem named by its key, with the fix).
 
 A search config is a training config plus a ``[search]`` table; ``search.base`` may name
