@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
-from clray.models.preprocess import local_dir, build_tokenizer, tokenizer_source
+from clray.models.preprocess import build_tokenizer, local_dir, tokenizer_source
 
 IMAGE_CHANNELS = {"L": 1, "RGB": 3}
 
