@@ -59,7 +59,7 @@ QUARANTINE_NAME = "quarantine.parquet"
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class PlanEpoch:
     """One epoch's batches: its files (absolute paths) and how many batches they hold."""
 
     epoch: int
@@ -77,7 +77,7 @@ class PackedPlan:
     batch_size: int
     num_negatives: int
     columns: PlanColumns
-    epochs: tuple[EpochPlan, ...]
+    epochs: tuple[PlanEpoch, ...]
     quarantine_path: str | None = None
     """The miner's quarantine file (rows it rejected), when it wrote one."""
     quarantined_rows: int = 0
@@ -181,12 +181,12 @@ def _quarantine_path(manifest: dict[str, Any], out: Path | str, storage: Storage
 
 def _epoch_plans(
     manifest: dict[str, Any], out: Path | str, problems: list[str], storage: StorageConfig | None = None
-) -> list[EpochPlan]:
+) -> list[PlanEpoch]:
     entries = manifest.get("epochs")
     if not isinstance(entries, list) or not entries:
         problems.append(f"{KEY}: the manifest of {out} lists no epoch plans; run `clray mine` again")
         return []
-    plans: list[EpochPlan] = []
+    plans: list[PlanEpoch] = []
     for index, entry in enumerate(entries):
         try:
             epoch = int(entry["epoch"])
@@ -207,11 +207,11 @@ def _epoch_plans(
                     f"{KEY}: {path} (epoch {epoch} of the plan) does not exist: the plan directory "
                     "is incomplete or was moved without its files; copy it whole or mine again"
                 )
-        plans.append(EpochPlan(epoch, num_batches, files, len(entry.get("remainder_ids") or [])))
+        plans.append(PlanEpoch(epoch, num_batches, files, len(entry.get("remainder_ids") or [])))
     return plans
 
 
-def _footer_problems(plan: EpochPlan, data_cfg: DataConfig, storage: StorageConfig | None = None) -> list[str]:
+def _footer_problems(plan: PlanEpoch, data_cfg: DataConfig, storage: StorageConfig | None = None) -> list[str]:
     """Columns, packed types, and the batch count each file's footer declares."""
     problems: list[str] = []
     wanted = {

@@ -6,8 +6,8 @@ Pure, seeded numpy-in/numpy-out functions; the Ray job (``clray mine``) calls th
 
 from clray.pipelines.mining.core import (
     DEFAULT_EXACT_THRESHOLD,
+    BatchPlan,
     NegativeSample,
-    Plan,
     batch_stats,
     build_index,
     candidate_mask,
@@ -23,8 +23,8 @@ from clray.pipelines.mining.core import (
 
 __all__ = [
     "DEFAULT_EXACT_THRESHOLD",
+    "BatchPlan",
     "NegativeSample",
-    "Plan",
     "batch_stats",
     "build_index",
     "candidate_mask",

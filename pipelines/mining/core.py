@@ -405,7 +405,7 @@ def communities(
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """A batch plan: ``batches`` of exactly ``batch_size`` row ids each, and the
     ``remainder`` rows (fewer than ``batch_size``; n mod batch_size of them) that did not
     fill a batch. Together they hold every row exactly once."""
@@ -456,7 +456,7 @@ def _chain_pieces(pieces: list[np.ndarray], piece_comm: list[int], labels: np.nd
 
 
 def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0, *, edges: np.ndarray | None = None,
-                 weights: np.ndarray | None = None) -> Plan:
+                 weights: np.ndarray | None = None) -> BatchPlan:
     """Pack communities (``labels [n]``, e.g. from ``communities``) into batches of exactly
     ``batch_size`` so that members of a community share batches as much as possible.
 
@@ -510,20 +510,20 @@ def plan_batches(labels: np.ndarray, batch_size: int, seed: int = 0, *, edges: n
         batches.append(stream[b * batch_size : (b + 1) * batch_size])
     remainder = stream[nfull * batch_size :]
     batches = [batches[i].astype(np.int64) for i in rng.permutation(len(batches))]
-    return Plan(batches=batches, remainder=remainder.astype(np.int64), batch_size=batch_size,
-                info={"whole_community_batches": whole, "packed_batches": nfull,
-                      "communities": len(comm_ids), "remainder": int(len(remainder))})
+    return BatchPlan(batches=batches, remainder=remainder.astype(np.int64), batch_size=batch_size,
+                     info={"whole_community_batches": whole, "packed_batches": nfull,
+                           "communities": len(comm_ids), "remainder": int(len(remainder))})
 
 
-def random_plan(n: int, batch_size: int, seed: int = 0) -> Plan:
+def random_plan(n: int, batch_size: int, seed: int = 0) -> BatchPlan:
     """Batches of a seeded random permutation (the baseline); the last n mod batch_size
     rows are the remainder."""
     n = _check_int(n, "n", 1)
     batch_size = _check_int(batch_size, "batch_size", 1)
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     nfull = n // batch_size
-    return Plan(batches=[perm[b * batch_size : (b + 1) * batch_size] for b in range(nfull)],
-                remainder=perm[nfull * batch_size :], batch_size=batch_size, info={"random": True})
+    return BatchPlan(batches=[perm[b * batch_size : (b + 1) * batch_size] for b in range(nfull)],
+                     remainder=perm[nfull * batch_size :], batch_size=batch_size, info={"random": True})
 
 
 # ----------------------------------------------------------------------------- negatives
@@ -588,7 +588,7 @@ def sample_negatives(
 def batch_stats(embeddings: np.ndarray, batches, labels: np.ndarray | None = None,
                 positives: np.ndarray | None = None) -> dict:
     """Mean teacher similarity of in-batch negatives (all ordered pairs within a batch,
-    self excluded) over a plan (a ``Plan`` or a list of row-id arrays); with ``labels``,
+    self excluded) over a plan (a ``BatchPlan`` or a list of row-id arrays); with ``labels``,
     also the estimated false-negative rate: the fraction of those pairs sharing a label.
 
     With ``positives`` (the other view, row-aligned), a pair (i, j) scores anchor i
@@ -597,7 +597,7 @@ def batch_stats(embeddings: np.ndarray, batches, labels: np.ndarray | None = Non
     pos = emb if positives is None else _check_embeddings(positives, "positives")
     if pos.shape != emb.shape:
         raise ValueError(f"positives must have the shape of embeddings {emb.shape}, got {pos.shape}")
-    if isinstance(batches, Plan):
+    if isinstance(batches, BatchPlan):
         batches = batches.batches
     total_sim, pairs, same = 0.0, 0, 0
     if labels is not None:

@@ -24,8 +24,8 @@ from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
 from clray.pipelines.mining.config import MiningConfig, TeacherConfig
 from clray.pipelines.mining.core import (
+    BatchPlan,
     NegativeSample,
-    Plan,
     batch_stats,
     build_index,
     candidate_mask,
@@ -282,10 +282,14 @@ def _sampled_recall(emb: Embeddings, neighbours: np.ndarray, k: int, seed: int, 
 
 
 @dataclass
-class EpochPlan:
+class MinedEpoch:
+    """One epoch's mining result before it is written: its batch plan (rows of the
+    embeddings' numbering), the seed it was drawn with, its mined negatives and how many
+    of them were topped up (``_top_up``), so the manifest can report each epoch."""
+
     epoch: int
     seed: int
-    plan: Plan
+    plan: BatchPlan
     negatives: NegativeSample | None
     topped_up: int
     least_similar: int
@@ -337,7 +341,7 @@ def _rate(values: np.ndarray) -> float:
     return round(float(values.mean()), 6) if values.size else float("nan")
 
 
-def _in_batch_false_negatives(emb: Embeddings, plan: Plan, pos_sims: np.ndarray) -> dict[str, float]:
+def _in_batch_false_negatives(emb: Embeddings, plan: BatchPlan, pos_sims: np.ndarray) -> dict[str, float]:
     """Share of in-batch negative pairs (anchor i, positive j) that are likely false
     negatives: the teacher scores them at least as high as i's own positive, and (with
     labels) they share i's label."""
@@ -356,7 +360,7 @@ def _in_batch_false_negatives(emb: Embeddings, plan: Plan, pos_sims: np.ndarray)
     return out
 
 
-def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningConfig, k: int) -> tuple[list[EpochPlan], dict]:
+def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningConfig, k: int) -> tuple[list[MinedEpoch], dict]:
     """Graph, communities, one batch plan (and negatives) per epoch, and the statistics
     that say how much harder the mined batches are than random ones."""
     n = len(emb.ids)
@@ -373,8 +377,8 @@ def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningCon
         negatives, (topped, least) = None, (0, 0)
         if cfg.num_negatives:
             negatives, (topped, least) = _negatives(emb, nb, sims, mask, pos_sims, cfg, seed)
-        plans.append(EpochPlan(epoch=epoch, seed=seed, plan=plan, negatives=negatives, topped_up=topped,
-                               least_similar=least))
+        plans.append(MinedEpoch(epoch=epoch, seed=seed, plan=plan, negatives=negatives, topped_up=topped,
+                                least_similar=least))
 
     first = plans[0].plan
     baseline = random_plan(n, cfg.batch_size, seed=cfg.seed)
@@ -473,7 +477,7 @@ def _packed_table(corpus: pa.Table, batches: list[np.ndarray], epoch: int, first
     return pa.table(out)
 
 
-def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: EpochPlan, columns: PlanColumns, ids: list[str],
+def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: MinedEpoch, columns: PlanColumns, ids: list[str],
                 batches_per_file: int) -> list[str]:
     """Write one epoch's packed batches to ``plans/epoch-NNNNN/`` (whole directory or
     nothing: written under a temporary name, then renamed); returns the relative paths."""
