@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
 from clray.pipelines.mining.config import MiningConfig, TeacherConfig
 from clray.pipelines.mining.core import (
@@ -44,7 +43,7 @@ from clray.pipelines.plan_format import (
     epoch_dir,
     write_json_atomic,
 )
-from clray.pipelines.storage import StorageConfig
+from clray.pipelines.spec import SplitSpec
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -56,7 +55,9 @@ def crash_point(name: str) -> None:
         os._exit(3)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    """A stage's parameter file, or None when it is missing or unreadable: either way the
+    stage's result is not known to match and is made again."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -84,27 +85,26 @@ class Embeddings:
 
 
 def embed_corpus(
-    files: list[str],
-    data_cfg: DataConfig,
+    split: SplitSpec,
     teacher_cfg: TeacherConfig,
     work: Path,
     fingerprint: str,
     use_gpu: bool,
-    storage: StorageConfig | None = None,
 ) -> bool:
-    """Embed every valid row with the teacher (Ray Data, an actor pool) into
-    ``work/embeddings/``; returns False when embeddings for ``fingerprint`` already exist.
+    """Embed every valid row of the corpus ``split`` (checked by ``check_mine``) with the
+    teacher (Ray Data, an actor pool) into ``work/embeddings/``; returns False when
+    embeddings for ``fingerprint`` already exist.
 
     Batches keep the corpus order (``preserve_order``), so each teacher forward sees the
     same rows on every run and a redone stage gives bit-identical embeddings."""
     import ray.data  # [ray]
 
-    from clray.pipelines.dataset import read_shards
     from clray.pipelines.mining.teacher import TeacherEmbedder
+    from clray.pipelines.reading import read_shards
 
     marker = work / "embeddings.json"
     final = work / "embeddings"
-    if (_read_json(marker) or {}).get("fingerprint") == fingerprint and final.is_dir():
+    if (read_json_or_none(marker) or {}).get("fingerprint") == fingerprint and final.is_dir():
         return False
     marker.unlink(missing_ok=True)
     tmp = work / "embeddings.tmp"
@@ -113,10 +113,10 @@ def embed_corpus(
     previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5, storage=storage)
+        ds = read_shards(split, include_paths=True, num_cpus=0.5)
         embedded = ds.map_batches(  # [ray]
             TeacherEmbedder,
-            fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": data_cfg, "use_gpu": use_gpu},
+            fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": split.data, "use_gpu": use_gpu},
             batch_format="pyarrow",
             batch_size=teacher_cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=teacher_cfg.num_actors),  # [ray]
@@ -139,7 +139,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     front of the file names, which Ray reports inside their filesystem ("bucket/key")."""
     from collections import Counter
 
-    from clray.pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
+    from clray.pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, write_atomic
 
     table = pq.read_table(work / "embeddings")
     bad = table.filter(table.column("reason").is_valid())
@@ -150,7 +150,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     bad = bad.sort_by([("file", "ascending"), ("id", "ascending")])
     table = table.filter(table.column("reason").is_null())
     if bad.num_rows:
-        _write_atomic(bad, quarantine_path)
+        write_atomic(bad, quarantine_path)
     else:
         quarantine_path.unlink(missing_ok=True)
     report = ValidationReport(
@@ -209,7 +209,7 @@ def search(emb: Embeddings, cfg: MiningConfig, work: Path, fingerprint: str, k: 
     n = len(emb.ids)
     knn_dir = work / "knn"
     params = knn_dir / "params.json"
-    if (_read_json(params) or {}).get("fingerprint") != fingerprint:
+    if (read_json_or_none(params) or {}).get("fingerprint") != fingerprint:
         shutil.rmtree(knn_dir, ignore_errors=True)
         knn_dir.mkdir(parents=True)
         write_json_atomic(params, {"fingerprint": fingerprint})
@@ -432,16 +432,14 @@ def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningCon
 # ----------------------------------------------------------------------------- write
 
 
-def _corpus_table(
-    files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str], storage: StorageConfig | None = None
-) -> pa.Table:
-    """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
-    from clray.pipelines.storage import filesystem
-
+def corpus_table(split: SplitSpec, columns: PlanColumns, ids: list[str]) -> pa.Table:
+    """The raw columns of the mined rows of the corpus ``split``, in ``ids`` order (the
+    embeddings' row order): what the packed batches are cut from."""
+    data_cfg = split.data
     names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
     if columns.label:
         names.append(columns.label)
-    parts = [pq.read_table(p, columns=names, filesystem=fs) for fs, p in (filesystem(f, storage) for f in files)]
+    parts = [pq.read_table(p, columns=names, filesystem=split.filesystem) for p in split.paths]
     table = pa.concat_tables(parts, promote_options="permissive")
     table = table.set_column(0, data_cfg.id_column, table.column(data_cfg.id_column).cast(pa.string()))
     position = {v: i for i, v in enumerate(table.column(data_cfg.id_column).to_pylist())}
