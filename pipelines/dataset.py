@@ -120,9 +120,6 @@ def preprocess_rows(
     return arrays
 
 
-_preprocess = preprocess_rows  # the earlier private name
-
-
 def _model_inputs(
     table: pa.Table,
     data_cfg: DataConfig,

@@ -440,7 +440,7 @@ def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus:
 
 def test_image_hard_negatives_preprocess_to_k_images_per_row(corpus: Path) -> None:
     """Text anchors with image positives: hard negatives are images, decoded like positives."""
-    from clray.pipelines.dataset import _preprocess
+    from clray.pipelines.dataset import preprocess_rows as _preprocess
 
     pngs = read_dir(corpus / "eval").column("image").to_pylist()[:6]
     cfg = data_config(

@@ -319,7 +319,7 @@ def _embed_and_search(job: _Job, event: Callable[..., None], seconds: dict[str, 
 def _run_stages(job: _Job, event: Callable[..., None]) -> tuple[dict[str, Any], dict[str, bool], dict[str, float]]:
     """Embed, search, plan and write; returns the manifest (written), what was resumed and
     each stage's seconds."""
-    from clray.pipelines.mining import stages
+    from clray.pipelines.mining.plans import make_plans
     from clray.pipelines.mining.teacher import teacher_kind
     from clray.pipelines.plan_format import (
         MANIFEST_FORMAT,
@@ -336,7 +336,7 @@ def _run_stages(job: _Job, event: Callable[..., None]) -> tuple[dict[str, Any], 
     k = search_info.pop("k")
 
     t0 = time.perf_counter()
-    plans, statistics = stages.make_plans(emb, neighbours, sims, cfg.mining, k)
+    plans, statistics = make_plans(emb, neighbours, sims, cfg.mining, k)
     statistics["search"] = {key: v for key, v in search_info.items() if key != "chunks_searched"}
     seconds["plan"] = time.perf_counter() - t0
     event("planned", statistics=statistics)
