@@ -14,8 +14,15 @@ from clray.pipelines.dataset import (
 from clray.pipelines.errors import DataError
 from clray.pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
 from clray.pipelines.reading import quiet_ray_data, read_shards
-from clray.pipelines.sources import check_schema, resolve_shards
-from clray.pipelines.spec import DataSpec, SplitSpec, data_task_cpus, resolve_spec, split_spec
+from clray.pipelines.sources import resolve_shards
+from clray.pipelines.spec import (
+    DataSpec,
+    SplitSpec,
+    check_schema,
+    data_task_cpus,
+    resolve_spec,
+    split_spec,
+)
 from clray.pipelines.validate import ValidationReport, quarantine_pass, row_problems
 
 __all__ = [

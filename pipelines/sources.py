@@ -1,8 +1,10 @@
-"""Finding the shards a config names and checking their schema before Ray runs.
+"""Finding the shards a config names, and the table of the columns a run reads from them.
 
-Both checks run on the driver and read only file listings and Parquet footers, so a
-mistyped path or a renamed column fails in a second with a message naming the config
-key, instead of minutes later inside a Ray task with a stack trace.
+Both serve the checks that run on the driver before Ray (``pipelines.spec``: resolve each
+split, then check every shard's footer against the table) and read only file listings
+and Parquet footers, so a mistyped path or a renamed column fails in a second with a
+message naming the config key, instead of minutes later inside a Ray task with a stack
+trace.
 """
 
 from __future__ import annotations
@@ -12,19 +14,14 @@ import glob
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
 from clray.pipelines import storage as storage_mod
 from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
 from clray.pipelines.storage import StorageConfig
-
-if TYPE_CHECKING:
-    from clray.pipelines.spec import SplitSpec
 
 _GLOB_CHARS = set("*?[")
 
@@ -241,33 +238,3 @@ def missing_column_problem(file: str, column: str, key: str, have: list[str]) ->
         f"{file}: no column {column!r} (named by {key}); the file has columns "
         f"{', '.join(repr(c) for c in have) or '(none)'}{hint}"
     )
-
-
-def check_schema(split: SplitSpec) -> None:
-    """Check every shard's footer of one split for the columns and types it reads.
-
-    Reading footers is cheap even for thousands of shards, and finding every problem
-    up front (not one per attempt) is what makes a broken corpus quick to fix. The split
-    (``pipelines.spec.split_spec``) carries its column table and filesystem, so this
-    check and the reads that follow cannot disagree about either.
-    """
-    problems: list[str] = []
-    for file, path in zip(split.files, split.paths, strict=True):
-        try:
-            schema = pq.read_schema(path, filesystem=split.filesystem)
-        except (OSError, pa.ArrowException) as exc:
-            if storage_mod.is_s3(file):
-                problems.append(f"{split.key}: cannot read {file} as Parquet ({storage_mod.explain(exc)})")
-            else:
-                problems.append(f"{split.key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
-            continue
-        have = list(schema.names)
-        for column, (column_key, type_ok, fix) in split.columns.items():
-            if column not in have:
-                problems.append(missing_column_problem(file, column, column_key, have))
-                continue
-            dtype = schema.field(column).type
-            if not type_ok(dtype):
-                problems.append(f"{file}: column {column!r} ({column_key}) has type {dtype}: {fix}")
-    if problems:
-        raise DataError(problems)

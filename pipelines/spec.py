@@ -15,11 +15,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
 from clray.pipelines.packed import PackedPlan, load_plan
-from clray.pipelines.sources import ColumnRule, check_schema, required_columns, resolve_shards
-from clray.pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
+from clray.pipelines.sources import (
+    ColumnRule,
+    missing_column_problem,
+    required_columns,
+    resolve_shards,
+)
+from clray.pipelines.storage import SCHEME, StorageConfig, explain, filesystem_for, is_s3
 from clray.pipelines.validate import Tower, image_tower
 
 if TYPE_CHECKING:
@@ -112,6 +120,36 @@ def split_spec(
         filesystem=fs,
         paths=tuple(paths),
     )
+
+
+def check_schema(split: SplitSpec) -> None:
+    """Check every shard's footer of one split for the columns and types it reads.
+
+    Reading footers is cheap even for thousands of shards, and finding every problem
+    up front (not one per attempt) is what makes a broken corpus quick to fix. The split
+    (``split_spec``) carries its column table and filesystem, so this check and the reads
+    that follow cannot disagree about either.
+    """
+    problems: list[str] = []
+    for file, path in zip(split.files, split.paths, strict=True):
+        try:
+            schema = pq.read_schema(path, filesystem=split.filesystem)
+        except (OSError, pa.ArrowException) as exc:
+            if is_s3(file):
+                problems.append(f"{split.key}: cannot read {file} as Parquet ({explain(exc)})")
+            else:
+                problems.append(f"{split.key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
+            continue
+        have = list(schema.names)
+        for column, (column_key, type_ok, fix) in split.columns.items():
+            if column not in have:
+                problems.append(missing_column_problem(file, column, column_key, have))
+                continue
+            dtype = schema.field(column).type
+            if not type_ok(dtype):
+                problems.append(f"{file}: column {column!r} ({column_key}) has type {dtype}: {fix}")
+    if problems:
+        raise DataError(problems)
 
 
 def resolve_split(data_cfg: DataConfig, split: Split, storage: StorageConfig | None = None) -> SplitSpec | None:

@@ -20,8 +20,8 @@ from clray.jobs.cli import QUICKSTART_CONFIG
 from clray.jobs.config import ConfigError, load_config
 from clray.pipelines import storage
 from clray.pipelines.errors import DataError
-from clray.pipelines.sources import check_schema, resolve_shards
-from clray.pipelines.spec import split_spec
+from clray.pipelines.sources import resolve_shards
+from clray.pipelines.spec import check_schema, split_spec
 from clray.pipelines.storage import StorageConfig
 
 BUCKET = "clray-test"

@@ -2,15 +2,17 @@
 filtered graph, its communities, one batch plan (and mined negatives) per epoch, and the
 statistics that say how much harder the mined batches are than random ones.
 
-Pure numpy on the search's result (``pipelines.mining.stages``), seeded from
-``mining.seed``: the same embeddings and neighbours always give the same plans, which is
-what lets a resumed job write the plans an uninterrupted one would have.
+Pure numpy on the embed and search stages' results (``pipelines.mining.stages``; the
+embeddings' row numbering, ``Embeddings``, is defined here because every plan is written
+in it), seeded from ``mining.seed``: the same embeddings and neighbours always give the
+same plans, which is what lets a resumed job write the plans an uninterrupted one would
+have.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +32,16 @@ from clray.pipelines.mining.core import (
     similarity_graph,
 )
 
-if TYPE_CHECKING:
-    from clray.pipelines.mining.stages import Embeddings
+
+@dataclass
+class Embeddings:
+    """Teacher embeddings of the valid rows, in id order (the row numbering of every
+    later stage): ``ids [n]``, ``anchors``/``positives [n, d]`` unit norm, ``labels``."""
+
+    ids: list[str]
+    anchors: np.ndarray
+    positives: np.ndarray
+    labels: np.ndarray | None
 
 
 @dataclass

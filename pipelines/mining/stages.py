@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from clray.pipelines.errors import DataError
 from clray.pipelines.mining.config import MiningConfig, TeacherConfig
 from clray.pipelines.mining.core import NegativeSample, build_index, knn_range
+from clray.pipelines.mining.plans import Embeddings, MinedEpoch
 from clray.pipelines.plan_format import (
     BATCH_COLUMN,
     EPOCH_COLUMN,
@@ -32,9 +32,6 @@ from clray.pipelines.plan_format import (
     write_json_atomic,
 )
 from clray.pipelines.spec import SplitSpec
-
-if TYPE_CHECKING:
-    from clray.pipelines.mining.plans import MinedEpoch
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -62,17 +59,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- embed
-
-
-@dataclass
-class Embeddings:
-    """Teacher embeddings of the valid rows, in id order (the row numbering of every
-    later stage): ``ids [n]``, ``anchors``/``positives [n, d]`` unit norm, ``labels``."""
-
-    ids: list[str]
-    anchors: np.ndarray
-    positives: np.ndarray
-    labels: np.ndarray | None
 
 
 def embed_corpus(
