@@ -1,18 +1,17 @@
-"""The one place that turns a data config into Ray Datasets of model inputs.
+"""The one place that turns a run's ``DataSpec`` into Ray Datasets of model inputs.
 
-Everything a run needs to know about its data is settled here on the driver, before
-any worker starts: which files, whether their schema fits the config, which rows are
-bad (quarantined, counted, written down), and how many good rows there are — the row
-count fixes ``steps_per_epoch``, which every rank must agree on or the collectives hang.
+Everything a run needs to know about its data is settled on the driver, before any
+worker starts: which files and whether their schema fits the config (``pipelines.spec``,
+before Ray starts), then here which rows are bad (quarantined, counted, written down)
+and how many good rows there are — the row count fixes ``steps_per_epoch``, which every
+rank must agree on or the collectives hang.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,18 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
 from clray.models.preprocess import NEGATIVE_PREFIX, ImageDecodeError, preprocess_view
-from clray.pipelines._compat import avoid_fsspec_http_import_race
 from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
-from clray.pipelines.sources import check_schema, required_columns, resolve_shards
-from clray.pipelines.storage import SCHEME, StorageConfig, filesystem_for, is_s3
+from clray.pipelines.reading import quiet_ray_data, read_shards
+from clray.pipelines.spec import DataSpec, SplitSpec
 from clray.pipelines.validate import (
-    PATH_COLUMN,
+    Tower,
     ValidationReport,
     image_decodes,
-    image_tower,
     quarantine_pass,
     row_problems,
 )
@@ -39,47 +35,7 @@ from clray.pipelines.validate import (
 if TYPE_CHECKING:
     import ray.data
 
-Tower = TextTowerConfig | ConvTowerConfig | VitTowerConfig
-
 VIEWS = ("anchor", "positive")
-
-MAX_DATA_TASK_CPUS = 0.5
-"""Largest logical-CPU request of one data task (read + validate + preprocess)."""
-
-
-def quiet_ray_data() -> None:
-    """Turn off Ray Data's progress bars, which garble logs and test output.
-
-    A training run reports its own progress per step; per-operator bars from a driver,
-    a split coordinator and several workers only interleave into noise. Also applies
-    the fsspec import work-around on this process (see ``pipelines._compat``).
-    """
-    import ray.data
-
-    avoid_fsspec_http_import_race()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    # Ray Data logs every execution plan at INFO on the driver; the full logs stay in
-    # the Ray session's log directory.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # ...and warns that bars are off, which is what we asked for.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
-def data_task_cpus(data_cfg: DataConfig) -> float:
-    """Logical CPUs each Ray Data task asks for: at most half a CPU.
-
-    The job starts Ray with ``data.num_cpus`` logical CPUs beyond the training
-    workers', and Ray Train keeps Ray Data within that spare budget. Asking for half a
-    CPU lets two data tasks run per spare CPU (one decoding while the other's output is
-    being shipped), and a budget below one CPU (e.g. ``num_cpus = 0.5``) still fits a
-    task; asking for a whole CPU would leave a fractional budget unable to run any.
-    Read, validate and preprocess use the same request so Ray can fuse them into one
-    task (it only fuses operators whose requests match; it still keeps them apart when
-    it splits a file's blocks to raise parallelism, as with a few small files).
-    """
-    return min(MAX_DATA_TASK_CPUS, data_cfg.num_cpus)
 
 
 def local_shuffle_buffer_size(data_cfg: DataConfig) -> int | None:
@@ -109,77 +65,6 @@ def steps_per_epoch(num_rows: int, global_batch_size: int) -> int:
             "or add training data (data.train)"
         )
     return steps
-
-
-@contextlib.contextmanager
-def _legacy_parquet_reader() -> Iterator[None]:
-    # Ray Data 2.60's default (V2) Parquet reader starts up to 32 footer-reading actors
-    # on every execution, i.e. every epoch: seconds of start-up per epoch on a laptop,
-    # and its threaded listing hits the fsspec import race in worker processes. For
-    # local shards the V1 reader is both faster and sufficient. read_parquet consults
-    # the flag only while building the plan, so it is restored right after.
-    # Revisit when s3:// sources land (V2's parallel footer reads pay off there).
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
-def read_shards(
-    files: list[str],
-    data_cfg: DataConfig,
-    *,
-    include_paths: bool = False,
-    shuffle_files_seed: int | None = None,
-    num_cpus: float | None = None,
-    storage: StorageConfig | None = None,
-) -> ray.data.Dataset:
-    """Read only the columns the config names, from an already-resolved file list.
-
-    ``include_paths`` adds the source file as a ``path`` column for the quarantine
-    report; it is skipped when a data column is itself called ``path`` (Ray would
-    silently overwrite it). ``shuffle_files_seed`` shuffles file order with a
-    different, reproducible order on every execution (epoch). ``s3://`` files are read
-    through the S3 filesystem of ``storage`` (pickled to the read tasks without keys;
-    each task's process finds credentials in its own AWS environment).
-    """
-    import ray.data
-
-    avoid_fsspec_http_import_race()
-    columns = list(required_columns(data_cfg))
-    shuffle = None
-    if shuffle_files_seed is not None:
-        shuffle = ray.data.FileShuffleConfig(seed=shuffle_files_seed, reseed_after_execution=True)
-    fs, paths = filesystem_for(files, storage)
-    with _legacy_parquet_reader():
-        return ray.data.read_parquet(
-            paths,
-            filesystem=fs,
-            columns=columns,
-            include_paths=include_paths and PATH_COLUMN not in columns,
-            shuffle=shuffle,
-            num_cpus=num_cpus if num_cpus is not None else data_task_cpus(data_cfg),
-            file_extensions=None,
-        )
-
-
-def _towers(data_cfg: DataConfig, anchor_tower: Tower, positive_tower: Tower) -> dict[str, Tower]:
-    towers = {"anchor": anchor_tower, "positive": positive_tower}
-    for view_name, tower in towers.items():
-        view = getattr(data_cfg, view_name)
-        if view.kind == "image":
-            image_tower(tower, f"data.{view_name}")
-        elif tower.type != "text":
-            raise DataError(
-                f"data.{view_name} is a text view but its tower is an image tower "
-                f"(type = \"{tower.type}\"): use a text tower or an image column"
-            )
-    return towers
 
 
 def id_keys(values: list[Any]) -> np.ndarray:
@@ -235,9 +120,6 @@ def preprocess_rows(
     return arrays
 
 
-_preprocess = preprocess_rows  # the earlier private name
-
-
 def _model_inputs(
     table: pa.Table,
     data_cfg: DataConfig,
@@ -278,15 +160,10 @@ def _model_inputs(
 
 
 def model_inputs(
-    ds: ray.data.Dataset,
-    data_cfg: DataConfig,
-    anchor_tower: Tower,
-    positive_tower: Tower,
-    *,
-    include_ids: bool = False,
-    num_cpus: float | None = None,
+    ds: ray.data.Dataset, spec: DataSpec, split: SplitSpec, *, include_ids: bool = False
 ) -> ray.data.Dataset:
-    """Validate, drop bad rows and preprocess both views into model input arrays.
+    """Validate, drop bad rows and preprocess both views of ``split`` (one of ``spec``'s)
+    into model input arrays, with the run's checked towers and data-task CPUs.
 
     Output columns follow ``models.preprocess`` (``anchor_*``, ``positive_*``) plus
     ``label`` (int64, when ``data.label_column`` is set) and, with ``include_ids``,
@@ -294,18 +171,17 @@ def model_inputs(
     strings into tensors; with them on, pass ``collate_fn=pipelines.collate.TorchCollate()``
     to ``iter_torch_batches``.
     """
-    _towers(data_cfg, anchor_tower, positive_tower)
     return ds.map_batches(
         _model_inputs,
         batch_format="pyarrow",
-        batch_size=data_cfg.preprocess_batch_size,
+        batch_size=split.data.preprocess_batch_size,
         fn_kwargs={
-            "data_cfg": data_cfg,
-            "anchor_tower": anchor_tower,
-            "positive_tower": positive_tower,
+            "data_cfg": split.data,
+            "anchor_tower": spec.towers["anchor"],
+            "positive_tower": spec.towers["positive"],
             "include_ids": include_ids,
         },
-        num_cpus=num_cpus if num_cpus is not None else data_task_cpus(data_cfg),
+        num_cpus=spec.task_cpus,
     )
 
 
@@ -333,25 +209,6 @@ class PreparedData:
     eval_files: list[str] = field(default_factory=list)
 
 
-def _resolve_and_check(data_cfg: DataConfig, storage: StorageConfig | None = None) -> tuple[list[str], list[str]]:
-    # Both splits are resolved and checked before raising, so one error lists them all.
-    problems: list[str] = []
-    resolved: dict[str, list[str]] = {"train": [], "eval": []}
-    for split in ("train", "eval"):
-        specs = getattr(data_cfg, split)
-        if not specs:
-            continue
-        key = f"data.{split}"
-        try:
-            resolved[split] = resolve_shards(specs, key, storage)
-            check_schema(resolved[split], data_cfg if split == "train" else data_cfg.without_negatives(), key, storage)
-        except DataError as err:
-            problems.extend(err.problems)
-    if problems:
-        raise DataError(problems)
-    return resolved["train"], resolved["eval"]
-
-
 def _view_bytes(tower: Tower) -> int:
     if tower.type == "text":
         return 2 * 8 * tower.max_length  # input_ids + attention_mask, int64
@@ -359,7 +216,7 @@ def _view_bytes(tower: Tower) -> int:
     return 4 * channels * tower.image_size**2  # float32 pixels
 
 
-def preprocessed_row_bytes(towers: dict[str, Tower], data_cfg: DataConfig) -> int:
+def preprocessed_row_bytes(towers: Mapping[str, Tower], data_cfg: DataConfig) -> int:
     """Bytes one training row occupies after preprocessing: exact, since token ids,
     masks and pixel tensors all have shapes fixed by the config."""
     total = 8  # id_key
@@ -380,40 +237,25 @@ def should_cache(data_cfg: DataConfig, preprocessed_bytes: int) -> bool:
 
 
 def build_eval_dataset(
-    data_cfg: DataConfig,
-    anchor_tower_cfg: Tower,
-    positive_tower_cfg: Tower,
-    eval_files: list[str],
-    *,
-    quarantine_path: str | os.PathLike[str],
-    include_ids: bool = False,
-    storage: StorageConfig | None = None,
+    spec: DataSpec, *, quarantine_path: str | os.PathLike[str], include_ids: bool = False
 ) -> tuple[ray.data.Dataset | None, ValidationReport | None]:
     """The held-out split's model inputs in file order and its quarantine report
     (written to ``sibling_quarantine_path(quarantine_path, "eval")``); (None, None)
-    without eval files. Evaluation scores pairs, so it reads no hard negatives."""
-    if not eval_files:
+    without ``spec.eval``. Evaluation scores pairs, so it reads no hard negatives."""
+    split = spec.eval
+    if split is None:
         return None, None
-    eval_cfg = data_cfg.without_negatives()
-    task_cpus = data_task_cpus(data_cfg)
     eval_report = quarantine_pass(
-        read_shards(eval_files, eval_cfg, include_paths=True, storage=storage),
-        eval_cfg,
-        anchor_tower_cfg,
-        positive_tower_cfg,
+        read_shards(split, include_paths=True, num_cpus=spec.task_cpus),
+        split.data,
+        spec.towers["anchor"],
+        spec.towers["positive"],
         quarantine_path=sibling_quarantine_path(quarantine_path, "eval"),
-        num_cpus=task_cpus,
-        file_scheme=SCHEME if is_s3(eval_files[0]) else "",
+        num_cpus=spec.task_cpus,
+        file_scheme=split.file_scheme,
     )
-    eval_ds = model_inputs(
-        read_shards(eval_files, eval_cfg, storage=storage),
-        eval_cfg,
-        anchor_tower_cfg,
-        positive_tower_cfg,
-        include_ids=include_ids,
-    )
-    towers = {"anchor": anchor_tower_cfg, "positive": positive_tower_cfg}
-    if should_cache(eval_cfg, eval_report.valid_rows * preprocessed_row_bytes(towers, eval_cfg)):
+    eval_ds = model_inputs(read_shards(split, num_cpus=spec.task_cpus), spec, split, include_ids=include_ids)
+    if should_cache(split.data, eval_report.valid_rows * preprocessed_row_bytes(spec.towers, split.data)):
         # Every rank reads the whole split at every evaluation: preprocessed once and held
         # in the object store, an evaluation costs its forwards only, not a new read,
         # decode and tokenize in freshly started Ray Data tasks (seconds each time).
@@ -422,27 +264,20 @@ def build_eval_dataset(
 
 
 def build_datasets(
-    data_cfg: DataConfig,
-    anchor_tower_cfg: Tower,
-    positive_tower_cfg: Tower,
+    spec: DataSpec,
     *,
     quarantine_path: str | os.PathLike[str],
     seed: int,
-    train_files: list[str] | None = None,
-    eval_files: list[str] | None = None,
     include_ids: bool = False,
-    storage: StorageConfig | None = None,
 ) -> PreparedData:
-    """Resolve, check, validate and wire up the train and eval datasets.
+    """Validate and wire up the train and eval datasets of an examples-mode ``spec``.
 
     The quarantine pass reads the corpus once up front; it is what makes the row count
     (and so the step count) exact, and what guarantees no bad row disappears unrecorded.
     Eval rows are quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``.
-    ``train_files``/``eval_files``: lists the caller already resolved and schema-checked
-    (``resolve_shards`` + ``check_schema``); when None, that is done here. ``include_ids``
-    adds the string ``id`` column (see ``model_inputs``). ``storage``: how to reach
-    ``s3://`` shards. ``quarantine_path`` is a local file (a run on S3 stages it locally
-    and uploads it with the run directory).
+    ``include_ids`` adds the string ``id`` column (see ``model_inputs``).
+    ``quarantine_path`` is a local file (a run on S3 stages it locally and uploads it
+    with the run directory).
 
     Shuffling (``data.shuffle``), seeded from ``seed`` so a rerun sees the same orders,
     with a different order every epoch (Ray re-seeds per execution):
@@ -456,21 +291,19 @@ def build_datasets(
     """
     import ray.data
 
+    split = spec.train
+    if split is None:
+        raise ValueError("build_datasets builds examples-mode datasets but the spec is packed: "
+                         "use pipelines.unpack.build_packed_datasets")
     quiet_ray_data()
-    towers = _towers(data_cfg, anchor_tower_cfg, positive_tower_cfg)
-    if train_files is None or (eval_files is None and data_cfg.eval):
-        train_files, eval_files = _resolve_and_check(data_cfg, storage)
-    eval_files = eval_files or []
-    task_cpus = data_task_cpus(data_cfg)
-
     report = quarantine_pass(
-        read_shards(train_files, data_cfg, include_paths=True, storage=storage),
-        data_cfg,
-        towers["anchor"],
-        towers["positive"],
+        read_shards(split, include_paths=True, num_cpus=spec.task_cpus),
+        split.data,
+        spec.towers["anchor"],
+        spec.towers["positive"],
         quarantine_path=quarantine_path,
-        num_cpus=task_cpus,
-        file_scheme=SCHEME if train_files and is_s3(train_files[0]) else "",
+        num_cpus=spec.task_cpus,
+        file_scheme=split.file_scheme,
     )
     if report.valid_rows == 0:
         raise DataError(
@@ -483,17 +316,13 @@ def build_datasets(
     # execution set here also covers the cached set's materialisation below.
     context = ray.data.DataContext.get_current()
     previous = context.execution_options.preserve_order
-    context.execution_options.preserve_order = previous or data_cfg.deterministic
+    context.execution_options.preserve_order = previous or split.data.deterministic
     try:
-        train = _train_dataset(data_cfg, towers, train_files, report, seed, seed_config, task_cpus,
-                               include_ids, storage)
+        train = _train_dataset(spec, split, report, seed, seed_config, include_ids)
     finally:
         context.execution_options.preserve_order = previous
 
-    eval_ds, eval_report = build_eval_dataset(
-        data_cfg, towers["anchor"], towers["positive"], eval_files,
-        quarantine_path=quarantine_path, include_ids=include_ids, storage=storage,
-    )
+    eval_ds, eval_report = build_eval_dataset(spec, quarantine_path=quarantine_path, include_ids=include_ids)
     return PreparedData(
         train=train,
         eval=eval_ds,
@@ -501,32 +330,28 @@ def build_datasets(
         num_train_rows=report.valid_rows,
         eval_report=eval_report,
         num_eval_rows=eval_report.valid_rows if eval_report else 0,
-        train_files=train_files,
-        eval_files=eval_files,
+        train_files=list(split.files),
+        eval_files=list(spec.eval.files) if spec.eval else [],
     )
 
 
-def _train_dataset(data_cfg: DataConfig, towers: dict[str, Any], train_files: list[str], report: Any, seed: int,
-                   seed_config: Any, task_cpus: float, include_ids: bool, storage: StorageConfig | None) -> Any:
+def _train_dataset(spec: DataSpec, split: SplitSpec, report: ValidationReport, seed: int, seed_config: Any,
+                   include_ids: bool) -> ray.data.Dataset:
     """The training dataset with data.shuffle applied (see build_datasets)."""
-    if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(towers, data_cfg)):
+    data_cfg, task_cpus = split.data, spec.task_cpus
+    if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(spec.towers, data_cfg)):
         # Preprocess once; each epoch then only reorders blocks held in memory.
-        train = model_inputs(
-            read_shards(train_files, data_cfg, storage=storage), data_cfg, towers["anchor"], towers["positive"],
-            include_ids=include_ids,
-        ).materialize()
+        train = model_inputs(read_shards(split, num_cpus=task_cpus), spec, split, include_ids=include_ids).materialize()
         if data_cfg.shuffle == "global":
             train = train.random_shuffle(seed=seed_config, num_cpus=task_cpus)
         elif data_cfg.shuffle == "local":
             train = train.randomize_block_order(seed=seed_config)
     else:
         if data_cfg.shuffle == "local":
-            train_raw = read_shards(train_files, data_cfg, shuffle_files_seed=seed, storage=storage)
+            train_raw = read_shards(split, shuffle_files_seed=seed, num_cpus=task_cpus)
         else:
-            train_raw = read_shards(train_files, data_cfg, storage=storage)
+            train_raw = read_shards(split, num_cpus=task_cpus)
         if data_cfg.shuffle == "global":
             train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
-        train = model_inputs(
-            train_raw, data_cfg, towers["anchor"], towers["positive"], include_ids=include_ids
-        )
+        train = model_inputs(train_raw, spec, split, include_ids=include_ids)
     return train

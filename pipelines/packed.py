@@ -1,43 +1,27 @@
-"""Training on mined, packed batches (``data.batches = "packed"``).
+"""Training on mined, packed batches (``data.batches = "packed"``): the checked plan.
 
 ``clray mine`` writes a plan directory (format: ``pipelines.plan_format``) in which each
-Parquet row is one whole local batch. This module is the reading side. On the driver,
+Parquet row is one whole local batch. This module is the driver's side of reading it:
 before Ray starts, ``load_plan`` checks the plan against the training config (batch
 size, column names and kinds, hard negatives, listed files and their footers) and
-reports every problem at once, each naming the key to change. Then ``packed_datasets``
-gives one Ray Dataset per epoch plan whose rows are those batches, preprocessed exactly
-as examples mode preprocesses single rows, with a leading dimension of 1 per batch.
-
-A mined batch is trained whole or not at all: a batch is never split between workers
-or steps (one dataset row is one batch, and each worker takes one row per step), and a
-bad row inside it stops the run with an error naming the file, epoch, batch and row id
-instead of being dropped (the miner quarantines bad rows before packing them).
+reports every problem at once, each naming the key to change. The checked ``PackedPlan``
+goes into the run's ``pipelines.spec.DataSpec``, from which ``pipelines.unpack`` builds
+one Ray Dataset per epoch plan and unpacks its batches on the workers.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clray.models.preprocess import ImageDecodeError
 from clray.pipelines import storage as st
-from clray.pipelines._compat import avoid_fsspec_http_import_race
 from clray.pipelines.config import DataConfig
-from clray.pipelines.dataset import (
-    Tower,
-    _legacy_parquet_reader,
-    _towers,
-    build_eval_dataset,
-    data_task_cpus,
-    preprocess_rows,
-)
 from clray.pipelines.errors import DataError
 from clray.pipelines.plan_format import (
     BATCH_COLUMN,
@@ -47,19 +31,15 @@ from clray.pipelines.plan_format import (
     plan_columns,
     read_manifest,
 )
-from clray.pipelines.sources import _list_of, _missing_column_problem, required_columns
-from clray.pipelines.storage import StorageConfig, filesystem_for
-from clray.pipelines.validate import PATH_COLUMN, ValidationReport, image_decodes, row_problems
-
-if TYPE_CHECKING:
-    import ray.data
+from clray.pipelines.sources import ColumnRule, list_of, missing_column_problem, required_columns
+from clray.pipelines.storage import StorageConfig
 
 KEY = "data.train"
 QUARANTINE_NAME = "quarantine.parquet"
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class PlanEpoch:
     """One epoch's batches: its files (absolute paths) and how many batches they hold."""
 
     epoch: int
@@ -77,7 +57,7 @@ class PackedPlan:
     batch_size: int
     num_negatives: int
     columns: PlanColumns
-    epochs: tuple[EpochPlan, ...]
+    epochs: tuple[PlanEpoch, ...]
     quarantine_path: str | None = None
     """The miner's quarantine file (rows it rejected), when it wrote one."""
     quarantined_rows: int = 0
@@ -181,12 +161,12 @@ def _quarantine_path(manifest: dict[str, Any], out: Path | str, storage: Storage
 
 def _epoch_plans(
     manifest: dict[str, Any], out: Path | str, problems: list[str], storage: StorageConfig | None = None
-) -> list[EpochPlan]:
+) -> list[PlanEpoch]:
     entries = manifest.get("epochs")
     if not isinstance(entries, list) or not entries:
         problems.append(f"{KEY}: the manifest of {out} lists no epoch plans; run `clray mine` again")
         return []
-    plans: list[EpochPlan] = []
+    plans: list[PlanEpoch] = []
     for index, entry in enumerate(entries):
         try:
             epoch = int(entry["epoch"])
@@ -207,17 +187,19 @@ def _epoch_plans(
                     f"{KEY}: {path} (epoch {epoch} of the plan) does not exist: the plan directory "
                     "is incomplete or was moved without its files; copy it whole or mine again"
                 )
-        plans.append(EpochPlan(epoch, num_batches, files, len(entry.get("remainder_ids") or [])))
+        plans.append(PlanEpoch(epoch, num_batches, files, len(entry.get("remainder_ids") or [])))
     return plans
 
 
-def _footer_problems(plan: EpochPlan, data_cfg: DataConfig, storage: StorageConfig | None = None) -> list[str]:
+def _footer_problems(
+    plan: PlanEpoch, columns: Mapping[str, ColumnRule], storage: StorageConfig | None = None
+) -> list[str]:
     """Columns, packed types, and the batch count each file's footer declares."""
     problems: list[str] = []
     wanted = {
         EPOCH_COLUMN: ("the plan format", pa.types.is_integer),
         BATCH_COLUMN: ("the plan format", pa.types.is_integer),
-        **{name: (key, _list_of(ok)) for name, (key, ok, _) in required_columns(data_cfg).items()},
+        **{name: (key, list_of(ok)) for name, (key, ok, _) in columns.items()},
     }
     rows = 0
     for path in plan.files:
@@ -233,7 +215,7 @@ def _footer_problems(plan: EpochPlan, data_cfg: DataConfig, storage: StorageConf
         rows += meta.num_rows
         for name, (key, type_ok) in wanted.items():
             if name not in schema.names:
-                problems.append(_missing_column_problem(path, name, key, list(schema.names)))
+                problems.append(missing_column_problem(path, name, key, list(schema.names)))
             elif not type_ok(schema.field(name).type):
                 packed = "an integer" if name in (EPOCH_COLUMN, BATCH_COLUMN) else "a list (one value per row of the batch)"
                 problems.append(
@@ -259,11 +241,18 @@ def _footer_problems(plan: EpochPlan, data_cfg: DataConfig, storage: StorageConf
 
 
 def load_plan(
-    data_cfg: DataConfig, *, global_batch_size: int, num_workers: int, storage: StorageConfig | None = None
+    data_cfg: DataConfig,
+    *,
+    global_batch_size: int,
+    num_workers: int,
+    storage: StorageConfig | None = None,
+    columns: Mapping[str, ColumnRule] | None = None,
 ) -> PackedPlan:
     """Read and check the plan that ``data.train`` names (a local directory or an
     ``s3://`` prefix, reached through ``storage``), for a run of ``num_workers`` workers
     taking ``global_batch_size`` rows per step; ``DataError`` lists every problem.
+    ``columns``: ``required_columns(data_cfg)`` when the caller derived it already
+    (``pipelines.spec.resolve_spec`` keeps the one table for the run's reads).
 
     Reads only the manifest and Parquet footers, so it runs in a second before Ray starts.
     """
@@ -295,8 +284,9 @@ def load_plan(
     problems.extend(_column_problems(cols, data_cfg, num_negatives, str(out)))
     epochs = _epoch_plans(manifest, out, problems, storage)
     if not problems:
+        wanted = required_columns(data_cfg) if columns is None else columns
         for plan in epochs:
-            problems.extend(_footer_problems(plan, data_cfg, storage))
+            problems.extend(_footer_problems(plan, wanted, storage))
     if problems:
         raise DataError(problems)
     packed = PackedPlan(
@@ -316,191 +306,3 @@ def load_plan(
             "fewer workers or mine more rows"
         )
     return packed
-
-
-# ---------------------------------------------------------------------------- workers
-
-
-def _flatten(row: pa.Table, data_cfg: DataConfig, batch_size: int, where: str) -> pa.Table:
-    """One packed row -> a table of ``batch_size`` ordinary rows with the same columns."""
-    columns: dict[str, pa.Array] = {}
-    for name in required_columns(data_cfg):
-        lists = row.column(name).combine_chunks()
-        length = pc.list_value_length(lists)[0].as_py()
-        if length != batch_size:
-            raise DataError(
-                f"{where}: column {name!r} holds {length} values, not the plan's batch_size = "
-                f"{batch_size}: the plan is damaged; mine again"
-            )
-        columns[name] = lists.flatten()
-    return pa.table(columns)
-
-
-def _undecodable(flat: pa.Table, data_cfg: DataConfig, towers: dict[str, Tower]) -> list[str | None]:
-    problems: list[str | None] = [None] * flat.num_rows
-    views = [(getattr(data_cfg, v).column, towers[v]) for v in ("anchor", "positive") if getattr(data_cfg, v).kind == "image"]
-    for column, tower in views:
-        for i, image in enumerate(flat.column(column).to_pylist()):
-            if problems[i] is None and not image_decodes(image, tower):
-                problems[i] = f"{column}: undecodable image"
-    if data_cfg.negatives is not None and data_cfg.negatives.kind == "image":
-        k, column = data_cfg.num_negatives, data_cfg.negatives.column
-        for i, images in enumerate(flat.column(column).to_pylist()):
-            if problems[i] is None and not all(image_decodes(im, towers["positive"]) for im in images[:k]):
-                problems[i] = f"{column}: undecodable image"
-    return problems
-
-
-def _bad_rows_error(flat: pa.Table, problems: list[str | None], data_cfg: DataConfig, where: str) -> DataError:
-    ids = flat.column(data_cfg.id_column).to_pylist()
-    return DataError(
-        [
-            f"{where}: row {ids[i]!r} cannot be trained on ({problem}); a mined batch is trained whole "
-            "or not at all: fix or drop the row in the corpus and mine again"
-            for i, problem in enumerate(problems)
-            if problem is not None
-        ]
-    )
-
-
-def unpack_batches(
-    table: pa.Table,
-    data_cfg: DataConfig,
-    anchor_tower: Tower,
-    positive_tower: Tower,
-    batch_size: int,
-    epoch: int,
-) -> dict[str, np.ndarray]:
-    """Packed rows (one per mined batch) -> model inputs shaped [rows, batch_size, ...].
-
-    Each packed row is flattened into ``batch_size`` ordinary rows, validated with the
-    same checks as examples mode, and preprocessed by ``preprocess_rows``, so a row
-    becomes the same tensors in both modes. Any bad row raises ``DataError``.
-    """
-    towers = {"anchor": anchor_tower, "positive": positive_tower}
-    paths = table.column(PATH_COLUMN).to_pylist() if PATH_COLUMN in table.column_names else [None] * table.num_rows
-    epochs = table.column(EPOCH_COLUMN).to_pylist()
-    indices = table.column(BATCH_COLUMN).to_pylist()
-    outputs: list[dict[str, np.ndarray]] = []
-    for i in range(table.num_rows):
-        where = f"{paths[i] or 'plan'} (epoch {epochs[i]}, batch {indices[i]})"
-        if epochs[i] != epoch:
-            raise DataError(f"{where}: listed under epoch {epoch} in the manifest: the plan is damaged; mine again")
-        flat = _flatten(table.slice(i, 1), data_cfg, batch_size, where)
-        problems = row_problems(flat, data_cfg, anchor_tower, positive_tower, decode_images=False)
-        if any(p is not None for p in problems):
-            raise _bad_rows_error(flat, problems, data_cfg, where)
-        try:
-            arrays = preprocess_rows(flat, data_cfg, towers, include_ids=False)
-        except ImageDecodeError:
-            raise _bad_rows_error(flat, _undecodable(flat, data_cfg, towers), data_cfg, where) from None
-        outputs.append(arrays)
-    return {key: np.stack([o[key] for o in outputs]) for key in outputs[0]}
-
-
-def packed_datasets(
-    plan: PackedPlan,
-    data_cfg: DataConfig,
-    anchor_tower: Tower,
-    positive_tower: Tower,
-    *,
-    num_workers: int,
-    storage: StorageConfig | None = None,
-) -> list[ray.data.Dataset]:
-    """One dataset per epoch plan; each row is one mined batch as model inputs with a
-    leading dimension of 1 (``iter_torch_batches(batch_size=1)`` then squeeze it).
-
-    Each holds exactly ``steps_per_epoch * num_workers`` rows, so Ray Train's equal
-    streaming split gives every rank ``steps_per_epoch`` whole batches; a plan's extra
-    batches (``skipped_batches``: its last batch indices) are filtered out by index.
-    Reads only the columns the config names, plus the epoch and batch indices and (for
-    error messages) the file path.
-    """
-    import ray.data
-    from ray.data.expressions import col
-
-    avoid_fsspec_http_import_race()
-    _towers(data_cfg, anchor_tower, positive_tower)
-    task_cpus = data_task_cpus(data_cfg)
-    keep = plan.steps_per_epoch(num_workers) * num_workers
-    columns = [EPOCH_COLUMN, BATCH_COLUMN, *required_columns(data_cfg)]
-    datasets = []
-    for epoch in plan.epochs:
-        fs, paths = filesystem_for(list(epoch.files), storage)
-        with _legacy_parquet_reader():
-            ds = ray.data.read_parquet(
-                paths,
-                filesystem=fs,
-                columns=columns,
-                include_paths=PATH_COLUMN not in columns,
-                num_cpus=task_cpus,
-                file_extensions=None,
-            )
-        if epoch.num_batches > keep:
-            # Deterministic: drop the plan's last batch indices (its order is shuffled);
-            # the limit guarantees the exact count the equal split relies on.
-            ds = ds.filter(expr=col(BATCH_COLUMN) < keep, num_cpus=task_cpus).limit(keep)
-        datasets.append(
-            ds.map_batches(
-                unpack_batches,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "data_cfg": data_cfg,
-                    "anchor_tower": anchor_tower,
-                    "positive_tower": positive_tower,
-                    "batch_size": plan.batch_size,
-                    "epoch": epoch.epoch,
-                },
-                num_cpus=task_cpus,
-            )
-        )
-    return datasets
-
-
-@dataclass
-class PackedData:
-    """What the driver needs from the data side in packed mode."""
-
-    plan: PackedPlan
-    train: list[ray.data.Dataset]
-    """One dataset per epoch plan (epoch e trains on ``train[e % len(train)]``)."""
-    steps_per_epoch: int
-    skipped_batches: list[int]
-    report: ValidationReport
-    """Training rows: nothing quarantined here (the miner did); its quarantine file."""
-    eval: ray.data.Dataset | None = None
-    eval_report: ValidationReport | None = None
-
-
-def build_packed_datasets(
-    plan: PackedPlan,
-    data_cfg: DataConfig,
-    anchor_tower: Tower,
-    positive_tower: Tower,
-    *,
-    num_workers: int,
-    quarantine_path: str | os.PathLike[str],
-    eval_files: list[str] | None = None,
-    storage: StorageConfig | None = None,
-) -> PackedData:
-    """The packed training datasets plus the ordinary eval split (``build_eval_dataset``,
-    quarantined to ``sibling_quarantine_path(quarantine_path, "eval")``)."""
-    from clray.pipelines.dataset import quiet_ray_data
-
-    quiet_ray_data()
-    rows = plan.rows_per_epoch
-    eval_ds, eval_report = build_eval_dataset(
-        data_cfg, anchor_tower, positive_tower, eval_files or [], quarantine_path=quarantine_path, storage=storage
-    )
-    return PackedData(
-        plan=plan,
-        train=packed_datasets(plan, data_cfg, anchor_tower, positive_tower, num_workers=num_workers, storage=storage),
-        steps_per_epoch=plan.steps_per_epoch(num_workers),
-        skipped_batches=plan.skipped_batches(num_workers),
-        report=ValidationReport(
-            total_rows=rows, valid_rows=rows, quarantined_rows=0, quarantine_path=plan.quarantine_path
-        ),
-        eval=eval_ds,
-        eval_report=eval_report,
-    )

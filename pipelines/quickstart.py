@@ -171,6 +171,34 @@ def _add_pixel_neighbours(rows: list[dict[str, Any]], pixels: np.ndarray, k: int
         row["negative_scores"] = [float(sims[i, j]) for j in chosen]
 
 
+def _check_corpus_args(num_shards: int, eval_fraction: float, bad_rows: int, hard_negatives: int) -> None:
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if bad_rows < 0:
+        raise ValueError(f"bad_rows must be >= 0, got {bad_rows}")
+    if hard_negatives < 0:
+        raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
+
+
+def _train_shards(
+    train_rows: list[dict[str, Any]], num_shards: int, bad_rows: int, hard_negatives: int
+) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The training rows cut into ``num_shards`` shards with ``bad_rows`` broken rows
+    dealt over them (so every shard's reads meet the quarantine), and the bad rows. With
+    hard negatives a bad row carries a good row's lists, so only its one defect shows."""
+    shards = [list(chunk) for chunk in np.array_split(np.arange(len(train_rows)), num_shards)]
+    shard_rows = [[train_rows[i] for i in chunk] for chunk in shards]
+    bad = [_bad_row(i, train_rows[i % len(train_rows)]["image"]) for i in range(bad_rows)]
+    for i, row in enumerate(bad):
+        if hard_negatives:
+            source = train_rows[i % len(train_rows)]
+            row.update({field.name: source[field.name] for field in NEGATIVE_FIELDS})
+        shard_rows[i % num_shards].append(row)
+    return shard_rows, bad
+
+
 def write_quickstart_corpus(
     out_dir: str | Path,
     *,
@@ -196,15 +224,7 @@ def write_quickstart_corpus(
     """
     from sklearn.datasets import load_digits
 
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    if bad_rows < 0:
-        raise ValueError(f"bad_rows must be >= 0, got {bad_rows}")
-    if hard_negatives < 0:
-        raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
-
+    _check_corpus_args(num_shards, eval_fraction, bad_rows, hard_negatives)
     digits = load_digits()
     images = digits.images
     labels = digits.target.astype(np.int64)
@@ -231,15 +251,7 @@ def write_quickstart_corpus(
         _add_pixel_neighbours(train_rows, images[train_idx], hard_negatives)
         train_schema = pa.schema(list(SCHEMA) + NEGATIVE_FIELDS)
 
-    shards = [list(chunk) for chunk in np.array_split(np.arange(len(train_rows)), num_shards)]
-    shard_rows = [[train_rows[i] for i in chunk] for chunk in shards]
-    bad = [_bad_row(i, train_rows[i % len(train_rows)]["image"]) for i in range(bad_rows)]
-    for i, row in enumerate(bad):
-        if hard_negatives:
-            source = train_rows[i % len(train_rows)]
-            row.update({field.name: source[field.name] for field in NEGATIVE_FIELDS})
-        shard_rows[i % num_shards].append(row)
-
+    shard_rows, bad = _train_shards(train_rows, num_shards, bad_rows, hard_negatives)
     train_files, eval_files = write_splits(out, shard_rows, eval_rows, train_schema, SCHEMA)
 
     return {

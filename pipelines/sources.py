@@ -1,8 +1,10 @@
-"""Finding the shards a config names and checking their schema before Ray runs.
+"""Finding the shards a config names, and the table of the columns a run reads from them.
 
-Both checks run on the driver and read only file listings and Parquet footers, so a
-mistyped path or a renamed column fails in a second with a message naming the config
-key, instead of minutes later inside a Ray task with a stack trace.
+Both serve the checks that run on the driver before Ray (``pipelines.spec``: resolve each
+split, then check every shard's footer against the table) and read only file listings
+and Parquet footers, so a mistyped path or a renamed column fails in a second with a
+message naming the config key, instead of minutes later inside a Ray task with a stack
+trace.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
 from clray.pipelines import storage as storage_mod
@@ -23,6 +24,10 @@ from clray.pipelines.errors import DataError
 from clray.pipelines.storage import StorageConfig
 
 _GLOB_CHARS = set("*?[")
+
+ColumnRule = tuple[str, Callable[[pa.DataType], bool], str]
+"""What a run needs of one column: the config key naming it, a test of its Arrow type,
+and how to fix a column of the wrong type."""
 
 
 def _is_uri(spec: str) -> bool:
@@ -152,20 +157,23 @@ def _is_id(dtype: pa.DataType) -> bool:
     return _is_text(dtype) or pa.types.is_integer(dtype)
 
 
-def _list_of(item_ok: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+def list_of(item_ok: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    """A type test for list columns whose items pass ``item_ok``: hard negatives here, and
+    every packed column of a mined plan (one list per batch) in ``pipelines.packed``."""
+
     def ok(dtype: pa.DataType) -> bool:
         return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and item_ok(dtype.value_type)
 
     return ok
 
 
-def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.DataType], bool], str]]:
+def required_columns(data_cfg: DataConfig) -> dict[str, ColumnRule]:
     """Each column the run reads: its config key, a type test, and how to fix a bad type.
 
     One table drives the schema check, the reads and the validation, so they cannot
     disagree about which columns a run needs.
     """
-    wanted: dict[str, tuple[str, Callable[[pa.DataType], bool], str]] = {}
+    wanted: dict[str, ColumnRule] = {}
     for view_name in ("anchor", "positive"):
         view = getattr(data_cfg, view_name)
         view_key = f"data.{view_name}.column"
@@ -191,21 +199,21 @@ def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.
             data_cfg.negatives.column,
             (
                 "data.negatives.column",
-                _list_of(_is_text if data_cfg.negatives.kind == "text" else _is_binary),
+                list_of(_is_text if data_cfg.negatives.kind == "text" else _is_binary),
                 f"hard negatives need a list<{item}> column, one list per row",
             ),
         )
     if data_cfg.negative_id_column is not None:
         wanted.setdefault(
             data_cfg.negative_id_column,
-            ("data.negative_id_column", _list_of(_is_id), "hard-negative ids need a list<string> or list<int64> column"),
+            ("data.negative_id_column", list_of(_is_id), "hard-negative ids need a list<string> or list<int64> column"),
         )
     if data_cfg.negative_score_column is not None:
         wanted.setdefault(
             data_cfg.negative_score_column,
             (
                 "data.negative_score_column",
-                _list_of(pa.types.is_floating),
+                list_of(pa.types.is_floating),
                 "teacher scores need a list<float> column, aligned with data.negatives",
             ),
         )
@@ -221,43 +229,12 @@ def required_columns(data_cfg: DataConfig) -> dict[str, tuple[str, Callable[[pa.
     return wanted
 
 
-def _missing_column_problem(file: str, column: str, key: str, have: list[str]) -> str:
+def missing_column_problem(file: str, column: str, key: str, have: list[str]) -> str:
+    """The message for a shard that lacks a configured column: the key that named it and
+    the file's columns, with the closest one as a guess at a typo."""
     close = difflib.get_close_matches(column, have, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return (
         f"{file}: no column {column!r} (named by {key}); the file has columns "
         f"{', '.join(repr(c) for c in have) or '(none)'}{hint}"
     )
-
-
-def check_schema(files: list[str], data_cfg: DataConfig, key: str, storage: StorageConfig | None = None) -> None:
-    """Check every shard's footer for the columns and types the config asks for.
-
-    Reading footers is cheap even for thousands of shards, and finding every problem
-    up front (not one per attempt) is what makes a broken corpus quick to fix.
-    """
-    problems: list[str] = []
-    wanted = required_columns(data_cfg)
-    for file in files:
-        try:
-            if storage_mod.is_s3(file):
-                fs, inner = storage_mod.filesystem(file, storage)
-                schema = pq.read_schema(inner, filesystem=fs)
-            else:
-                schema = pq.read_schema(file)
-        except (OSError, pa.ArrowException) as exc:
-            if storage_mod.is_s3(file):
-                problems.append(f"{key}: cannot read {file} as Parquet ({storage_mod.explain(exc)})")
-            else:
-                problems.append(f"{key}: cannot read {file} as Parquet ({type(exc).__name__}: {exc})")
-            continue
-        have = list(schema.names)
-        for column, (column_key, type_ok, fix) in wanted.items():
-            if column not in have:
-                problems.append(_missing_column_problem(file, column, column_key, have))
-                continue
-            dtype = schema.field(column).type
-            if not type_ok(dtype):
-                problems.append(f"{file}: column {column!r} ({column_key}) has type {dtype}: {fix}")
-    if problems:
-        raise DataError(problems)

@@ -232,7 +232,9 @@ def _quarantine_batch(
     return pa.concat_tables([bad_rows, count_row])
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file whole or not at all (a temporary name, then a rename), so a
+    reader never finds a half-written quarantine; the miner writes its own this way too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
@@ -288,7 +290,7 @@ def quarantine_pass(
     path = Path(quarantine_path)
     written: str | None = None
     if quarantined.num_rows:
-        _write_atomic(quarantined, path)
+        write_atomic(quarantined, path)
         written = str(path)
     elif path.exists():
         path.unlink()

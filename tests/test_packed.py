@@ -21,7 +21,7 @@ from clray.models.config import ConvTowerConfig, TextTowerConfig
 from clray.pipelines.config import DataConfig
 from clray.pipelines.dataset import id_keys, preprocess_rows
 from clray.pipelines.errors import DataError
-from clray.pipelines.packed import load_plan, unpack_batches
+from clray.pipelines.packed import load_plan
 from clray.pipelines.plan_format import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -32,6 +32,7 @@ from clray.pipelines.plan_format import (
     write_json_atomic,
 )
 from clray.pipelines.quickstart import CLASS_NAMES, write_quickstart_corpus
+from clray.pipelines.unpack import unpack_batches
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
 BATCH = 32  # local batch: global 64 over 2 workers

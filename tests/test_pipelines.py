@@ -24,7 +24,9 @@ from clray.pipelines import (
     quarantine_pass,
     read_shards,
     resolve_shards,
+    resolve_spec,
     row_problems,
+    split_spec,
     steps_per_epoch,
     write_quickstart_corpus,
 )
@@ -188,9 +190,9 @@ def test_check_schema_reports_every_problem_with_file_column_and_key(tmp_path: P
     corrupt.write_bytes(b"PAR1 not really parquet")
     cfg = data_config(corpus)
 
-    check_schema([good], cfg, "data.train")  # a good file passes
+    check_schema(split_spec(cfg, "train", [good]))  # a good file passes
     with pytest.raises(DataError) as err:
-        check_schema([good, str(renamed), str(wrong_types), str(corrupt)], cfg, "data.train")
+        check_schema(split_spec(cfg, "train", [good, str(renamed), str(wrong_types), str(corrupt)]))
     problems = err.value.problems
     assert len(problems) == 5, problems
     missing = next(p for p in problems if "no column" in p)
@@ -272,7 +274,7 @@ def test_quarantine_pass_records_exactly_the_bad_rows(ray_session: None, corpus:
     files = resolve_shards(cfg.train, "data.train")
     out = tmp_path / "q" / "quarantine.parquet"
     report = quarantine_pass(
-        read_shards(files, cfg, include_paths=True), cfg, IMAGE_TOWER, TEXT_TOWER, quarantine_path=out
+        read_shards(split_spec(cfg, "train", files), include_paths=True), cfg, IMAGE_TOWER, TEXT_TOWER, quarantine_path=out
     )
     assert report.total_rows == 1442 and report.valid_rows == 1438 and report.quarantined_rows == 4
     assert report.reasons == {reason: 1 for reason in EXPECTED_BAD.values()}
@@ -284,7 +286,7 @@ def test_quarantine_pass_records_exactly_the_bad_rows(ray_session: None, corpus:
 
     # A clean split writes no file and removes a stale one from an earlier run.
     clean = quarantine_pass(
-        read_shards(resolve_shards(cfg.eval, "data.eval"), cfg, include_paths=True),
+        read_shards(split_spec(cfg, "eval", resolve_shards(cfg.eval, "data.eval")), include_paths=True),
         cfg,
         IMAGE_TOWER,
         TEXT_TOWER,
@@ -299,9 +301,7 @@ def test_build_datasets_yields_model_inputs(ray_session: None, corpus: Path, tmp
 
     cfg = data_config(corpus, shuffle="local")
     prepared = build_datasets(
-        cfg,
-        IMAGE_TOWER,
-        TEXT_TOWER,
+        resolve_spec(cfg, IMAGE_TOWER, TEXT_TOWER),
         quarantine_path=tmp_path / "quarantine.parquet",
         seed=0,
         include_ids=True,
@@ -409,7 +409,7 @@ def test_check_schema_wants_list_columns_for_negatives(tmp_path: Path, corpus: P
         path,
     )
     with pytest.raises(DataError) as err:
-        check_schema([str(path)], negatives_config(corpus), "data.train")
+        check_schema(split_spec(negatives_config(corpus), "train", [str(path)]))
     text = str(err.value)
     assert "'negative_captions' (data.negatives.column) has type string" in text and "list<string>" in text
     assert "'negative_scores' (data.negative_score_column) has type list<element: int64>" in text
@@ -419,7 +419,7 @@ def test_check_schema_wants_list_columns_for_negatives(tmp_path: Path, corpus: P
 def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus: Path, tmp_path: Path) -> None:
     # data.cache = "never": both splits stream from the files at every pass.
     cfg = negatives_config(negatives_corpus).model_copy(update={"cache": "never"})
-    prepared = build_datasets(cfg, IMAGE_TOWER, TEXT_TOWER, quarantine_path=tmp_path / "q.parquet", seed=0)
+    prepared = build_datasets(resolve_spec(cfg, IMAGE_TOWER, TEXT_TOWER), quarantine_path=tmp_path / "q.parquet", seed=0)
     assert not isinstance(prepared.train, MaterializedDataset)
     assert not isinstance(prepared.eval, MaterializedDataset)
     assert prepared.num_train_rows == 1438
@@ -440,7 +440,7 @@ def test_build_datasets_with_hard_negatives(ray_session: None, negatives_corpus:
 
 def test_image_hard_negatives_preprocess_to_k_images_per_row(corpus: Path) -> None:
     """Text anchors with image positives: hard negatives are images, decoded like positives."""
-    from clray.pipelines.dataset import _preprocess
+    from clray.pipelines.dataset import preprocess_rows as _preprocess
 
     pngs = read_dir(corpus / "eval").column("image").to_pylist()[:6]
     cfg = data_config(

@@ -20,7 +20,8 @@ from clray.jobs.cli import QUICKSTART_CONFIG
 from clray.jobs.config import ConfigError, load_config
 from clray.pipelines import storage
 from clray.pipelines.errors import DataError
-from clray.pipelines.sources import check_schema, resolve_shards
+from clray.pipelines.sources import resolve_shards
+from clray.pipelines.spec import check_schema, split_spec
 from clray.pipelines.storage import StorageConfig
 
 BUCKET = "clray-test"
@@ -108,7 +109,7 @@ def test_resolve_prefix_glob_and_object(s3_corpus: str, storage_cfg: StorageConf
     assert resolve_shards([f"{s3_corpus}/tr*/part-0000[01].parquet"], "data.train", storage_cfg) == shards[:2]
     assert resolve_shards([f"s3://{BUCKET}/**/part-00003.parquet"], "data.train", storage_cfg) == [shards[3]]
     assert resolve_shards([shards[1], shards[1]], "data.train", storage_cfg) == [shards[1]]
-    check_schema(shards, load_config(QUICKSTART_CONFIG).data, "data.train", storage_cfg)
+    check_schema(split_spec(load_config(QUICKSTART_CONFIG).data, "train", shards, storage_cfg))
 
 
 def test_resolve_errors_name_key_uri_and_failure(s3_corpus: str, storage_cfg: StorageConfig, tmp_path: Path) -> None:
@@ -133,7 +134,7 @@ def test_schema_problem_names_the_s3_object(s3_corpus: str, storage_cfg: Storage
     data = load_config(QUICKSTART_CONFIG, ['data.positive.column="text"']).data
     shard = f"{s3_corpus}/eval/part-00000.parquet"
     with pytest.raises(DataError) as err:
-        check_schema([shard], data, "data.eval", storage_cfg)
+        check_schema(split_spec(data, "eval", [shard], storage_cfg))
     assert shard in str(err.value) and "no column 'text'" in str(err.value)
 
 

@@ -6,50 +6,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clray.jobs.config import JobConfig
 from clray.jobs.run.schedule import Schedule
 
-
-@dataclass
-class CheckedData:
-    """What the driver found before Ray started: the shard lists, or the packed plan."""
-
-    train_files: list[str]
-    eval_files: list[str]
-    packed_plan: Any = None
-    """A ``pipelines.packed.PackedPlan`` in packed mode, else None."""
+if TYPE_CHECKING:
+    from clray.pipelines.spec import DataSpec
 
 
-def check_data(cfg: JobConfig) -> CheckedData:
-    """Training files (examples) or the checked plan (packed), and the eval files; every
-    problem of both splits in one DataError, with plain pyarrow, before Ray starts."""
-    from clray.pipelines import DataError, check_schema, resolve_shards
-    from clray.pipelines.packed import load_plan
+def check_data(cfg: JobConfig) -> DataSpec:
+    """The run's data facts, checked with plain pyarrow before Ray starts: the training
+    files (examples) or the checked plan (packed), the eval files, the towers, the column
+    tables, filesystems and data-task CPUs (``pipelines.spec.DataSpec``); every problem of
+    both splits in one DataError. ``build_run_data`` builds the datasets from it without
+    working any of it out again."""
+    from clray.pipelines.spec import resolve_spec
 
-    checked = CheckedData([], [])
-    problems: list[str] = []
-    try:
-        if cfg.data.batches == "packed":
-            checked.packed_plan = load_plan(
-                cfg.data, global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
-                storage=cfg.storage,
-            )
-        else:
-            checked.train_files = resolve_shards(cfg.data.train, "data.train", cfg.storage)
-            check_schema(checked.train_files, cfg.data, "data.train", cfg.storage)
-    except DataError as err:
-        problems.extend(err.problems)
-    try:
-        checked.eval_files = resolve_shards(cfg.data.eval, "data.eval", cfg.storage) if cfg.data.eval else []
-        if checked.eval_files:
-            check_schema(checked.eval_files, cfg.data.without_negatives(), "data.eval", cfg.storage)
-    except DataError as err:
-        problems.extend(err.problems)
-    if problems:
-        raise DataError(problems)
-    return checked
+    return resolve_spec(
+        cfg.data, cfg.model.anchor, cfg.model.positive_tower, storage=cfg.storage,
+        global_batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
+    )
 
 
 @dataclass
@@ -68,21 +45,18 @@ class RunData:
     skipped_batches: list[int] = field(default_factory=list)
 
 
-def build_run_data(cfg: JobConfig, checked: CheckedData, quarantine_path: str) -> RunData:
-    """Validate (examples: the quarantine pass), preprocess and wire up the datasets. A
-    Ray Data failure surfaces as the user's error, not Ray's."""
+def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunData:
+    """Validate (examples: the quarantine pass), preprocess and wire up the datasets of
+    ``spec`` (``check_data``). A Ray Data failure surfaces as the user's error, not Ray's."""
     from clray.jobs.runtime import describe_failure
     from clray.pipelines import DataError, build_datasets, steps_per_epoch
-    from clray.pipelines.packed import build_packed_datasets
+    from clray.pipelines.unpack import build_packed_datasets
 
-    plan = checked.packed_plan
+    plan = spec.plan
     try:
         if plan is not None:
             # The miner validated and quarantined the rows it packed: no pass here.
-            packed = build_packed_datasets(
-                plan, cfg.data, cfg.model.anchor, cfg.model.positive_tower, num_workers=cfg.scaling.num_workers,
-                quarantine_path=quarantine_path, eval_files=checked.eval_files, storage=cfg.storage,
-            )
+            packed = build_packed_datasets(spec, num_workers=cfg.scaling.num_workers, quarantine_path=quarantine_path)
             datasets = {f"train_{i}": ds for i, ds in enumerate(packed.train)}
             out = RunData(datasets, packed.steps_per_epoch, plan.rows_per_epoch, packed.report,
                           packed.eval is not None, skipped_batches=packed.skipped_batches)
@@ -92,10 +66,7 @@ def build_run_data(cfg: JobConfig, checked: CheckedData, quarantine_path: str) -
                           "plan_quarantined_rows": plan.quarantined_rows}
             eval_ds = packed.eval
         else:
-            prepared = build_datasets(
-                cfg.data, cfg.model.anchor, cfg.model.positive_tower, quarantine_path=quarantine_path,
-                seed=cfg.run.seed, train_files=checked.train_files, eval_files=checked.eval_files, storage=cfg.storage,
-            )
+            prepared = build_datasets(spec, quarantine_path=quarantine_path, seed=cfg.run.seed)
             out = RunData({"train": prepared.train}, steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size),
                           prepared.num_train_rows, prepared.report, prepared.eval is not None)
             eval_ds = prepared.eval

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError, MineError
 from clray.pipelines.mining.config import MineConfig, TeacherConfig
+from clray.pipelines.spec import SplitSpec
 from clray.pipelines.staging import Staging, kept_staging_dir
 from clray.pipelines.storage import StorageConfig
 
@@ -75,17 +75,15 @@ def _corpus_fingerprint(files: list[str], storage: StorageConfig | None = None) 
     return out
 
 
-def _check_ids(files: list[str], data_cfg: DataConfig, storage: StorageConfig | None = None) -> None:
+def _check_ids(split: SplitSpec) -> None:
     """Ids name rows in plans and negatives, so they must be unique over the corpus."""
     import pyarrow.parquet as pq
 
-    from clray.pipelines.storage import filesystem
-
+    data_cfg = split.data
     seen: dict[str, str] = {}
     dups: list[str] = []
-    for f in files:
-        fs, inner = filesystem(f, storage)
-        for value in pq.read_table(inner, columns=[data_cfg.id_column], filesystem=fs).column(0).to_pylist():
+    for f, path in zip(split.files, split.paths, strict=True):
+        for value in pq.read_table(path, columns=[data_cfg.id_column], filesystem=split.filesystem).column(0).to_pylist():
             if value is None:
                 continue  # quarantined as a null id
             key = str(value)
@@ -119,19 +117,21 @@ def plan_columns(cfg: MineConfig) -> Any:
     )
 
 
-def check_mine(cfg: MineConfig) -> list[str]:
-    """Corpus files, schema, ids, teacher and column names: every problem before Ray."""
-    from clray.pipelines import check_schema, resolve_shards
+def check_mine(cfg: MineConfig) -> SplitSpec:
+    """Corpus files, schema, ids, teacher and column names: every problem before Ray.
+    Returns the corpus as the split every later stage reads (its files, column table and
+    filesystem worked out once)."""
     from clray.pipelines.mining.teacher import teacher_problems
+    from clray.pipelines.spec import resolve_split
 
     problems = teacher_problems(cfg.teacher, cfg.data)
+    corpus: SplitSpec | None = None
     try:
-        files = resolve_shards(cfg.data.train, "data.train", cfg.storage)
-        check_schema(files, cfg.data, "data.train", cfg.storage)
-        _check_ids(files, cfg.data, cfg.storage)
+        corpus = resolve_split(cfg.data, "train", cfg.storage)
+        if corpus is not None:
+            _check_ids(corpus)
     except DataError as err:
         problems.extend(err.problems)
-        files = []
     cols = plan_columns(cfg)
     taken = {cols.id, cols.anchor, cols.positive, cols.label, "epoch", "batch"}
     for key in ("negatives_column", "negative_ids_column", "negative_scores_column"):
@@ -139,7 +139,8 @@ def check_mine(cfg: MineConfig) -> list[str]:
             problems.append(f"mining.{key} = {getattr(cfg.mining, key)!r} clashes with a corpus or plan column: rename it")
     if problems:
         raise DataError(problems)
-    return files
+    assert corpus is not None  # DataConfig refuses an empty data.train
+    return corpus
 
 
 def mining_cpus(cfg: MineConfig) -> float:
@@ -161,10 +162,10 @@ def _use_gpu(cfg: TeacherConfig) -> bool:
 
 @dataclass
 class _Job:
-    """A checked job: its files, where it writes, and the fingerprints of its stages."""
+    """A checked job: its corpus, where it writes, and the fingerprints of its stages."""
 
     cfg: MineConfig
-    files: list[str]
+    corpus: SplitSpec
     out: Staging
     embed_fp: str
     plan_fp: str
@@ -174,8 +175,13 @@ class _Job:
     def work(self) -> Path:
         return self.out.local / "work"
 
+    @property
+    def files(self) -> list[str]:
+        """The corpus files, as the manifest records them."""
+        return list(self.corpus.files)
 
-def _prepare(cfg: MineConfig, files: list[str]) -> _Job:
+
+def _prepare(cfg: MineConfig, corpus: SplitSpec) -> _Job:
     from clray.pipelines.mining.teacher import teacher_fingerprint
     from clray.pipelines.plan_format import MANIFEST_VERSION
 
@@ -185,10 +191,10 @@ def _prepare(cfg: MineConfig, files: list[str]) -> _Job:
     teacher_fp = teacher_fingerprint(cfg.teacher)
     embed_fp = _hash({"data": cfg.data.model_dump(mode="json", include={"train", "anchor", "positive", "id_column",
                                                                            "label_column"}),
-                      "corpus": _corpus_fingerprint(files, cfg.storage), "teacher": teacher_fp,
+                      "corpus": _corpus_fingerprint(list(corpus.files), cfg.storage), "teacher": teacher_fp,
                       "teacher_cfg": cfg.teacher.model_dump(include={"pooling", "max_length", "kind"})})
     plan_fp = _hash({"embed": embed_fp, "mining": mining_parameters(cfg), "format": MANIFEST_VERSION})
-    return _Job(cfg, files, out, embed_fp, plan_fp, teacher_fp)
+    return _Job(cfg, corpus, out, embed_fp, plan_fp, teacher_fp)
 
 
 def mining_parameters(cfg: MineConfig) -> dict[str, Any]:
@@ -242,7 +248,7 @@ def mine_plans(cfg: MineConfig, *, start_ray: Callable[[], None], overwrite: boo
         event("complete", path=job.out.path("manifest.json"))
         return summarize(job.out.uri, existing, already_complete=True)
     job.work.mkdir(parents=True, exist_ok=True)
-    if (stages._read_json(job.work / "plan.json") or {}).get("fingerprint") != job.plan_fp:
+    if (stages.read_json_or_none(job.work / "plan.json") or {}).get("fingerprint") != job.plan_fp:
         shutil.rmtree(job.out.local / "plans", ignore_errors=True)
         write_json_atomic(job.work / "plan.json", {"fingerprint": job.plan_fp})
 
@@ -276,16 +282,13 @@ def error_log(cfg: MineConfig) -> str:
 
 def _embed_and_search(job: _Job, event: Callable[..., None], seconds: dict[str, float],
                       resumed: dict[str, bool]) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    from clray.pipelines import storage as st
     from clray.pipelines.mining import stages
 
     cfg = job.cfg
     t0 = time.perf_counter()
     use_gpu = _use_gpu(cfg.teacher)
-    resumed["embed"] = not stages.embed_corpus(job.files, cfg.data, cfg.teacher, job.work, job.embed_fp, use_gpu,
-                                               cfg.storage)
-    emb, report = stages.load_embeddings(job.work, job.out.local / "quarantine.parquet",
-                                         "s3://" if st.is_s3(job.files[0]) else "")
+    resumed["embed"] = not stages.embed_corpus(job.corpus, cfg.teacher, job.work, job.embed_fp, use_gpu)
+    emb, report = stages.load_embeddings(job.work, job.out.local / "quarantine.parquet", job.corpus.file_scheme)
     seconds["embed"] = time.perf_counter() - t0
     quarantine_at = job.out.path("quarantine.parquet") if report.quarantine_path else None
     event("quarantine", valid=report.valid_rows, quarantined=report.quarantined_rows,
@@ -316,7 +319,7 @@ def _embed_and_search(job: _Job, event: Callable[..., None], seconds: dict[str, 
 def _run_stages(job: _Job, event: Callable[..., None]) -> tuple[dict[str, Any], dict[str, bool], dict[str, float]]:
     """Embed, search, plan and write; returns the manifest (written), what was resumed and
     each stage's seconds."""
-    from clray.pipelines.mining import stages
+    from clray.pipelines.mining.plans import make_plans
     from clray.pipelines.mining.teacher import teacher_kind
     from clray.pipelines.plan_format import (
         MANIFEST_FORMAT,
@@ -333,7 +336,7 @@ def _run_stages(job: _Job, event: Callable[..., None]) -> tuple[dict[str, Any], 
     k = search_info.pop("k")
 
     t0 = time.perf_counter()
-    plans, statistics = stages.make_plans(emb, neighbours, sims, cfg.mining, k)
+    plans, statistics = make_plans(emb, neighbours, sims, cfg.mining, k)
     statistics["search"] = {key: v for key, v in search_info.items() if key != "chunks_searched"}
     seconds["plan"] = time.perf_counter() - t0
     event("planned", statistics=statistics)
@@ -369,7 +372,7 @@ def _write_epochs(job: _Job, emb: Any, plans: list[Any], resumed: dict[str, bool
     from clray.pipelines.mining import stages
 
     cfg = job.cfg
-    corpus = stages._corpus_table(job.files, cfg.data, plan_columns(cfg), emb.ids, cfg.storage)
+    corpus = stages.corpus_table(job.corpus, plan_columns(cfg), emb.ids)
     epochs = []
     for ep in plans:
         expected = math.ceil(len(ep.plan.batches) / cfg.mining.batches_per_file)

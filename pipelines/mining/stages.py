@@ -1,4 +1,5 @@
-"""The stages of ``clray mine`` that touch Ray or the disk: embed, search, plan, write.
+"""The stages of ``clray mine`` that touch Ray or the disk: embed, search, write (the
+plans between search and write are pure numpy: ``pipelines.mining.plans``).
 
 Each stage leaves its result in the plan directory's ``work/`` (or ``plans/``) under a name
 that only appears once the result is whole (a temporary name, then ``os.replace``), with
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clray.pipelines.config import DataConfig
 from clray.pipelines.errors import DataError
 from clray.pipelines.mining.config import MiningConfig, TeacherConfig
-from clray.pipelines.mining.core import (
-    NegativeSample,
-    Plan,
-    batch_stats,
-    build_index,
-    candidate_mask,
-    communities,
-    knn_range,
-    plan_batches,
-    positive_limit,
-    random_plan,
-    sample_negatives,
-    similarity_graph,
-)
+from clray.pipelines.mining.core import NegativeSample, build_index, knn_range
+from clray.pipelines.mining.plans import Embeddings, MinedEpoch
 from clray.pipelines.plan_format import (
     BATCH_COLUMN,
     EPOCH_COLUMN,
@@ -44,7 +31,7 @@ from clray.pipelines.plan_format import (
     epoch_dir,
     write_json_atomic,
 )
-from clray.pipelines.storage import StorageConfig
+from clray.pipelines.spec import SplitSpec
 
 CRASH_ENV = "CLRAY_MINE_CRASH_AFTER"
 """Fault injection for the resume tests: ``embed``, ``search-chunk`` or ``epoch`` makes
@@ -56,7 +43,9 @@ def crash_point(name: str) -> None:
         os._exit(3)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_or_none(path: Path) -> dict[str, Any] | None:
+    """A stage's parameter file, or None when it is missing or unreadable: either way the
+    stage's result is not known to match and is made again."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -72,39 +61,27 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 # ----------------------------------------------------------------------------- embed
 
 
-@dataclass
-class Embeddings:
-    """Teacher embeddings of the valid rows, in id order (the row numbering of every
-    later stage): ``ids [n]``, ``anchors``/``positives [n, d]`` unit norm, ``labels``."""
-
-    ids: list[str]
-    anchors: np.ndarray
-    positives: np.ndarray
-    labels: np.ndarray | None
-
-
 def embed_corpus(
-    files: list[str],
-    data_cfg: DataConfig,
+    split: SplitSpec,
     teacher_cfg: TeacherConfig,
     work: Path,
     fingerprint: str,
     use_gpu: bool,
-    storage: StorageConfig | None = None,
 ) -> bool:
-    """Embed every valid row with the teacher (Ray Data, an actor pool) into
-    ``work/embeddings/``; returns False when embeddings for ``fingerprint`` already exist.
+    """Embed every valid row of the corpus ``split`` (checked by ``check_mine``) with the
+    teacher (Ray Data, an actor pool) into ``work/embeddings/``; returns False when
+    embeddings for ``fingerprint`` already exist.
 
     Batches keep the corpus order (``preserve_order``), so each teacher forward sees the
     same rows on every run and a redone stage gives bit-identical embeddings."""
     import ray.data  # [ray]
 
-    from clray.pipelines.dataset import read_shards
     from clray.pipelines.mining.teacher import TeacherEmbedder
+    from clray.pipelines.reading import read_shards
 
     marker = work / "embeddings.json"
     final = work / "embeddings"
-    if (_read_json(marker) or {}).get("fingerprint") == fingerprint and final.is_dir():
+    if (read_json_or_none(marker) or {}).get("fingerprint") == fingerprint and final.is_dir():
         return False
     marker.unlink(missing_ok=True)
     tmp = work / "embeddings.tmp"
@@ -113,10 +90,10 @@ def embed_corpus(
     previous = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_shards(files, data_cfg, include_paths=True, num_cpus=0.5, storage=storage)
+        ds = read_shards(split, include_paths=True, num_cpus=0.5)
         embedded = ds.map_batches(  # [ray]
             TeacherEmbedder,
-            fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": data_cfg, "use_gpu": use_gpu},
+            fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": split.data, "use_gpu": use_gpu},
             batch_format="pyarrow",
             batch_size=teacher_cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=teacher_cfg.num_actors),  # [ray]
@@ -139,7 +116,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     front of the file names, which Ray reports inside their filesystem ("bucket/key")."""
     from collections import Counter
 
-    from clray.pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, _write_atomic
+    from clray.pipelines.validate import QUARANTINE_SCHEMA, ValidationReport, write_atomic
 
     table = pq.read_table(work / "embeddings")
     bad = table.filter(table.column("reason").is_valid())
@@ -150,7 +127,7 @@ def load_embeddings(work: Path, quarantine_path: Path, file_scheme: str = "") ->
     bad = bad.sort_by([("file", "ascending"), ("id", "ascending")])
     table = table.filter(table.column("reason").is_null())
     if bad.num_rows:
-        _write_atomic(bad, quarantine_path)
+        write_atomic(bad, quarantine_path)
     else:
         quarantine_path.unlink(missing_ok=True)
     report = ValidationReport(
@@ -209,7 +186,7 @@ def search(emb: Embeddings, cfg: MiningConfig, work: Path, fingerprint: str, k: 
     n = len(emb.ids)
     knn_dir = work / "knn"
     params = knn_dir / "params.json"
-    if (_read_json(params) or {}).get("fingerprint") != fingerprint:
+    if (read_json_or_none(params) or {}).get("fingerprint") != fingerprint:
         shutil.rmtree(knn_dir, ignore_errors=True)
         knn_dir.mkdir(parents=True)
         write_json_atomic(params, {"fingerprint": fingerprint})
@@ -278,166 +255,17 @@ def _sampled_recall(emb: Embeddings, neighbours: np.ndarray, k: int, seed: int, 
     return round(hits / (len(rows) * k), 4)
 
 
-# ----------------------------------------------------------------------------- plan
-
-
-@dataclass
-class EpochPlan:
-    epoch: int
-    seed: int
-    plan: Plan
-    negatives: NegativeSample | None
-    topped_up: int
-    least_similar: int
-
-
-def _top_up(sample: NegativeSample, emb: Embeddings, pos_sims: np.ndarray, margin: float | None) -> tuple[int, int]:
-    """Fill rows short of negatives (their window held too few candidates that pass the
-    filter) so every packed row carries the same number: first with the most similar
-    rows outside the window that still pass the positive-aware filter (an exact scan of
-    those rows only); a row whose positive is so weak that too few rows pass (often a
-    noisy pair) gets the least similar rows, which are safe negatives. Returns
-    ``(added, added_least_similar)``; both are reported."""
-    n, m = sample.idx.shape
-    short = np.nonzero(sample.count < m)[0]
-    added = fallback = 0
-    for c0 in range(0, len(short), 1024):
-        rows = short[c0 : c0 + 1024]
-        raw = emb.anchors[rows] @ emb.positives.T
-        raw[np.arange(len(rows)), rows] = np.nan  # never the row's own positive
-        for r, row in enumerate(rows):
-            have = sample.idx[row][sample.idx[row] >= 0]
-            scores = raw[r].copy()
-            scores[have] = np.nan
-            free = ~np.isnan(scores)
-            limit = positive_limit(pos_sims[row : row + 1], margin)[0] if margin is not None else np.inf
-            passing = np.nonzero(free & (scores <= limit))[0]
-            need = m - int(sample.count[row])
-            best = passing[np.argsort(-scores[passing], kind="stable")[:need]]
-            if len(best) < need:
-                rest = np.nonzero(free)[0]
-                rest = rest[~np.isin(rest, best)]
-                extra = rest[np.argsort(scores[rest], kind="stable")[: need - len(best)]]
-                fallback += len(extra)
-                best = np.concatenate([best, extra])
-            slots = slice(int(sample.count[row]), int(sample.count[row]) + len(best))
-            sample.idx[row, slots], sample.sims[row, slots] = best, scores[best]
-            sample.count[row] += len(best)
-            added += len(best)
-    return added, fallback
-
-
-def _negatives(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, mask: np.ndarray, pos_sims: np.ndarray,
-               cfg: MiningConfig, seed: int) -> tuple[NegativeSample, tuple[int, int]]:
-    sample = sample_negatives(nb, sims, mask, cfg.num_negatives, cfg.negative_strategy, seed=seed)
-    return sample, _top_up(sample, emb, pos_sims, cfg.margin)
-
-
-def _rate(values: np.ndarray) -> float:
-    return round(float(values.mean()), 6) if values.size else float("nan")
-
-
-def _in_batch_false_negatives(emb: Embeddings, plan: Plan, pos_sims: np.ndarray) -> dict[str, float]:
-    """Share of in-batch negative pairs (anchor i, positive j) that are likely false
-    negatives: the teacher scores them at least as high as i's own positive, and (with
-    labels) they share i's label."""
-    above = same = pairs = 0
-    for batch in plan.batches:
-        scores = emb.anchors[batch] @ emb.positives[batch].T
-        off = ~np.eye(len(batch), dtype=bool)
-        above += int(((scores >= pos_sims[batch][:, None]) & off).sum())
-        if emb.labels is not None:
-            lab = emb.labels[batch]
-            same += int(((lab[:, None] == lab[None, :]) & off).sum())
-        pairs += int(off.sum())
-    out = {"teacher_above_positive": round(above / max(pairs, 1), 6)}
-    if emb.labels is not None:
-        out["same_label"] = round(same / max(pairs, 1), 6)
-    return out
-
-
-def make_plans(emb: Embeddings, nb: np.ndarray, sims: np.ndarray, cfg: MiningConfig, k: int) -> tuple[list[EpochPlan], dict]:
-    """Graph, communities, one batch plan (and negatives) per epoch, and the statistics
-    that say how much harder the mined batches are than random ones."""
-    n = len(emb.ids)
-    pos_sims = np.einsum("ij,ij->i", emb.anchors, emb.positives)
-    rank_min, rank_max = min(cfg.rank_min, k - 1), min(cfg.rank_max, k)
-    mask = candidate_mask(nb, sims, pos_sims if cfg.margin is not None else None, rank_min, rank_max,
-                          cfg.margin or 0.0)
-    edges, weights = similarity_graph(nb, sims, mask=mask)
-    labels, comm = communities(n, edges, weights, cfg.target_community_size, seed=cfg.seed)
-    plans = []
-    for epoch in range(cfg.epochs):
-        seed = cfg.seed + epoch
-        plan = plan_batches(labels, cfg.batch_size, seed=seed, edges=edges, weights=weights)
-        negatives, (topped, least) = None, (0, 0)
-        if cfg.num_negatives:
-            negatives, (topped, least) = _negatives(emb, nb, sims, mask, pos_sims, cfg, seed)
-        plans.append(EpochPlan(epoch=epoch, seed=seed, plan=plan, negatives=negatives, topped_up=topped,
-                               least_similar=least))
-
-    first = plans[0].plan
-    baseline = random_plan(n, cfg.batch_size, seed=cfg.seed)
-    mined_stats = batch_stats(emb.anchors, first, emb.labels, positives=emb.positives)
-    random_stats = batch_stats(emb.anchors, baseline, emb.labels, positives=emb.positives)
-    mined_sim, random_sim = mined_stats["mean_negative_sim"], random_stats["mean_negative_sim"]
-    stats: dict[str, Any] = {
-        "graph": {"edges": int(len(edges)), "mean_degree": round(2 * len(edges) / n, 3),
-                  "kept_candidates": int(mask.sum()), "window": [rank_min, rank_max], "margin": cfg.margin},
-        "communities": {"count": int(comm.get("num_communities", labels.max() + 1)),
-                        "typical_size": round(float(comm["typical_size"]), 3),
-                        "resolution": None if comm["resolution"] is None else float(f"{comm['resolution']:.6g}"),
-                        "leiden_runs": len(comm["history"])},
-        "in_batch_negative_similarity": {
-            "mined": round(mined_sim, 6), "random": round(random_sim, 6),
-            "ratio": round(mined_sim / random_sim, 3) if random_sim > 0 else None,
-        },
-        "positive_similarity": round(float(pos_sims.mean()), 6),
-    }
-    # Estimated false negatives among in-batch pairs: the mined plan, the plan the same
-    # graph gives without the filter (rank window from 0, no margin), and random batches.
-    unfiltered_mask = candidate_mask(nb, sims, None, 0, rank_max)
-    u_edges, u_weights = similarity_graph(nb, sims, mask=unfiltered_mask)
-    u_labels, _ = communities(n, u_edges, u_weights, cfg.target_community_size, seed=cfg.seed)
-    unfiltered_plan = plan_batches(u_labels, cfg.batch_size, seed=cfg.seed, edges=u_edges, weights=u_weights)
-    fn: dict[str, Any] = {"in_batch": {
-        "with_filter": _in_batch_false_negatives(emb, first, pos_sims),
-        "without_filter": _in_batch_false_negatives(emb, unfiltered_plan, pos_sims),
-        "random": _in_batch_false_negatives(emb, baseline, pos_sims),
-    }}
-    if cfg.num_negatives:
-        # The same draw without the filter: rank window from 0 and no positive-aware margin.
-        unfiltered = sample_negatives(nb, sims, candidate_mask(nb, sims, None, 0, rank_max), cfg.num_negatives,
-                                      cfg.negative_strategy, seed=cfg.seed)
-        filtered = plans[0].negatives
-        for name, sample in (("with_filter", filtered), ("without_filter", unfiltered)):
-            ok = sample.idx >= 0
-            rows = np.broadcast_to(np.arange(n)[:, None], sample.idx.shape)[ok]
-            entry = {"teacher_above_positive": _rate(sample.sims[ok] >= pos_sims[rows])}
-            if emb.labels is not None:
-                entry["same_label"] = _rate(emb.labels[sample.idx[ok]] == emb.labels[rows])
-            fn[name] = entry
-        stats["negatives"] = {"per_row": cfg.num_negatives, "strategy": cfg.negative_strategy,
-                              "mean_similarity": round(float(np.nanmean(filtered.sims)), 6),
-                              "topped_up": sum(p.topped_up for p in plans),
-                              "least_similar_fallback": sum(p.least_similar for p in plans)}
-    stats["false_negatives"] = fn
-    return plans, stats
-
-
 # ----------------------------------------------------------------------------- write
 
 
-def _corpus_table(
-    files: list[str], data_cfg: DataConfig, columns: PlanColumns, ids: list[str], storage: StorageConfig | None = None
-) -> pa.Table:
-    """The raw columns of the mined rows, in ``ids`` order (the embeddings' row order)."""
-    from clray.pipelines.storage import filesystem
-
+def corpus_table(split: SplitSpec, columns: PlanColumns, ids: list[str]) -> pa.Table:
+    """The raw columns of the mined rows of the corpus ``split``, in ``ids`` order (the
+    embeddings' row order): what the packed batches are cut from."""
+    data_cfg = split.data
     names = [data_cfg.id_column, data_cfg.anchor.column, data_cfg.positive.column]
     if columns.label:
         names.append(columns.label)
-    parts = [pq.read_table(p, columns=names, filesystem=fs) for fs, p in (filesystem(f, storage) for f in files)]
+    parts = [pq.read_table(p, columns=names, filesystem=split.filesystem) for p in split.paths]
     table = pa.concat_tables(parts, promote_options="permissive")
     table = table.set_column(0, data_cfg.id_column, table.column(data_cfg.id_column).cast(pa.string()))
     position = {v: i for i, v in enumerate(table.column(data_cfg.id_column).to_pylist())}
@@ -473,7 +301,7 @@ def _packed_table(corpus: pa.Table, batches: list[np.ndarray], epoch: int, first
     return pa.table(out)
 
 
-def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: EpochPlan, columns: PlanColumns, ids: list[str],
+def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: MinedEpoch, columns: PlanColumns, ids: list[str],
                 batches_per_file: int) -> list[str]:
     """Write one epoch's packed batches to ``plans/epoch-NNNNN/`` (whole directory or
     nothing: written under a temporary name, then renamed); returns the relative paths."""
