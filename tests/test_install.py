@@ -12,6 +12,7 @@ invisible to the fresh environment.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,8 +34,12 @@ def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A new virtualenv holding only the clray wheel (plus a path to the dependencies)."""
     tmp = tmp_path_factory.mktemp("install")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV")}
+    # Built from a copy: setuptools leaves build/ and *.egg-info behind in the tree it builds.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "data", "__pycache__", ".pytest_cache", ".ruff_cache"))
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                 "-w", str(tmp / "dist"), str(ROOT)], tmp, env)
+                 "-w", str(tmp / "dist"), str(source)], tmp, env)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp / "dist").glob("clray-*.whl"))
     venv = tmp / "venv"
