@@ -7,6 +7,13 @@ sides preprocess identically. Numpy and Pillow only: it runs in CPU data workers
 Model input keys for a view named ``v`` (``anchor`` or ``positive``):
   text:  ``v_input_ids`` int64 [B, L], ``v_attention_mask`` int64 [B, L]
   image: ``v_pixel_values`` float32 [B, C, H, W], normalised to [-1, 1]
+
+Text is stored padded to ``max_length`` (fixed shapes: Ray Data blocks concatenate, the
+cache size is known before preprocessing, a mined batch is one [B, L] array) but is never
+*encoded* at that width: ``trim_padding`` cuts every batch to its longest row just before
+the model sees it (the collate step of training and evaluation, the mining teacher). A
+padded position is masked out of attention and pooling, so the embeddings are the same;
+only the work on padding is gone. ``max_length`` therefore only truncates.
 """
 
 from __future__ import annotations
@@ -101,6 +108,8 @@ def build_tokenizer(cfg: TextTowerConfig) -> Any:
 
 
 def tokenize(cfg: TextTowerConfig, texts: list[str], prefix: str) -> dict[str, np.ndarray]:
+    """Token ids and mask padded to ``max_length`` (the storage shape; see the module
+    docstring and ``trim_padding``)."""
     enc = build_tokenizer(cfg)(
         list(texts),
         padding="max_length",
@@ -112,6 +121,52 @@ def tokenize(cfg: TextTowerConfig, texts: list[str], prefix: str) -> dict[str, n
         f"{prefix}_input_ids": enc["input_ids"].astype(np.int64),
         f"{prefix}_attention_mask": enc["attention_mask"].astype(np.int64),
     }
+
+
+MASK_SUFFIX = "_attention_mask"
+
+
+def text_lengths(arrays: dict[str, Any], prefix: str) -> np.ndarray:
+    """Tokens per row of one text view (summed over a row's hard negatives, [B, k, L])."""
+    mask = np.asarray(arrays[f"{prefix}{MASK_SUFFIX}"])
+    return mask.reshape(mask.shape[0], -1).sum(axis=1)
+
+
+def trim_padding(arrays: dict[str, Any], multiple: int = 1) -> dict[str, Any]:
+    """Every text view of a batch cut to the width of its longest row, rounded up to a
+    ``multiple`` (8 suits GPU kernels), never wider than stored: the batch a tokenizer
+    with ``padding="longest"`` would give. Works on numpy arrays and torch tensors, on
+    [B, L] views and [B, k, L] hard negatives, and for either padding side.
+
+    Padded positions are masked out of attention and pooling, so the model's outputs do
+    not change (tests/test_models.py checks it to 1e-5); on a batch whose longest text is
+    a third of ``max_length`` the encoder does about a third of the work.
+    """
+    out = dict(arrays)
+    for key, mask in arrays.items():
+        if not key.endswith(MASK_SUFFIX):
+            continue
+        prefix = key[: -len(MASK_SUFFIX)]
+        width = mask.shape[-1]
+        flat = mask.reshape(-1, width)
+        used = flat.any(0) if isinstance(flat, np.ndarray) else flat.any(0).cpu().numpy()
+        cols = np.flatnonzero(used)
+        if cols.size == 0:
+            start, end = 0, min(width, multiple)
+        else:
+            start, end = int(cols[0]), int(cols[-1]) + 1
+        keep = min(width, -(-(end - start) // multiple) * multiple)
+        if start == 0:  # right padding (or none): keep the first columns
+            start, end = 0, keep
+        else:  # left padding: keep the last columns
+            start, end = width - keep, width
+        if (start, end) == (0, width):
+            continue
+        for suffix in ("input_ids", "attention_mask", "token_type_ids"):
+            name = f"{prefix}_{suffix}"
+            if name in out:
+                out[name] = out[name][..., start:end]
+    return out
 
 
 def decode_image(data: bytes, cfg: ConvTowerConfig | VitTowerConfig) -> np.ndarray:

@@ -71,11 +71,24 @@ class DataConfig(Strict):
     """Keep the preprocessed training set in Ray's object store after the first pass, so
     later epochs skip read, decode and tokenize, and likewise the eval split, so each
     evaluation skips them. auto: each split when it fits `cache_max_gb` (its size is
-    exact: tokens and pixels have fixed shapes)."""
+    exact: tokens are stored padded to max_length and pixels have fixed shapes; batches
+    are cut to their longest row only when a worker takes them)."""
     cache_max_gb: float = Field(default=2.0, gt=0)
     """Largest preprocessed training set `cache = "auto"` keeps in memory."""
     prefetch_batches: int = Field(default=2, ge=0)
     """Batches each worker prefetches while the current step runs."""
+    pad_to_multiple_of: int = Field(default=1, ge=1)
+    """Text is padded to the longest row of each batch (never to a tower's max_length,
+    which only truncates), rounded up to a multiple of this: 8 suits GPU tensor cores; on
+    CPU 1 (no rounding) does the least work."""
+    group_by_length: bool = False
+    """Batch rows of similar token length together: each worker sorts the rows of its
+    shuffle window (data.shuffle_buffer rows) by length, cuts them into batches and
+    shuffles the batch order, so padding almost vanishes. The batches are then no longer
+    random samples: a row's in-batch negatives are texts of about its own length, so
+    length stops being a cue that tells them apart (harder negatives, but a biased
+    sample; see the README). Examples mode only: mined batches (packed) are trained as
+    mined."""
 
     def without_negatives(self) -> DataConfig:
         """This config for a split that has no hard negatives (evaluation)."""

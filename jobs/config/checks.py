@@ -112,12 +112,19 @@ def _tower_fact_problems(cfg: JobConfig) -> list[str]:
 
 
 def _packed_problems(cfg: JobConfig) -> list[str]:
+    problems: list[str] = []
     if cfg.data.batches == "packed" and len(cfg.data.train) != 1:
-        return [
+        problems.append(
             f'data.batches = "packed" trains on one plan directory written by `clray mine`, but '
             f"data.train has {len(cfg.data.train)} entries: give exactly one (the plan directory)"
-        ]
-    return []
+        )
+    if cfg.data.batches == "packed" and cfg.data.group_by_length:
+        problems.append(
+            'data.group_by_length = true regroups rows into batches, but data.batches = "packed" trains '
+            "each mined batch as mined: remove group_by_length (packed batches are padded to their "
+            "longest row anyway)"
+        )
+    return problems
 
 
 def _output_problems(cfg: JobConfig) -> list[str]:

@@ -12,6 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,6 +71,16 @@ def warmup_steps(cfg: JobConfig, total_steps: int) -> int:
     return int(cfg.optim.warmup_fraction * total_steps)
 
 
+def fused_adamw_supported(device_type: str) -> bool:
+    """torch's fused AdamW: CUDA since 2.0, CPU since 2.4. On CPU it is about 5x faster
+    than the default for-loop AdamW (0.05 s against 0.26 s a step for the 22.7M parameters
+    of MiniLM-L6 on one core), which is most of the optimizer step clray adds to a step."""
+    if device_type == "cuda":
+        return True
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 4)
+
+
 def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
     """Wrap the model in a DeepSpeed engine with AdamW + warmup/cosine; returns the engine."""
     if not cfg.scaling.use_gpu:
@@ -76,11 +90,13 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
 
+    device_type = next(model.parameters()).device.type
     optimizer = torch.optim.AdamW(
         model.param_groups(cfg.optim.weight_decay),
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
+        fused=fused_adamw_supported(device_type) or None,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -96,8 +112,44 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
     return engine
 
 
+class PhaseTimes:
+    """Seconds spent in each phase of the training steps since the last ``reset``: what
+    the worker logs as ``time/<phase>`` (mean seconds per step) so a run says where its
+    step time goes. perf_counter only: no synchronisation is added on CPU; on GPU the
+    phases are as the host sees them (kernels run asynchronously)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+def watch_reduction(engine: Any, times: PhaseTimes) -> None:
+    """Time DeepSpeed's gradient reduction (``allreduce_gradients``, which ``backward``
+    calls at its end: the all-reduce at ZeRO 0, the reduce-scatter epilogue at ZeRO 1-3)
+    into ``times["reduce"]``, by wrapping that method on this engine instance. DeepSpeed's
+    own timers (``wall_clock_breakdown``) would do it too, but print a line every step."""
+    original = engine.allreduce_gradients
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with times.phase("reduce"):
+            return original(*args, **kwargs)
+
+    engine.allreduce_gradients = timed
+
+
 def train_step(
-    engine: Any, loss_fn: torch.nn.Module, batch: dict[str, Any], gradcache_chunk: int | None = None
+    engine: Any, loss_fn: torch.nn.Module, batch: dict[str, Any], gradcache_chunk: int | None = None,
+    times: PhaseTimes | None = None,
 ) -> tuple[Any, float, float | None]:
     """One optimizer step: encode, loss over gathered candidates, backward, step.
 
@@ -111,10 +163,14 @@ def train_step(
     result equals the uncached step at ZeRO 0-3.
 
     Returns the loss output and the logit scale and bias the step used: under ZeRO-3
-    those parameters are partitioned outside forward, so this is where they are readable."""
+    those parameters are partitioned outside forward, so this is where they are readable.
+    ``times`` gets the step's seconds in forward (encoders and loss), backward (with the
+    gradient reduction inside it; ``watch_reduction`` books that part as "reduce") and
+    the optimizer step; with gradcache, "forward" holds the chunks' re-encoding too."""
     from clray.models.gradcache import gradcache_step
     from clray.models.losses import apply_loss
 
+    times = times if times is not None else PhaseTimes()
     used: dict[str, Any] = {}
 
     def compute(encoded: Any) -> Any:
@@ -131,14 +187,20 @@ def train_step(
 
         def backward(surrogate: torch.Tensor, last: bool) -> None:
             engine.set_gradient_accumulation_boundary(last)
-            engine.backward(surrogate)
+            with times.phase("backward"):
+                engine.backward(surrogate)
 
         device = next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).device
+        started, before = time.perf_counter(), times.seconds["backward"]
         out = gradcache_step(engine, batch, gradcache_chunk, compute, backward, device=device)
+        times.seconds["forward"] += time.perf_counter() - started - (times.seconds["backward"] - before)
     else:
-        out = compute(engine(batch))
-        engine.backward(out.loss)
-    engine.step()
+        with times.phase("forward"):
+            out = compute(engine(batch))
+        with times.phase("backward"):
+            engine.backward(out.loss)
+    with times.phase("step"):
+        engine.step()
     bias = used["bias"]
     return out, float(used["scale"].detach().float()), None if bias is None else float(bias.detach().float())
 

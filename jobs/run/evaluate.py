@@ -32,14 +32,14 @@ def _tower_cfg(cfg: JobConfig, view: str):
 
 def class_prompt_embeddings(model: Any, cfg: JobConfig, text_view: str, device: torch.device) -> torch.Tensor:
     """One embedding per class: the normalised mean over the prompt templates."""
-    from clray.models.preprocess import preprocess_view
+    from clray.models.preprocess import preprocess_view, trim_padding
 
     tower = _tower_cfg(cfg, text_view)
     encode = model.encode_anchor if text_view == "anchor" else model.encode_positive
     per_class = []
     for name in cfg.data.class_names:
         prompts = [t.format(name) for t in cfg.data.prompt_templates]
-        arrays = preprocess_view(tower, prompts, text_view)
+        arrays = trim_padding(preprocess_view(tower, prompts, text_view), cfg.data.pad_to_multiple_of)
         batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
         emb = encode(batch).float().mean(dim=0)
         per_class.append(torch.nn.functional.normalize(emb, dim=0))
@@ -64,12 +64,15 @@ def embed_split(model: Any, batches: Any, bf16: bool, has_labels: bool) -> dict[
 @torch.no_grad()
 def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, bf16: bool) -> dict[str, Any]:
     from clray.models.metrics import retrieval_metrics, zero_shot_accuracy
+    from clray.pipelines.collate import training_collate
 
     was_training = model.training
     model.eval()
     try:
         has_labels = cfg.data.label_column is not None
-        batches = eval_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device)  # [ray]
+        # Dynamic padding as in training: each eval batch is cut to its longest row.
+        batches = eval_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device,
+                                                collate_fn=training_collate(cfg.data))  # [ray]
         emb = embed_split(model, batches, bf16, has_labels)
         labels = emb.get("label")
         metrics: dict[str, Any] = {"eval_rows": int(emb["anchor"].shape[0])}

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,7 +30,15 @@ from clray.jobs.run.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from clray.jobs.run.engine import adopt_config, build_engine, cast_batch, train_step, use_bf16
+from clray.jobs.run.engine import (
+    PhaseTimes,
+    adopt_config,
+    build_engine,
+    cast_batch,
+    train_step,
+    use_bf16,
+    watch_reduction,
+)
 from clray.jobs.run.schedule import Schedule, TrainState
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
@@ -66,10 +75,20 @@ class WorkerSpec:
                    progress=config.get("progress"))
 
 
+PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
+"""Where a training step's time goes, logged as ``time/<phase>`` (mean seconds per step,
+averaged over ranks): waiting for the batch, forward (encoders and loss), backward
+(without the gradient reduction), the gradient reduction DeepSpeed does at the end of
+backward, the optimizer step (at ZeRO 1-2 with the gathering of updated parameters), and
+the rest (evaluation, metric logging, checkpoints and reports to Ray). ``time/wall`` is
+the wall time per step; the phases add up to it but for the loop's own bookkeeping."""
+
+
 class MetricWindow:
     """Accumulates per-step numbers between two logs."""
 
     def __init__(self) -> None:
+        self.times = PhaseTimes()
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +96,7 @@ class MetricWindow:
         self.steps = 0
         self.data_time = 0.0
         self.step_time = 0.0
+        self.times.reset()
         self.started = time.perf_counter()
 
     def add(self, metrics: dict[str, float], data_time: float, step_time: float) -> None:
@@ -86,21 +106,33 @@ class MetricWindow:
         self.data_time += data_time
         self.step_time += step_time
 
+    def phase_seconds(self) -> list[float]:
+        """Seconds per step of each of ``PHASES`` (backward without its reduction)."""
+        seconds = dict(self.times.seconds)
+        seconds["backward"] = seconds.get("backward", 0.0) - seconds.get("reduce", 0.0)
+        seconds["optimizer"] = seconds.get("step", 0.0)
+        seconds["data"] = self.data_time
+        return [seconds.get(name, 0.0) / max(1, self.steps) for name in PHASES]
+
     def reduce(self, global_batch: int) -> dict[str, float]:
         """Average over steps and ranks (one small all_reduce)."""
         keys = sorted(self.sums)
+        elapsed = time.perf_counter() - self.started
         local = torch.tensor(
-            [self.sums[k] / max(1, self.steps) for k in keys] + [self.data_time, self.step_time],
+            [self.sums[k] / max(1, self.steps) for k in keys] + self.phase_seconds()
+            + [elapsed / max(1, self.steps), self.data_time, self.step_time],
             dtype=torch.float64,
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(local)
             local /= dist.get_world_size()
         out = {k: float(v) for k, v in zip(keys, local[: len(keys)], strict=True)}
+        for name, value in zip((*PHASES, "wall"), local[len(keys):-2], strict=True):
+            out[f"time/{name}"] = float(value)
         data_time, step_time = float(local[-2]), float(local[-1])
-        elapsed = time.perf_counter() - self.started
         out["samples_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
         out["data_wait_fraction"] = data_time / max(step_time, 1e-9)
+        out["window_steps"] = self.steps
         return out
 
 
@@ -183,13 +215,17 @@ class Worker:
                 pass
 
     def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        from clray.pipelines.collate import training_collate  # imports Ray Data
+
         data = self.cfg.data
         if self.schedule.packed:
             # One row per mined batch: taken whole, never re-batched or shuffled here; each
             # torch batch is [1, B, ...], the 1 dropped.
             rows = shard.iter_torch_batches(batch_size=1, drop_last=True, prefetch_batches=data.prefetch_batches,
-                                            device=self.device)  # [ray]
+                                            device=self.device, collate_fn=training_collate(data))  # [ray]
             return ({key: value[0] for key, value in batch.items()} for batch in rows)
+        if data.group_by_length:
+            return self._length_grouped(shard, epoch)
         return iter(shard.iter_torch_batches(  # [ray]
             batch_size=self.cfg.local_batch_size,
             drop_last=True,
@@ -198,7 +234,30 @@ class Worker:
             local_shuffle_seed=(self.cfg.run.seed * 100_003 + epoch * 101 + self.rank) if data.deterministic else None,
             prefetch_batches=data.prefetch_batches,
             device=self.device,
+            collate_fn=training_collate(data),  # dynamic padding: each batch cut to its longest row
         ))
+
+    def _length_grouped(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """data.group_by_length: whole shuffle windows (data.shuffle_buffer rows, shuffled
+        as usual) are taken from Ray and cut into batches of similar-length rows here
+        (``pipelines.length_groups``), then padded to each batch's longest row."""
+        from clray.pipelines.collate import training_collate
+        from clray.pipelines.length_groups import length_grouped_batches
+
+        data, size = self.cfg.data, self.cfg.local_batch_size
+        window = max(size, data.shuffle_buffer // size * size)
+        seed = self.cfg.run.seed * 100_003 + epoch * 101 + self.rank
+        windows = shard.iter_batches(  # [ray]
+            batch_size=window, batch_format="numpy", drop_last=False,
+            local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
+            local_shuffle_seed=seed if data.deterministic else None,
+            prefetch_batches=1,
+        )
+        collate = training_collate(data)
+        rng = np.random.default_rng(seed if data.deterministic else None)
+        for batch in length_grouped_batches(windows, size, rng):
+            yield {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                   for key, value in collate(batch).items()}
 
     def _next(self, batches: Iterator[dict[str, torch.Tensor]], state: TrainState) -> dict[str, torch.Tensor]:
         try:
@@ -282,6 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
+    watch_reduction(engine, window.times)
     while state.step < schedule.end_step:
         window.reset()
         t0 = time.perf_counter()
@@ -289,11 +349,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t1 = time.perf_counter()
             worker.record_batch(state, batch)
             engine.module.set_progress(state.step / max(1, schedule.total_steps - 1))
-            out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk)
+            out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk, window.times)
             t2 = time.perf_counter()
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
-            worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
+            with window.times.phase("other"):
+                worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
             t0 = time.perf_counter()
         if state.step_in_epoch >= schedule.steps_per_epoch:
             state.next_epoch()

@@ -31,6 +31,10 @@ class TeacherConfig(Strict):
     """Hugging Face teachers: tokens per text after truncation."""
     batch_size: int = Field(default=128, ge=1)
     """Rows per teacher forward pass."""
+    block_rows: int = Field(default=2048, ge=1)
+    """Rows a teacher actor takes at once: sorted by token length within the block, then
+    embedded batch_size at a time, each forward padded to its own longest row (the
+    block's order is restored on write). Larger blocks pad less and hold more memory."""
     num_actors: int = Field(default=1, ge=1)
     """Teacher replicas (Ray Data actor pool); each loads the model once."""
     cpus_per_actor: float = Field(default=1.0, gt=0)

@@ -95,7 +95,7 @@ def embed_corpus(
             TeacherEmbedder,
             fn_constructor_kwargs={"teacher_cfg": teacher_cfg, "data_cfg": split.data, "use_gpu": use_gpu},
             batch_format="pyarrow",
-            batch_size=teacher_cfg.batch_size,
+            batch_size=max(teacher_cfg.batch_size, teacher_cfg.block_rows),  # sorted by length within it
             compute=ray.data.ActorPoolStrategy(size=teacher_cfg.num_actors),  # [ray]
             num_cpus=teacher_cfg.cpus_per_actor,
             num_gpus=1 if use_gpu else 0,

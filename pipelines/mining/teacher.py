@@ -135,11 +135,13 @@ class TeacherEmbedder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_teacher(teacher_cfg).to(self.device)
         self.data_cfg = data_cfg
+        self.batch_size = teacher_cfg.batch_size
         self.towers = {"anchor": self.model.cfg.anchor, "positive": self.model.cfg.positive_tower}
 
     def _embed(self, table: pa.Table, view_name: str) -> np.ndarray:
         import torch
 
+        from clray.models.encoding import encode_by_length
         from clray.models.preprocess import preprocess_view
 
         values = table.column(getattr(self.data_cfg, view_name).column).to_pylist()
@@ -147,16 +149,12 @@ class TeacherEmbedder:
             return np.zeros((0, self.model.cfg.embed_dim), dtype=np.float32)
         encode = self.model.encode_anchor if view_name == "anchor" else self.model.encode_positive
         arrays = preprocess_view(self.towers[view_name], values, view_name)
-        mask_key = f"{view_name}_attention_mask"
-        if mask_key in arrays:
-            # Texts are padded to max_length for training's fixed shapes; the teacher only
-            # needs the batch's longest (a masked position changes nothing), which is
-            # several times faster for short texts.
-            longest = max(1, int(arrays[mask_key].sum(axis=1).max()))
-            arrays = {k: v[:, :longest] for k, v in arrays.items()}
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        # The block's rows sorted by length and embedded batch_size at a time, each forward
+        # padded to its own longest row, the order restored (models.encoding): on real
+        # text most forwards are far shorter than max_length.
         with torch.inference_mode():
-            return encode(inputs).float().cpu().numpy()
+            return encode_by_length(encode, inputs, view_name, self.batch_size).float().cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from clray.pipelines.validate import PATH_COLUMN, row_problems
