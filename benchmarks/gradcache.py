@@ -36,7 +36,7 @@ The loss is the quickstart's InfoNCE (``loss.mode = "gather"``: the [B, B] logit
 materialised, which at B = 1024 is itself several MiB); ``--loss-mode tiled
 --block-size 128`` runs the same loss without that matrix.
 
-    .venv/bin/python benchmarks/gradcache.py [--batches 64 256 1024] [--chunk 32]
+    .venv/bin/python benchmarks/gradcache.py [--tiny] [--batches 64 256 1024] [--chunk 32]
                                              [--engine] [--loss-mode tiled] [--json]
 
 Other benchmarks can call :func:`measure` and get the rows back (:func:`format_table`
@@ -298,7 +298,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--chunk", type=int, default=32)
@@ -309,7 +309,10 @@ def main() -> None:
     parser.add_argument("--loss-mode", choices=["gather", "tiled"], help="override the quickstart's loss.mode")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="batch 8, chunk 4, one repeat: a smoke test")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batches, args.chunk, args.repeats = [8], 4, 1
     if args.child:
         print(json.dumps(_child(**json.loads(args.child))))
         return

@@ -11,7 +11,7 @@
    (``benchmarks/siglip_ring.py``).
 
     .venv/bin/python benchmarks/losses.py [--sections tiled gradcache siglip]
-        [--batches 4096 16384 65536] [--block 1024]
+        [--batches 4096 16384 65536] [--block 1024] [--tiny]
 """
 
 from __future__ import annotations
@@ -78,14 +78,17 @@ def _run(mode: str, batch: int, block: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--block", type=int, default=1024, help="tile side (loss.block_size; its default)")
     parser.add_argument("--sections", nargs="+", default=["tiled", "gradcache", "siglip"],
                         choices=["tiled", "gradcache", "siglip"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="the smallest size of each section: a smoke test")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batches, args.block = [64], 32
     if args.child:
         mode, batch, block = args.child
         print(json.dumps(_measure(mode, int(batch), int(block))))
@@ -96,14 +99,16 @@ def main() -> None:
     if "gradcache" in args.sections:
         import gradcache
 
-        for loss_mode, block in (("gather", None), ("tiled", 128)):
+        sizes = {"batches": (8,), "chunk": 4, "repeats": 1} if args.tiny else {"repeats": 5}
+        for loss_mode, block in (("gather", None),) if args.tiny else (("gather", None), ("tiled", 128)):
             print()
-            print(gradcache.format_table(gradcache.measure(loss_mode=loss_mode, block_size=block, repeats=5)), flush=True)
+            print(gradcache.format_table(gradcache.measure(loss_mode=loss_mode, block_size=block, **sizes)), flush=True)
     if "siglip" in args.sections:
         import siglip_ring
 
         print()
-        siglip_ring.print_table(siglip_ring.run([2, 4], 4096, 1024), 4096, 1024)
+        worlds, local, block = ([2], 64, 32) if args.tiny else ([2, 4], 4096, 1024)
+        siglip_ring.print_table(siglip_ring.run(worlds, local, block), local, block)
 
 
 def _tiled_table(batches: list[int], block: int) -> None:

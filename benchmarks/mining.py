@@ -24,7 +24,7 @@ its per-query positive masking and output building. Without ``datasets`` install
 (``pip install datasets``; not a clray dependency) the script says so and times only
 ST's search, labelled as such.
 
-    .venv/bin/python benchmarks/mining.py [--sizes 100000 1000000] [--k 32]
+    .venv/bin/python benchmarks/mining.py [--tiny] [--sizes 100000 1000000] [--k 32]
         [--batch-size 256] [--no-st]
 
 Measured with the default arguments in ONE run on the 2-core CPU machine with the CPU to
@@ -250,13 +250,16 @@ def compare_st(emb: np.ndarray, k: int, clray_total: float, clray_neg: np.ndarra
               f"{r['agreement']:.3f} of its negatives are among clray's")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--no-st", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="2,000 rows: a smoke test")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.sizes, args.k, args.batch_size = [2000], 16, 64
     for n in args.sizes:
         t0 = time.perf_counter()
         emb = corpus(n)

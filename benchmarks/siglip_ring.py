@@ -10,7 +10,7 @@ negatives off, after an untimed warm-up at a small size:
 - ring: positive blocks travel around the ring of workers by point-to-point exchange,
   tiled inside each block; no rank ever holds more than a few blocks.
 
-    .venv/bin/python benchmarks/siglip_ring.py [--worlds 2 4] [--local-batch 4096] [--block 1024]
+    .venv/bin/python benchmarks/siglip_ring.py [--worlds 2 4] [--local-batch 4096] [--block 1024] [--tiny]
 
 On a 2-core machine W=4 oversubscribes the cores, so step times are comparable between
 the two modes at one W, not across W.
@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--local-batch", type=int, default=4096)
     parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--tiny", action="store_true", help="2 workers, 64 rows each: a smoke test")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.worlds, args.local_batch, args.block = [2], 64, 32
     print_table(run(args.worlds, args.local_batch, args.block), args.local_batch, args.block)
 
 

@@ -1,16 +1,21 @@
 """Quickstart step loop, two ways in one run: clray vs a plain single-process torch loop.
 
 clray: `run_training` on a local Ray, N workers running DeepSpeed (ZeRO from the config),
-batches streamed by Ray Data, negatives gathered across workers. Its samples/s is the
-steady state: the mean over reports after the first (which includes worker start-up).
+batches streamed by Ray Data, negatives gathered across workers. Its samples/s is all
+its training samples over its whole training loop (first batch to last step, from the
+workers' logs: ``window_steps`` x ``time/wall`` of every train event), and where a step's
+time goes (``time/<phase>``).
 
-Reference: one process, the same model, loss, optimizer, global batch and
-steps, on tensors preprocessed up front (no data loading at all), using every core
-(torch threads = cores). The ratio says what the distributed machinery costs (or wins)
-on this machine; on one 2-core box the reference has the advantage of zero
-communication and zero data wait.
+Reference: one process, the same model, loss, optimizer (fused AdamW where torch has it,
+as clray), global batch and steps, on tensors preprocessed up front (no data loading at
+all), each batch cut to its longest caption as clray's collate does, using every core
+(torch threads = cores); its samples/s is likewise all samples over all steps' time. The
+ratio says what the distributed machinery costs (or wins) on this machine; on one 2-core
+box the reference has the advantage of zero communication and zero data wait.
 
-    .venv/bin/python benchmarks/train_loop.py [--epochs 6] [--workers 2]
+    .venv/bin/python benchmarks/train_loop.py [--epochs 6] [--workers 2] [--tiny]
+
+``--tiny`` runs a few steps (tests/test_benchmarks.py): for catching API changes only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,9 +41,10 @@ from clray.jobs.run.engine import warmup_cosine, warmup_steps  # noqa: E402
 def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
+    from clray.jobs.run.engine import fused_adamw_supported
     from clray.models.dual_encoder import DualEncoder
-    from clray.models.losses import build_loss
-    from clray.models.preprocess import preprocess_view
+    from clray.models.losses import apply_loss, build_loss
+    from clray.models.preprocess import preprocess_view, trim_padding
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows = pq.read_table(sorted((corpus / "train").glob("*.parquet"))).to_pylist()
@@ -51,79 +58,90 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
     model = DualEncoder(cfg.model)
     loss_fn = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  fused=fused_adamw_supported("cpu") or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps, warmup_steps(cfg, steps), cfg.optim.min_lr_ratio))
     batch_size = cfg.train.global_batch_size
     n = len(rows)
 
-    def step(i: int) -> None:
+    def step() -> None:
         idx = torch.randint(0, n, (batch_size,))
-        batch = {k: v[idx] for k, v in tensors.items()}
-        anchor, positive, scale = model(batch)
-        out = loss_fn(anchor, positive, logit_scale=scale)
+        batch = trim_padding({k: v[idx] for k, v in tensors.items()})
+        out = apply_loss(loss_fn, model(batch), batch)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         schedule.step()
 
-    warm = min(5, steps // 5)
-    for i in range(warm):
-        step(i)
     started = time.perf_counter()
-    for i in range(warm, steps):
-        step(i)
+    for _ in range(steps):
+        step()
     elapsed = time.perf_counter() - started
-    return {"samples_per_s": batch_size * (steps - warm) / elapsed, "steps": steps}
+    return {"samples_per_s": batch_size * steps / elapsed, "steps": steps, "seconds": elapsed}
 
 
-def clray_loop(cfg: JobConfig) -> dict[str, float]:
+PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
+
+
+def clray_loop(cfg: JobConfig) -> dict[str, Any]:
     from clray.jobs.run import run_training
 
     summary = run_training(cfg)
     events = [json.loads(line) for line in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in events if e["event"] == "train"][1:]  # the first window holds start-up
+    train = [e for e in events if e["event"] == "train"]
+    steps = sum(e["window_steps"] for e in train)
+    seconds = sum(e["window_steps"] * e["time/wall"] for e in train)
     return {
-        "samples_per_s": sum(e["samples_per_s"] for e in train) / len(train),
-        "data_wait_fraction": sum(e["data_wait_fraction"] for e in train) / len(train),
+        "samples_per_s": cfg.train.global_batch_size * steps / seconds,
+        "seconds": seconds,
+        "phases": {p: sum(e["window_steps"] * e[f"time/{p}"] for e in train) / steps for p in PHASES},
         "steps": summary.steps,
         "wall_seconds": summary.wall_seconds,
         "zero_shot_accuracy": summary.eval.get("eval/zero_shot_accuracy", float("nan")),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--zero-stage", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--zero-stage", type=int, default=None, help="default: the quickstart config's")
+    parser.add_argument("--tiny", action="store_true", help="3 steps, no evaluation: a smoke test")
+    args = parser.parse_args(argv)
 
     from clray.pipelines.quickstart import write_quickstart_corpus
 
     with tempfile.TemporaryDirectory(prefix="clray-bench-") as tmp:
         corpus = Path(tmp) / "data"
         write_quickstart_corpus(corpus)
-        cfg = load_config(REPO / "configs" / "quickstart.toml", [
+        overrides = [
             f'data.train="{corpus / "train"}"', f'data.eval="{corpus / "eval"}"',
             f'run.output_dir="{Path(tmp) / "runs"}"', f"train.epochs={args.epochs}",
-            f"scaling.num_workers={args.workers}", f"train.zero_stage={args.zero_stage}",
-            "train.log_every=5",
-        ])
+            f"scaling.num_workers={args.workers}", "train.log_every=5",
+        ]
+        if args.zero_stage is not None:
+            overrides.append(f"train.zero_stage={args.zero_stage}")
+        if args.tiny:
+            overrides += ["train.max_steps=3", "data.eval=[]"]
+        cfg = load_config(REPO / "configs" / "quickstart.toml", overrides)
         clray = clray_loop(cfg)
         plain = plain_loop(cfg, corpus, clray["steps"])
 
     print()
     print(f"quickstart step loop, global batch {cfg.train.global_batch_size}, {clray['steps']} steps, "
-          f"{os.cpu_count()} cores")
-    print(f"{'':34}{'samples/s':>12}")
-    print(f"{'plain torch, 1 process (reference)':34}{plain['samples_per_s']:>12.0f}")
-    print(f"{f'clray, {args.workers} Ray Train workers + ZeRO-{args.zero_stage}':34}{clray['samples_per_s']:>12.0f}")
-    print(f"ratio clray / reference: {clray['samples_per_s'] / plain['samples_per_s']:.2f}x")
-    print(f"clray data-wait fraction of step time: {clray['data_wait_fraction']:.3f}")
+          f"{os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})")
+    print(f"{'':40}{'samples/s':>12}{'loop s':>9}")
+    print(f"{'plain torch, 1 process (reference)':40}{plain['samples_per_s']:>12.0f}{plain['seconds']:>9.1f}")
+    label = f"clray, {args.workers} Ray Train workers + ZeRO-{cfg.train.zero_stage}"
+    print(f"{label:40}{clray['samples_per_s']:>12.0f}{clray['seconds']:>9.1f}")
+    print(f"ratio clray / reference (total samples over total loop time): "
+          f"{clray['samples_per_s'] / plain['samples_per_s']:.2f}x")
+    print("clray step time, ms/step: " + "  ".join(f"{p} {1000 * v:.1f}" for p, v in clray["phases"].items()))
     print(f"clray wall time incl. Ray start, data validation, eval, export: {clray['wall_seconds']:.1f} s "
           f"(zero-shot accuracy {clray['zero_shot_accuracy']:.3f})")
+    return {"clray": clray, "plain": plain}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ report, for many random start orders and several grace periods and reduction fac
 with trials advancing one evaluation at a time, two at once. It prints how often each
 setting meets the goal; the real ASHA run above is one draw of that.
 
-    .venv/bin/python benchmarks/tune.py [--epochs 16] [--workdir DIR]
+    .venv/bin/python benchmarks/tune.py [--epochs 16] [--workdir DIR] [--tiny]
 
 Trial-steps and metrics do not depend on machine load; the seconds do.
 """
@@ -59,7 +59,7 @@ an ascending order, whose first trials are the hopeless low temperatures, would 
 those run to the end in any search."""
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--grace", type=int, default=22, help="ASHA grace period in steps (22: two epochs)")
@@ -67,17 +67,21 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=2000, help="random start orders replayed per ASHA setting")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--concurrent", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="2 temperatures, 2 epochs, 20 replays: a smoke test")
+    args = parser.parse_args(argv)
+    temperatures = TEMPERATURES[:2] if args.tiny else TEMPERATURES
+    if args.tiny:
+        args.epochs, args.grace, args.replays = 2, 11, 20
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clray-bench-tune-"))
     data = work / "data"
     if not (data / "train").is_dir():
         write_quickstart_corpus(data)
-    order = random.Random(ORDER_SEED).sample(TEMPERATURES, len(TEMPERATURES))
+    order = random.Random(ORDER_SEED).sample(temperatures, len(temperatures))
     grid = "[" + ", ".join(str(t) for t in order) + "]"
     common = [
         f'data.train="{data / "train"}"', f'data.eval="{data / "eval"}"', f'run.output_dir="{work / "runs"}"',
-        f"train.epochs={args.epochs}", 'search.algorithm="grid"', "search.num_trials=" + str(len(TEMPERATURES)),
+        f"train.epochs={args.epochs}", 'search.algorithm="grid"', "search.num_trials=" + str(len(temperatures)),
         f"search.max_concurrent={args.concurrent}",
         # the same temperature trains identically in both searches: only the scheduler differs
         "data.deterministic=true",
@@ -97,7 +101,7 @@ def main() -> int:
     grid_summary, grid_s = results["grid"]
     asha_summary, asha_s = results["asha"]
     print()
-    print(f"temperature search on the quickstart corpus: {len(TEMPERATURES)} temperatures, {args.epochs} epochs "
+    print(f"temperature search on the quickstart corpus: {len(temperatures)} temperatures, {args.epochs} epochs "
           f"per full trial, metric {grid_summary.metric}")
     print(f"{'search':8} {'trial-steps':>12} {'best':>8} {'best temperature':>17} {'stopped':>8} {'seconds':>8}")
     for name, (summary, seconds) in results.items():
@@ -122,7 +126,7 @@ def main() -> int:
     print(f"ASHA replayed on the grid's curves: {args.replays} random start orders, {args.concurrent} trials at a time")
     print(f"{'grace':>6} {'rf':>4} {'mean steps ratio':>17} {'P(ratio<=0.5)':>14} {'P(gap<=0.01)':>13} {'P(goal)':>8}")
     rng = random.Random(1)
-    orders = [rng.sample(TEMPERATURES, len(TEMPERATURES)) for _ in range(args.replays)]
+    orders = [rng.sample(temperatures, len(temperatures)) for _ in range(args.replays)]
     for grace in sorted({every * 2, every * 3, args.grace}):
         for rf in sorted({2.0, 3.0, 4.0, float(args.reduction_factor)}):
             runs = [replay_asha(curves, o, grace, rf, args.concurrent, full, every) for o in orders]
