@@ -77,7 +77,11 @@ def prepare(corpus: Path, out: Path, rows: int, eval_rows: int | None, short: bo
             table = table.set_column(2, "code", first)
         return table
 
-    train = cut(pq.read_table(sorted((corpus / "train").glob("*.parquet"))).slice(0, rows))
+    files = sorted((corpus / "train").glob("*.parquet"))
+    if not files or not (corpus / "eval").is_dir():
+        raise SystemExit(f"--corpus {corpus}: no train/*.parquet and eval/ there; point --corpus at "
+                         "shared/corpora/codesearch (its default is the one beside the repository)")
+    train = cut(pq.read_table(files).slice(0, rows))
     test = cut(pq.read_table(sorted((corpus / "eval").glob("*.parquet"))))
     if eval_rows:
         test = test.slice(0, eval_rows)

@@ -96,3 +96,18 @@ def test_a_loss_rule_comes_out_beside_a_schema_error(tmp_path: Path) -> None:
         load_config(path)
     text = "\n".join(err.value.problems)
     assert "optim.lr_typo: unknown key" in text and "loss.mask_same_label" in text
+
+
+def test_group_by_length_on_packed_batches_is_a_config_problem(tmp_path: Path) -> None:
+    """Mined batches are trained as mined: regrouping them by length is refused up front."""
+    path = text_config(tmp_path)
+    raw = tomllib.loads(path.read_text())
+    raw["data"].update(batches="packed", group_by_length=True)
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    (problem,) = err.value.problems
+    assert "data.group_by_length" in problem and "packed" in problem
+    raw["data"]["batches"] = "examples"
+    path.write_text(tomli_w.dumps(raw))
+    assert load_config(path).data.group_by_length

@@ -99,3 +99,24 @@ def test_an_event_survives_its_record(event: events.Event) -> None:
 def test_an_unknown_event_is_named() -> None:
     with pytest.raises(ValueError, match="unknown run event 'nope'"):
         events.parse({"event": "nope"})
+
+
+def test_metric_window_says_where_a_steps_time_goes() -> None:
+    """time/<phase>: mean seconds per step; backward is logged without the gradient
+    reduction inside it; window_steps lets a reader add the windows up."""
+    from clray.jobs.run.worker import PHASES, MetricWindow
+
+    window = MetricWindow()
+    for _ in range(2):
+        window.times.seconds["forward"] += 1.0
+        window.times.seconds["backward"] += 3.0
+        window.times.seconds["reduce"] += 0.5
+        window.times.seconds["step"] += 0.25
+        window.add({"loss": 1.0}, data_time=0.1, step_time=4.0)
+    out = window.reduce(global_batch=8)
+    assert out["window_steps"] == 2
+    assert {f"time/{p}" for p in PHASES} | {"time/wall"} <= set(out)
+    assert out["time/forward"] == 1.0 and out["time/backward"] == 2.5 and out["time/reduce"] == 0.5
+    assert out["time/optimizer"] == 0.25 and abs(out["time/data"] - 0.1) < 1e-9
+    window.reset()
+    assert not window.times.seconds and window.steps == 0
