@@ -120,3 +120,17 @@ def test_metric_window_says_where_a_steps_time_goes() -> None:
     assert out["time/optimizer"] == 0.25 and abs(out["time/data"] - 0.1) < 1e-9
     window.reset()
     assert not window.times.seconds and window.steps == 0
+
+
+def test_a_local_ray_runs_its_workers_at_normal_priority(ray_session: None) -> None:
+    """Ray starts workers at nice 15; clray's local Ray at 0 (jobs.runtime.RAY_KNOBS), so a
+    training worker is not the last to get the CPU on a shared machine."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
