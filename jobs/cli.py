@@ -358,17 +358,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from clray.jobs import views
     from clray.jobs.config import ConfigError
-    from clray.jobs.run import TrainingError
+    from clray.jobs.run import RunError, RunStopped
     from clray.jobs.submit import SubmitError
     from clray.pipelines.errors import DataError, MineError
     from clray.pipelines.plan_format import PlanFormatError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, TrainingError, MineError, PlanFormatError, SubmitError,
+    except (ConfigError, DataError, RunError, MineError, PlanFormatError, SubmitError,
             FileNotFoundError) as exc:
         views.print_error(str(exc))
         return 2
+    except RunStopped as stop:
+        views.print_error(str(stop))
+        return stop.exit_code
     except KeyboardInterrupt:
         views.print_error("interrupted; start the same run again to resume from its last checkpoint")
         return 130

@@ -41,6 +41,16 @@ RAY_KNOBS: dict[str, str] = {
     "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
     "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
     "CPU); clray compiles nothing",
+    "Dataset.context._execution_idx": "set, not read from the environment: Ray Data seeds an "
+    "epoch's shuffle with it (+1 after each execution, 0 in a new driver or split "
+    "coordinator); jobs.run.ingest sets it to the epoch a start resumes in, so a resumed "
+    "run shuffles every epoch as an uninterrupted one does",
+    "ray.data._internal.datasource_v2.common.synthesized_columns._compute_row_hashes": "called "
+    "by pipelines._compat.row_hashes: the row_hash read_parquet(include_row_hash=True) gives a "
+    "row, computed on the driver to leave duplicate-id rows out of training",
+    "checkpoint_manager_snapshot.json": "Ray Train V2's registry of checkpoints in the run "
+    "directory; jobs.run.resume moves it aside when it is cut short or names a checkpoint "
+    "that is gone (Ray would fail the run), and clray's retention keeps what it lists",
 }
 """Ray and library knobs outside the documented APIs: name -> value and reason."""
 

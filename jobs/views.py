@@ -30,6 +30,10 @@ def _data_lines(event: events.DataEvent) -> list[str]:
     plan = event.plan
     lines = [f"data: {plan['num_train_rows']} training rows, {plan['steps_per_epoch']} steps/epoch, "
              f"{plan['total_steps']} steps in all"]
+    if plan.get("remainder_rows"):
+        batch = (plan["num_train_rows"] - plan["remainder_rows"]) // max(1, plan["steps_per_epoch"])
+        lines.append(f"  {plan['remainder_rows']} rows per epoch do not fill a last global batch of {batch} and sit "
+                     "that epoch out (which ones changes with each epoch's shuffle)")
     if event.quarantined:
         reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event.reasons.items()))
         lines.append(f"[yellow]quarantined {event.quarantined} bad rows[/] ({reasons}) -> {event.quarantine_path}")
@@ -87,9 +91,30 @@ class ProgressView:
             self.task = self.progress.add_task("train", total=self.total, stats="starting workers...")
 
     def _on_resumed(self, event: events.ResumedEvent) -> None:
-        self.console.print(f"resumed from checkpoint at step {event.step} (epoch {event.epoch})")
+        where = f" {event.checkpoint}" if event.checkpoint else ""
+        self.console.print(f"resumed from checkpoint{where} at step {event.step} (epoch {event.epoch})",
+                           highlight=False)
         if self.task is not None:
             self.progress.update(self.task, completed=event.step)
+
+    def _on_failure(self, event: events.FailureEvent) -> None:
+        what = "died" if event.died else "failed"
+        allowed = "no limit" if event.max_failures < 0 else f"train.max_failures = {event.max_failures}"
+        then = ("restarting the workers from the last complete checkpoint" if event.retrying
+                else "no restarts left")
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]worker rank {event.rank} {what}[/] ({escape(event.error)}); {then} "
+                           f"(failure {event.failures}, {allowed})", highlight=False)
+
+    def _on_warning(self, event: events.WarningEvent) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]warning:[/] {escape(event.message)}", highlight=False)
+
+    def _on_end(self, event: events.EndEvent) -> None:
+        if event.stopped:
+            self.stop()
 
     def _on_train(self, event: events.TrainEvent) -> None:
         m = event.metrics

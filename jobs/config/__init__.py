@@ -83,6 +83,11 @@ class TrainConfig(Strict):
     trials on the eval metric while they run."""
     keep_checkpoints: int = Field(default=2, ge=1)
     """How many of the latest checkpoints to keep."""
+    max_failures: int = Field(default=3, ge=-1)
+    """How often Ray Train restarts the workers from the last complete checkpoint after a
+    worker fails while training (a killed or lost process, an error in a step); -1: no
+    limit, 0: the first failure ends the run. A failure while the workers set up (building
+    the model, restoring), or the same error twice in a row, ends the run at once."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -32,6 +32,8 @@ class StepActions:
     """Save a checkpoint (and report it to Ray with the metrics)."""
     report: bool
     """Report the metrics to Ray without a checkpoint."""
+    stop: bool = False
+    """A stop was requested (Ctrl-C, SIGTERM): checkpoint here, then end this start."""
 
 
 class Cadence:
@@ -42,8 +44,10 @@ class Cadence:
         self.schedule = schedule
         self.has_eval = has_eval
 
-    def after(self, step: int) -> StepActions:
-        final = step == self.schedule.end_step
+    def after(self, step: int, stop: bool = False) -> StepActions:
+        """``stop``: a stop request every rank has agreed on for this step (an all-reduced
+        flag, so no rank checkpoints or leaves the loop alone)."""
+        final = step == self.schedule.end_step or stop
         # The final step of a complete run is evaluated once, after the loop (end()).
         evaluate = (self.has_eval and every(step, self.train.eval_every)
                     and not (final and step >= self.schedule.total_steps))
@@ -51,10 +55,11 @@ class Cadence:
         # which takes no step at all) always has its last state saved.
         checkpoint = final or every(step, self.train.checkpoint_every)
         return StepActions(
-            evaluate=evaluate,
+            evaluate=evaluate and not stop,
             log=final or step % self.train.log_every == 0,
             checkpoint=checkpoint,
             report=not checkpoint and (evaluate or every(step, self.train.report_every)),
+            stop=stop,
         )
 
     def evaluate_at_end(self, step: int) -> bool:

@@ -73,10 +73,19 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
     except DataError:
         raise
     except Exception as exc:  # a Ray Data task failed: surface the user's error, not Ray's
-        raise DataError(f"reading the corpus failed: {describe_failure(exc)}") from None
+        raise DataError(unreadable_data(spec) or f"reading the corpus failed: {describe_failure(exc)}") from None
     if eval_ds is not None:
         out.datasets["eval"] = eval_ds
     return out
+
+
+def unreadable_data(spec: DataSpec) -> list[str]:
+    """After a failed read: the shards and row groups that cannot be decoded, found on the
+    driver (``pipelines.integrity``), or [] when every page reads (another cause)."""
+    from clray.pipelines.integrity import unreadable_row_groups
+
+    splits = [s for s in (spec.train, *spec.plan_epochs, spec.eval) if s is not None]
+    return [problem for split in splits for problem in unreadable_row_groups(split)]
 
 
 def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Schedule:
@@ -98,6 +107,7 @@ def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Sche
         packed=packed,
         num_plans=data.packed["num_plans"] if packed else 1,
         stop_step=stop_step,
+        remainder_rows=0 if packed else data.num_rows - per_epoch * cfg.train.global_batch_size,
     )
     if packed:
         # More epochs than plans: epoch e trains on plan e % num_plans.

@@ -26,6 +26,8 @@ class Schedule:
     stop_step: int | None = None
     """Stop here (checkpoint + export, no evaluation) and leave the rest of the run to a
     later start with the same run name; None: run to total_steps."""
+    remainder_rows: int = 0
+    """Examples: valid rows beyond the last full global batch, left out of each epoch."""
 
     @property
     def dataset_names(self) -> list[str]:

@@ -16,26 +16,26 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
 from clray.jobs.run.cadence import Cadence, StepActions
-from clray.jobs.run.checkpoint import (
-    checkpoint_to_restore,
-    export,
-    restore_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
 from clray.jobs.run.engine import adopt_config, build_engine, cast_batch, train_step, use_bf16
+from clray.jobs.run.errors import CheckpointDamagedError
+from clray.jobs.run.ingest import RESUME, reads_remainder
+from clray.jobs.run.recovery import SetupError
+from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
-JSON line per step there: rank, step, epoch, step_in_epoch and the sorted ``id_key``s of
-its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by default."""
+JSON line per step there: rank, its process id, step, epoch, step_in_epoch and the sorted
+``id_key``s of its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by
+default."""
 
 
 @dataclass
@@ -52,18 +52,20 @@ class WorkerSpec:
     adopt_config: bool = False
     progress: Any = None
     """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
+    stop: Any = None
+    """A ``ray.util.queue.Queue`` the driver puts a stop request into (None: no stops)."""
 
     def encode(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
                 "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
-                "adopt_config": self.adopt_config}
+                "adopt_config": self.adopt_config, "stop": self.stop}
 
     @classmethod
     def decode(cls, config: dict[str, Any]) -> WorkerSpec:
         return cls(job=JobConfig.model_validate(config["job"]), schedule=Schedule(**config["plan"]),
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
-                   progress=config.get("progress"))
+                   progress=config.get("progress"), stop=config.get("stop"))
 
 
 class MetricWindow:
@@ -122,9 +124,19 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         self.bf16 = use_bf16(self.cfg)
+        self.world = ray.train.get_context().get_world_size()  # [ray]
         self.eval_shard = ray.train.get_dataset_shard("eval") if spec.has_eval else None  # [ray]
         self.shards: dict[str, Any] = {}
         self.record_path = os.environ.get(RECORD_BATCHES_ENV)
+        self.point: ResumePoint | None = resume_point(self.cfg.run_uri, spec.start_from, self.cfg.storage)
+        """The checkpoint this start restores (the newest complete one; ``jobs.run.resume``)."""
+        self.remainder_epoch: int | None = None
+        """The resumed epoch when it reads the rows its first part did not train (``ingest.RESUME``)."""
+        self.trained: list[np.ndarray] = []
+        """The id keys this rank trained in the current epoch (saved with each checkpoint)."""
+        self.carried = np.zeros(0, dtype=np.int64)
+        """Rank 0: the epoch's rows trained before the checkpoint this start restored."""
+        self.polled = 0.0
 
     def publish(self, event: events.Event) -> None:
         if self.rank == 0 and self.spec.progress is not None:
@@ -138,43 +150,81 @@ class Worker:
 
         seed_everything(self.cfg.run.seed)
         model = DualEncoder(self.cfg.model).to(self.device)
-        engine = build_engine(model, self.cfg, self.schedule.total_steps)
+        # A checkpoint of another worker count loads from its universal form (resume.prepare_elastic).
+        universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.zero_stage)
+        engine = build_engine(model, self.cfg, self.schedule.total_steps, load_universal=universal)
         seed_everything(self.cfg.run.seed + 7919 * (self.rank + 1))
         return engine, build_loss(self.cfg.loss)
 
     def restore(self, engine: Any) -> TrainState:
-        """The state this start begins at: the run's own latest checkpoint, or the one the
-        driver named (``start_from``), or a fresh start."""
-        import ray.train
-
-        checkpoint, foreign = checkpoint_to_restore(ray.train.get_checkpoint(), self.spec.start_from, self.cfg)  # [ray]
+        """The state this start begins at: the checkpoint ``jobs.run.resume`` chose (the
+        run's newest complete one, or the one the driver named, ``start_from``), or a
+        fresh start."""
+        point = self.point
         state = TrainState()
-        if checkpoint is not None:
-            state = restore_checkpoint(engine, checkpoint, self.rank)
+        if point is not None:
+            state, carried = restore_checkpoint(engine, point, self.rank, self.cfg)
             if state.step_in_epoch >= self.schedule.steps_per_epoch:
                 # Saved at an epoch's last step: start the next epoch instead of reading this
                 # one again only to skip all of it.
                 state.next_epoch()
-            self.publish(events.ResumedEvent(step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
-                                             dataset=self.schedule.train_dataset(state.epoch)))
+            else:
+                self.carried = carried
+            if not self.schedule.packed and reads_remainder(point, self.world, self.cfg.data.deterministic):
+                self.remainder_epoch = state.epoch
+            self.publish(events.ResumedEvent(
+                step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
+                dataset=RESUME if self.remainder_epoch is not None else self.schedule.train_dataset(state.epoch),
+                checkpoint=point.uri.rstrip("/").rsplit("/", 1)[-1]))
         # Only the start that restored the donor's checkpoint adopts; a later restart of this
         # run resumes its own checkpoints with what they hold.
-        if foreign and self.spec.adopt_config:
+        if point is not None and point.foreign and self.spec.adopt_config:
             adopt_config(engine, self.cfg)
             self.publish(events.AdoptedEvent(lr=self.cfg.optim.lr, temperature=self.cfg.model.logit_scale.init_temperature))
         return state
+
+    def next_epoch(self, state: TrainState) -> None:
+        state.next_epoch()
+        self.trained = []
+        self.carried = np.zeros(0, dtype=np.int64)
+
+    def consumed(self) -> np.ndarray:
+        """The id keys of this epoch's rows this rank trained (rank 0: with those trained
+        before the restored checkpoint), saved with a checkpoint for ``ingest.RESUME``."""
+        return np.concatenate([self.carried, *self.trained]) if self.trained else self.carried
+
+    def note_trained(self, batch: dict[str, Any]) -> None:
+        if "id_key" in batch:
+            self.trained.append(batch["id_key"].reshape(-1).cpu().numpy().astype(np.int64))
+
+    def stop_requested(self) -> bool:
+        """Whether every rank stops after this step: rank 0 asks the driver's stop queue
+        (at most once a second) and one all-reduced flag tells every rank the same."""
+        local = 0.0
+        if self.rank == 0 and self.spec.stop is not None and time.monotonic() - self.polled >= 1.0:
+            self.polled = time.monotonic()
+            local = 0.0 if self.spec.stop.empty() else 1.0  # [ray]
+        flag = torch.tensor([local], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def epoch_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
         of them; after the last, the shard's remainder (under one batch) is drained so
         the next epoch starts clean."""
-        name = self.schedule.train_dataset(state.epoch)
+        remainder = state.epoch == self.remainder_epoch
+        self.remainder_epoch = None
+        name = RESUME if remainder else self.schedule.train_dataset(state.epoch)
         if name not in self.shards:
             import ray.train
 
             self.shards[name] = ray.train.get_dataset_shard(name)  # [ray]
         batches = self._iterate(self.shards[name], state.epoch)
-        for _ in range(state.step_in_epoch):  # a mid-epoch resume: these were trained
+        # A mid-epoch resume: the epoch's first batches were trained. The remainder dataset
+        # holds only the rows they did not take; the full one replays the same order
+        # (data.deterministic) and skips them.
+        for _ in range(0 if remainder else state.step_in_epoch):
             self._next(batches, state)
         while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
             yield cast_batch(self._next(batches, state), self.bf16)
@@ -213,7 +263,7 @@ class Worker:
     def record_batch(self, state: TrainState, batch: dict[str, Any]) -> None:
         if not self.record_path:
             return
-        line = {"rank": self.rank, "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        line = {"rank": self.rank, "pid": os.getpid(), "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                 "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist())}
         # One short append per line: ranks writing the same file do not interleave lines.
         with open(self.record_path, "a") as fh:
@@ -247,19 +297,25 @@ class Worker:
             metrics = train.record()
             del metrics["event"]
         if actions.checkpoint:
-            save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch})
+            save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch},
+                            cfg=self.cfg, steps_per_epoch=self.schedule.steps_per_epoch, consumed=self.consumed())
             self.publish(events.CheckpointEvent(step=state.step))
         elif actions.report:
             ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
 
-    def finish(self, engine: Any, state: TrainState, cadence: Cadence) -> None:
+    def finish(self, engine: Any, state: TrainState, cadence: Cadence, stopped: bool = False) -> None:
         """The end of this start: the end event, a final evaluation when the run is
-        complete, the export, and the last report to Ray."""
+        complete, the export, and the last report to Ray. A start stopped on request has
+        checkpointed where it stopped and leaves the rest (evaluation, export) to the
+        start that completes the run."""
         import ray.train
 
         complete = state.step >= self.schedule.total_steps
-        self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete))
+        self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete, stopped=stopped))
         final: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+        if stopped:
+            ray.train.report({**final, "final": False, "stopped": True})  # [ray]
+            return
         if cadence.evaluate_at_end(state.step):
             evaluation = self.evaluate(engine, state)
             final.update(evaluation.metrics)
@@ -275,26 +331,39 @@ class ShardExhaustedError(RuntimeError):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    worker = Worker(WorkerSpec.decode(config))
-    engine, loss_fn = worker.build()
-    state = worker.restore(engine)
+    try:
+        worker = Worker(WorkerSpec.decode(config))
+        engine, loss_fn = worker.build()
+        state = worker.restore(engine)
+    except CheckpointDamagedError:
+        raise  # worth a retry: the next attempt restores the checkpoint before
+    except Exception as exc:
+        # Ray Train's controller (recovery.FailureRelay) does not retry what fails here
+        # unless a lost worker explains it: the same config fails the same way again.
+        raise SetupError(f"{type(exc).__name__}: {exc}") from exc
     schedule, cfg = worker.schedule, worker.cfg
     cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
-    while state.step < schedule.end_step:
+    stopped = False
+    while state.step < schedule.end_step and not stopped:
         window.reset()
         t0 = time.perf_counter()
         for batch in worker.epoch_batches(state):
             t1 = time.perf_counter()
             worker.record_batch(state, batch)
+            worker.note_trained(batch)
             engine.module.set_progress(state.step / max(1, schedule.total_steps - 1))
             out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk)
             t2 = time.perf_counter()
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
-            worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
+            actions = cadence.after(state.step, stop=worker.stop_requested())
+            worker.after_step(actions, engine, state, window, scale, bias)
+            if actions.stop and state.step < schedule.end_step:
+                stopped = True
+                break
             t0 = time.perf_counter()
         if state.step_in_epoch >= schedule.steps_per_epoch:
-            state.next_epoch()
-    worker.finish(engine, state, cadence)
+            worker.next_epoch(state)
+    worker.finish(engine, state, cadence, stopped=stopped)

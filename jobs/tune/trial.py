@@ -204,5 +204,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
         os.chdir(started_in)
     cfg, start_from, exploit = _trial_config(job, params, trial_id)
     reporter = TrialReporter(job, cfg.run_uri, cfg.run.name, trial_id, cfg.train.checkpoint_every)
-    run_training(cfg, on_event=reporter.on_event, start_from=start_from, adopt_config=exploit)
+    # No run lock: Tune alone starts a trial's run, and a trial it restarts on another
+    # node could not tell whether the lock of the killed attempt is stale.
+    run_training(cfg, on_event=reporter.on_event, start_from=start_from, adopt_config=exploit, lock=False)
     reporter.finish()
