@@ -93,6 +93,7 @@ def test_same_run_name_resumes_model_optimizer_scheduler_and_counters(ray_sessio
     # back from the checkpoint (a fresh init with the same seed would differ).
     again = run_training(load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=8")))
     assert again.resumed_from_step == 8 and again.steps == 8
+    assert again.final_train == first.final_train and "loss" in again.final_train  # kept, not emptied
     for key, value in _state(again.export_dir).items():
         torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
 
