@@ -151,8 +151,6 @@ class _Start:
         self.stops = stops
         self.on_event = on_event
         self.started = started
-        self.pending: list[dict[str, Any]] = []
-        """Events before the data event (warnings), shown right after it."""
         self.config_written = False
 
     def emit(self, record: dict[str, Any]) -> None:
@@ -160,7 +158,11 @@ class _Start:
             self.on_event(record)
 
     def warn(self, message: str) -> None:
-        self.pending.append(events.WarningEvent(message=message).record())
+        """Tell the user now, and keep it in metrics.jsonl with the run's events."""
+        record = {"time": time.time(), **events.WarningEvent(message=message).record()}
+        with (self.location.local / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.emit(record)
 
     def write_config(self) -> None:
         """config.toml is this run's resolved config: written by the first start, and by a
@@ -205,8 +207,6 @@ class _Start:
             raise
         schedule = make_schedule(cfg, data, stop_epoch)
         self.emit(_data_event(data, schedule, location).record())
-        for record in self.pending:
-            self.emit(record)
         spec = WorkerSpec(job=cfg, schedule=schedule, has_eval="eval" in data.datasets,
                           export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config)
         records = _Fit(self, spec, data, checked).run()
@@ -217,7 +217,7 @@ class _Start:
             raise RunStopped(self.stops.signal_name or "SIGINT", end.step, location.checkpoint_uri(end.step))
         summary = _summarize(cfg, location, data, schedule, records, self.started)
         (location.local / "summary.json").write_text(summary.to_json())
-        (location.local / "error.log").unlink(missing_ok=True)  # this start succeeded: no stale failure
+        location.remove("error.log")  # this start succeeded: no stale failure
         location.sync()
         self.prune()
         summary.checkpoints = _checkpoints(location)

@@ -76,6 +76,11 @@ class RunLocation:
     def checkpoint_uri(self, step: int) -> str:
         return self.path(checkpoint_name(step))
 
+    def remove(self, name: str) -> None:
+        """Remove one of the driver's files from the run directory (and from S3)."""
+        (self.local / name).unlink(missing_ok=True)
+        self.staging.publish(name, mirror=True)
+
     def remote_has(self, name: str) -> bool:
         """Whether the run directory on S3 holds ``name`` (False for a local run)."""
         return self.remote and storage.is_file(self.path(name), self.cfg.storage)
