@@ -96,3 +96,16 @@ def test_a_loss_rule_comes_out_beside_a_schema_error(tmp_path: Path) -> None:
         load_config(path)
     text = "\n".join(err.value.problems)
     assert "optim.lr_typo: unknown key" in text and "loss.mask_same_label" in text
+
+
+def test_a_wrong_key_does_not_hide_a_cross_section_problem_of_its_own_section(tmp_path: Path) -> None:
+    """The unknown key sits in [train] itself: its other keys are still checked against [scaling]."""
+    raw = tomllib.loads(QUICKSTART_CONFIG.read_text())
+    raw["train"].update(checkpoint_evry=5, global_batch_size=127)
+    path = tmp_path / "broken.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        "train.checkpoint_evry: unknown key: remove it or check its spelling against `clray config show`",
+        "train.global_batch_size = 127 is not divisible by scaling.num_workers = 2: use a multiple of 2, e.g. 126"]

@@ -172,14 +172,29 @@ class _Sections:
         return self.train.global_batch_size // self.scaling.num_workers
 
 
+def _valid_part(annotation: Any, raw: Any) -> Any:
+    """A section as validated, or (when some of its keys are wrong) without those keys, so
+    the checks across sections still see its other keys: an unknown key in [train] must
+    not hide that train.global_batch_size does not divide by the workers."""
+    try:
+        return annotation.model_validate(raw, context={DEFER_RULES: True})
+    except ValidationError as err:
+        if not isinstance(raw, dict):
+            raise
+        wrong = {item["loc"][0] for item in err.errors() if item["loc"]}
+        return annotation.model_validate({k: v for k, v in raw.items() if k not in wrong},
+                                         context={DEFER_RULES: True})
+
+
 def partial_problems(raw: dict[str, Any], model: Any) -> list[str]:
     """The cross-section problems of a config that failed schema validation, from the
-    sections that are valid by themselves (a section left out takes its default)."""
+    sections that are valid by themselves or without their wrong keys (a section left out
+    takes its default)."""
     sections: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         try:
             if isinstance(raw, dict) and name in raw:
-                sections[name] = field.annotation.model_validate(raw[name], context={DEFER_RULES: True})
+                sections[name] = _valid_part(field.annotation, raw[name])
             elif not field.is_required():
                 sections[name] = field.get_default(call_default_factory=True)
         except (ValidationError, AttributeError, TypeError):
