@@ -48,9 +48,6 @@ RAY_KNOBS: dict[str, str] = {
     "ray.data._internal.datasource_v2.common.synthesized_columns._compute_row_hashes": "called "
     "by pipelines._compat.row_hashes: the row_hash read_parquet(include_row_hash=True) gives a "
     "row, computed on the driver to leave duplicate-id rows out of training",
-    "ray._private.worker._global_node.get_session_dir_path()": "read after a local ray.init: "
-    "the session directory every process of that Ray names, so start_reaper can end them "
-    "when the driver is killed",
     "checkpoint_manager_snapshot.json": "Ray Train V2's registry of checkpoints in the run "
     "directory; jobs.run.resume moves it aside when it is cut short or names a checkpoint "
     "that is gone (Ray would fail the run), and clray's retention keeps what it lists",
@@ -119,51 +116,63 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
         kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     ray.init(num_cpus=local_cpus(needed_cpus), **kwargs)
-    start_reaper(ray._private.worker._global_node.get_session_dir_path())  # [ray] private: the session's directory
+    start_reaper()
 
 
 _REAPER = """
 import os, signal, sys, time
-driver, name = int(sys.argv[1]), os.path.basename(sys.argv[2])
-def alive(pid):
+driver = int(sys.argv[1])
+def stat(pid):
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-while alive(driver):
-    time.sleep(0.5)
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read()
-    except OSError:
-        continue
-    if name.encode() in cmd and int(pid) != os.getpid():
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]  # parent pid, start time
+    except (OSError, IndexError, ValueError):
+        return None
+def descendants():
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        info = stat(pid)
+        if info:
+            parents[int(pid)] = info
+    found, todo = {}, [driver]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, started) in parents.items():
+            if ppid == parent and pid not in found and pid != os.getpid():
+                found[pid] = started
+                todo.append(pid)
+    return found
+known = {}
+while stat(driver) is not None:
+    known.update(descendants())
+    time.sleep(1.0)
+for pid, started in known.items():
+    info = stat(pid)
+    if info is not None and info[1] == started:
         try:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 """
 
 
-def start_reaper(session_dir: str) -> None:
+def start_reaper() -> None:
     """Make a local Ray die with the process that started it, however that process dies.
 
     ``ray.init`` starts the session's GCS and raylet tied to this process, but the raylet's
     agents (dashboard agent, runtime-env agent) notice a lost raylet only after minutes;
     a driver killed with SIGKILL (an out-of-memory kill, a scheduler's hard stop) left
-    them running. A small watcher in its own session waits for this process to end and
-    then kills whatever is left of this Ray session (the processes naming its session
-    directory); after a normal ``ray.shutdown`` it finds nothing. Linux only (/proc)."""
+    them running. A small watcher in its own session notes this process's descendants
+    every second while it lives and, once it has ended, kills those still there (the same
+    process: its start time is compared, so a reused pid is left alone); after a normal
+    ``ray.shutdown`` none are. Linux only (/proc)."""
     import subprocess
     import sys
 
     if not os.path.isdir("/proc"):
         return
-    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), session_dir], stdin=subprocess.DEVNULL,
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 

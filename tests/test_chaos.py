@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,39 +274,56 @@ def _valid_ids(corpus: Path) -> list[str]:
     return [i for i in ids if not str(i).startswith("bad-")]
 
 
-@pytest.fixture
-def killed_driver_session() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen([sys.executable, "-c", (
-        "import time, ray\n"
-        "from clray.jobs.runtime import start_ray\n"
-        "start_ray(1, {})\n"
-        "print(ray._private.worker._global_node.get_session_dir_path(), flush=True)\n"
-        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
-    session = proc.stdout.readline().strip()
-    yield proc, session
-    proc.kill()
-
-
-def ray_processes(session: str) -> list[str]:
-    """Command lines of the processes of one Ray session (they name its directory)."""
-    name = Path(session).name
-    out = []
+def descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every process below ``root`` (from /proc)."""
+    parents: dict[int, tuple[int, str]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(pid)] = (int(fields[1]), fields[19])
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, started) in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
+def still_running(processes: dict[int, str]) -> list[int]:
+    out = []
+    for pid, started in processes.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if name in cmd:
-            out.append(cmd[:100])
+        if fields[19] == started and fields[0] != "Z":
+            out.append(pid)
     return out
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find Ray's processes")
-def test_a_killed_driver_takes_its_ray_with_it(killed_driver_session: tuple[subprocess.Popen[str], str]) -> None:
-    proc, session = killed_driver_session
-    assert session and ray_processes(session)
-    proc.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while ray_processes(session) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_processes(session) == []
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the driver's processes")
+def test_a_killed_driver_takes_its_ray_with_it() -> None:
+    """A driver that started a local Ray is SIGKILLed: its GCS, raylet, agents and workers go too."""
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from clray.jobs.runtime import start_ray\n"
+        "start_ray(1, {})\n"
+        "print('up', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        time.sleep(5)  # the raylet starts its agents after ray.init returns
+        ray_processes = descendants(proc.pid)
+        assert len(ray_processes) >= 3  # the watcher is in a session of its own, not below the driver
+    finally:
+        proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while still_running(ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert still_running(ray_processes) == []
