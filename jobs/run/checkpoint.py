@@ -133,7 +133,8 @@ def restore_checkpoint(engine: Any, point: Any, rank: int, cfg: JobConfig) -> tu
             raise CheckpointDamagedError(
                 f"{point.uri} fails its check ({problem or 'on another rank'}); it is set aside and the run "
                 "resumes from the checkpoint before it")
-        load_dir = Path(path) / UNIVERSAL_DIR if point.commit.world_size != world and point.commit.zero_stage else path
+        elastic = point.commit.world_size != world and point.commit.partitioned
+        load_dir = Path(path) / UNIVERSAL_DIR if elastic else path
         _, client = engine.load_checkpoint(str(load_dir), tag=CHECKPOINT_TAG)
         rng_file = Path(path) / f"rng_rank{rank}.pt"
         if rng_file.exists():

@@ -51,6 +51,12 @@ class Commit:
     time: float = 0.0
     format: int = FORMAT
 
+    @property
+    def partitioned(self) -> bool:
+        """Whether its optimizer state is split by rank (ZeRO 1-3, and bf16 at ZeRO-0),
+        so another worker count must load its universal form."""
+        return any(name.endswith("optim_states.pt") for name in self.files)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 

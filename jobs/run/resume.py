@@ -111,13 +111,13 @@ def prepare_elastic(cfg: JobConfig, point: ResumePoint) -> str | None:
     """Make ``point`` loadable by ``scaling.num_workers`` workers: ZeRO-1/2/3 state is
     partitioned by the worker count it was saved with, so it is converted once to
     DeepSpeed's universal checkpoint (``<checkpoint>/universal``), which any worker
-    count loads. ZeRO-0 keeps whole state on every rank and needs nothing. Returns the
-    line the user is told."""
+    count loads. A checkpoint with whole state on every rank (ZeRO-0 in fp32) needs
+    nothing. Returns the line the user is told."""
     c = point.commit
     name = _name(point.uri)
     what = (f"resuming {name} (written by {c.world_size} worker(s)) with {cfg.scaling.num_workers}; the global "
             f"batch stays {cfg.train.global_batch_size}")
-    if c.zero_stage == 0:
+    if not c.partitioned:
         return what
     target = universal_uri(point.uri)
     if storage.exists(storage.join(target, UNIVERSAL_DONE), cfg.storage):

@@ -151,7 +151,7 @@ class Worker:
         seed_everything(self.cfg.run.seed)
         model = DualEncoder(self.cfg.model).to(self.device)
         # A checkpoint of another worker count loads from its universal form (resume.prepare_elastic).
-        universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.zero_stage)
+        universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.partitioned)
         engine = build_engine(model, self.cfg, self.schedule.total_steps, load_universal=universal)
         seed_everything(self.cfg.run.seed + 7919 * (self.rank + 1))
         return engine, build_loss(self.cfg.loss)
