@@ -44,6 +44,18 @@ RAY_KNOBS: dict[str, str] = {
 }
 """Ray and library knobs outside the documented APIs: name -> value and reason."""
 
+RAY_PRIVATE_APIS: dict[str, str] = {
+    # Ray code (not settings) that is not public API, the one place clray uses each, and why.
+    "ray.autoscaler._private.util.prepare_config/validate_config": "jobs/clustercheck/launcher.py: "
+    "Ray's own schema and defaults for cluster launcher YAMLs, what `ray up` applies",
+    "ray.data.DataContext.use_datasource_v2": "pipelines/reading.py (legacy_parquet_reader): the V1 Parquet "
+    "reader, which resolves paths on the driver only and starts no footer-reading actors per epoch",
+    "ray.tune.schedulers.async_hyperband._Bracket": "benchmarks/tune.py: replays ASHA's own rung decisions "
+    "over recorded curves",
+}
+"""Ray internals clray calls, checked against RAY_VERSION_CHECKED (tests check that this is
+the installed Ray)."""
+
 TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
 
 

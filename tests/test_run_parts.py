@@ -99,3 +99,14 @@ def test_an_event_survives_its_record(event: events.Event) -> None:
 def test_an_unknown_event_is_named() -> None:
     with pytest.raises(ValueError, match="unknown run event 'nope'"):
         events.parse({"event": "nope"})
+
+
+def test_ray_is_the_release_its_knobs_were_checked_against() -> None:
+    """Private Ray APIs and knobs (jobs.runtime.RAY_KNOBS, RAY_PRIVATE_APIS) were checked
+    against one Ray release: a different one must be checked again before it is used."""
+    import ray
+
+    from clray.jobs.runtime import RAY_KNOBS, RAY_PRIVATE_APIS, RAY_VERSION_CHECKED
+
+    assert ray.__version__ == RAY_VERSION_CHECKED
+    assert all(why for why in {**RAY_KNOBS, **RAY_PRIVATE_APIS}.values())
