@@ -7,11 +7,13 @@ embeddings (what :class:`models.dual_encoder.DualEncoder` returns) to rank by co
 
 Two families of retrieval figures, on purpose:
 
-- ``a2p_R@k`` / ``p2a_R@k`` (and ``*_label_R@1``): exact-pair recall. Row i's match is
-  row i and nothing else; a duplicate caption elsewhere in the split counts against it.
-  Cheap, comparable across runs of the same split, and what earlier runs reported.
-- ``a2p_ir_*`` / ``p2a_ir_*``: the information-retrieval figures users know from
-  sentence-transformers' ``InformationRetrievalEvaluator`` (Recall@k, Accuracy@k, MRR@10,
+- :func:`retrieval_metrics`: ``a2p_R@k`` / ``p2a_R@k`` (and ``*_label_R@1``), exact-pair
+  recall. Row i's match is row i and nothing else; a duplicate caption elsewhere in the
+  split counts against it. Cheap, comparable across runs of the same split, and what
+  earlier runs reported.
+- :func:`ir_retrieval_metrics`: ``a2p_ir_*`` / ``p2a_ir_*``, the information-retrieval
+  figures users know from sentence-transformers' ``InformationRetrievalEvaluator``
+  (Recall@k, Accuracy@k, MRR@10,
   nDCG@10, MAP@100), with duplicates folded: equal keys (texts) are one candidate and one
   query, and a query counts every candidate paired with it in any row as relevant (see
   :func:`ir_metrics`). They match that evaluator on the same embeddings to float precision.
@@ -226,21 +228,15 @@ def retrieval_metrics(
     positive_emb: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     labels: Tensor | Sequence[Any] | None = None,
-    anchor_keys: Sequence[Hashable] | None = None,
-    positive_keys: Sequence[Hashable] | None = None,
 ) -> dict[str, float]:
-    """Retrieval in both directions for paired rows: exact-pair recall and the IR figures.
+    """Exact-pair recall@k in both directions for paired rows (row i's match is row i).
 
-    ``a2p_R@k``: an anchor finds its own positive (row i's, exactly) among all positives
-    in the top k; ``p2a_R@k`` the reverse. With ``labels`` (one per pair) also
-    ``a2p_label_R@1`` / ``p2a_label_R@1``: the top hit has the query's label, the number
-    that matters when several items legitimately match (same class, duplicate captions).
-
-    ``a2p_ir_*`` / ``p2a_ir_*``: :func:`ir_metrics` for anchors querying the distinct
-    positives (``positive_keys``, e.g. the caption texts) and back, e.g. ``a2p_ir_R@1``,
-    ``a2p_ir_Acc@10``, ``a2p_ir_MRR@10``, ``a2p_ir_nDCG@10``, ``a2p_ir_MAP@100``. Keys
-    of a view default to "every row distinct" (right for images, and for text without
-    repeats).
+    ``a2p_R@k``: an anchor finds its own positive among all positives in the top k;
+    ``p2a_R@k`` the reverse. With ``labels`` (one per pair) also ``a2p_label_R@1`` /
+    ``p2a_label_R@1``: the top hit has the query's label, the number that matters when
+    several items legitimately match (same class, duplicate captions). For the figures
+    users know from sentence-transformers, with duplicates folded, see
+    :func:`ir_retrieval_metrics`.
     """
     if anchor_emb.shape[0] != positive_emb.shape[0]:
         raise ValueError(
@@ -253,20 +249,46 @@ def retrieval_metrics(
     label_ids = None if labels is None else _as_label_ids(labels, anchor.device)
     if label_ids is not None and label_ids.shape[0] != anchor.shape[0]:
         raise ValueError(f"{label_ids.shape[0]} labels for {anchor.shape[0]} pairs")
-    for what, keys in (("anchor_keys", anchor_keys), ("positive_keys", positive_keys)):
-        if keys is not None and len(keys) != anchor.shape[0]:
-            raise ValueError(f"{len(keys)} {what} for {anchor.shape[0]} rows; pass one key (e.g. the text) per row")
 
     out: dict[str, float] = {}
-    directions = (("a2p", anchor, positive, anchor_keys, positive_keys),
-                  ("p2a", positive, anchor, positive_keys, anchor_keys))
-    for name, queries, candidates, _, _ in directions:
-        recalls, label_recall = _recalls(queries, candidates, tuple(ks), label_ids)
+    for name, queries, keys in (("a2p", anchor, positive), ("p2a", positive, anchor)):
+        recalls, label_recall = _recalls(queries, keys, tuple(ks), label_ids)
         out.update({f"{name}_R@{k}": value for k, value in recalls.items()})
         if label_recall is not None:
             out[f"{name}_label_R@1"] = label_recall
-    # The IR figures after the exact-pair ones, so a table of them reads in that order.
-    for name, queries, candidates, query_keys, candidate_keys in directions:
+    return out
+
+
+@torch.no_grad()
+def ir_retrieval_metrics(
+    anchor_emb: Tensor,
+    positive_emb: Tensor,
+    anchor_keys: Sequence[Hashable] | None = None,
+    positive_keys: Sequence[Hashable] | None = None,
+) -> dict[str, float]:
+    """:func:`ir_metrics` in both directions, named for an evaluation's metrics.
+
+    ``a2p_ir_*``: anchors query the distinct positives (folded by ``positive_keys``, e.g.
+    the caption texts); ``p2a_ir_*``: positives (folded by the same keys) query the
+    distinct anchors (``anchor_keys``). Each direction gives ``R@1/5/10``, ``Acc@1/5/10``,
+    ``MRR@10``, ``nDCG@10`` and ``MAP@100``, e.g. ``a2p_ir_nDCG@10``. A view without keys
+    has every row distinct (right for images, and for text without repeats).
+
+    Costs about twice :func:`retrieval_metrics` (each direction compares every relevant
+    pair's score with the whole corpus twice, for exact tie-breaking).
+    """
+    if anchor_emb.shape[0] != positive_emb.shape[0]:
+        raise ValueError(
+            f"retrieval needs paired rows: {anchor_emb.shape[0]} anchors vs {positive_emb.shape[0]} positives"
+        )
+    for what, keys in (("anchor_keys", anchor_keys), ("positive_keys", positive_keys)):
+        if keys is not None and len(keys) != anchor_emb.shape[0]:
+            raise ValueError(f"{len(keys)} {what} for {anchor_emb.shape[0]} rows; pass one key (e.g. the text) per row")
+    out: dict[str, float] = {}
+    for name, queries, candidates, query_keys, candidate_keys in (
+        ("a2p", anchor_emb, positive_emb, anchor_keys, positive_keys),
+        ("p2a", positive_emb, anchor_emb, positive_keys, anchor_keys),
+    ):
         ir = ir_metrics(queries, candidates, candidate_keys=candidate_keys, query_keys=query_keys)
         out.update({f"{name}_ir_{figure}": value for figure, value in ir.items()})
     return out
@@ -359,7 +381,7 @@ def embedding_geometry(
     distributions of paired embeddings (see :class:`Geometry`), in bounded memory.
 
     Embeddings are L2-normalised here, so the figures mean the same whatever the caller
-    passes. With keys (as for :func:`retrieval_metrics`), anchor i and positive j of
+    passes. With keys (as for :func:`ir_retrieval_metrics`), anchor i and positive j of
     another row with the same anchor or positive key are left out of the negatives: a
     repeated caption is not a negative of its own image.
     """

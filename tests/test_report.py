@@ -25,7 +25,7 @@ from clray.jobs.report import (
     build_search_report,
     environment,
 )
-from clray.models.metrics import embedding_geometry, retrieval_metrics
+from clray.models.metrics import embedding_geometry, ir_retrieval_metrics, retrieval_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = Path("/tmp/clray-report-screenshot.png")
@@ -41,8 +41,9 @@ def _eval_event(step: int, noise: float, time_: float) -> events.EvalEvent:
     caption_of = torch.arange(60) % 12
     images = torch.nn.functional.normalize(captions[caption_of] + noise * torch.randn(60, 16, generator=g), dim=1)
     keys = [f"caption {int(c)}" for c in caption_of]
-    figures = {f"eval/{k}": v for k, v in retrieval_metrics(images, captions[caption_of], labels=caption_of,
-                                                              positive_keys=keys).items()}
+    figures = {f"eval/{k}": v for k, v in retrieval_metrics(images, captions[caption_of], labels=caption_of).items()}
+    figures.update({f"eval/{k}": v for k, v in ir_retrieval_metrics(images, captions[caption_of],
+                                                                     positive_keys=keys).items()})
     geometry = embedding_geometry(images, captions[caption_of], positive_keys=keys)
     figures.update({f"eval/{k}": v for k, v in geometry.figures().items()})
     figures["eval/zero_shot_accuracy"] = 1.0 / (1.0 + noise)
