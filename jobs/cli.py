@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("files", nargs="+")
     _add_submit_parsers(sub)
+    report = sub.add_parser("report", help="(re)build report.html of a run or search directory")
+    report.add_argument("directory", help="a run directory (run.output_dir/run.name) or a `clray tune` search directory")
     return parser
 
 
@@ -339,9 +341,21 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from clray.jobs import report, views
+
+    try:
+        path = report.build(args.directory)
+    except report.ReportError as exc:
+        views.print_error(str(exc))
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 COMMANDS = {
     "train": _train, "quickstart": _quickstart, "mine": _mine, "tune": _tune, "config": _config,
-    "cluster": _cluster, "data": _data, "submit": _submit, "jobs": _jobs,
+    "cluster": _cluster, "data": _data, "submit": _submit, "jobs": _jobs, "report": _report,
 }
 
 
