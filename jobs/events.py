@@ -143,6 +143,8 @@ class EndEvent(Event):
 class ExportedEvent(Event):
     kind: ClassVar[str] = "exported"
     path: str
+    step: int | None = None
+    """The state exported: the last step, or with train.select_by the best one."""
 
 
 @dataclass(kw_only=True)

@@ -143,10 +143,10 @@ def print_summary(console: Any, summary: Any) -> None:
     for key in ("loss", "temperature", "accuracy", "pos_sim", "neg_sim", "samples_per_s", "data_wait_fraction"):
         if key in summary.final_train:
             table.add_row(f"train {key}", fmt(summary.final_train[key]))
-    for key, value in sorted(summary.eval.items()):
-        table.add_row(key, fmt(value))
     table.add_row("wall time (s)", f"{summary.wall_seconds:.1f}")
     console.print(table)
+    if summary.eval:
+        console.print(evaluation_table(summary))
     paths = Table(show_header=False, box=None)
     paths.add_row("checkpoints", "\n".join(summary.checkpoints) or "-")
     paths.add_row("export", summary.export_dir or "-")
@@ -160,7 +160,35 @@ def print_summary(console: Any, summary: Any) -> None:
         )
     paths.add_row("quarantine", quarantine)
     paths.add_row("metrics", join(summary.run_dir, "metrics.jsonl"))  # run_dir may be s3://
+    if getattr(summary, "report", None):
+        paths.add_row("report", summary.report)
     console.print(paths)
+
+
+def evaluation_table(summary: Any) -> Any:
+    """Every evaluation figure at the start (the baseline, when the run had one) and at the
+    end, with the change: what the run bought."""
+    from rich.table import Table
+
+    baseline = getattr(summary, "baseline", {}) or {}
+    table = Table(title="evaluation: start -> end" if baseline else "evaluation", header_style="bold")
+    table.add_column("metric")
+    if baseline:
+        table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    if baseline:
+        table.add_column("change", justify="right")
+    for key, value in sorted(summary.eval.items()):
+        if not baseline:
+            table.add_row(key, fmt(value))
+            continue
+        start = baseline.get(key)
+        change = "-" if start is None else f"{value - start:+.4f}"
+        table.add_row(key, "-" if start is None else fmt(start), fmt(value), change)
+    step = getattr(summary, "export_step", None)
+    if step is not None and step != summary.steps:
+        table.caption = f"the export holds step {step}, the best evaluation by train.select_by"
+    return table
 
 
 def print_mine_event(console: Any, event: dict[str, Any]) -> None:

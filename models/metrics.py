@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from clray.models.metric_names import IR_RECALL_AT, MAP_AT, MRR_AT, NDCG_AT
+
 # Similarity entries materialised at once (~64 MiB in fp32).
 _MAX_CHUNK_ELEMENTS = 1 << 24
 
@@ -75,11 +77,8 @@ def _recalls(
     return recalls, (label_hits / n if labels is not None else None)
 
 
-IR_RECALL_AT: tuple[int, ...] = (1, 5, 10)
-"""The cutoffs of the IR Recall@k and Accuracy@k figures."""
-MRR_AT = 10
-NDCG_AT = 10
-MAP_AT = 100
+# The cutoffs of the IR figures (Recall@k and Accuracy@k, MRR, nDCG, MAP): with the names
+# of every figure, in models.metric_names, which needs no torch.
 
 
 @dataclass(frozen=True)
@@ -421,3 +420,39 @@ def embedding_geometry(
             "negative": [int(c) for c in neg_counts.tolist()],
         },
     )
+
+
+@dataclass
+class Evaluation:
+    """Every figure of one evaluation of paired embeddings: ``figures`` (names as in
+    ``evaluation_names``, without the ``eval/`` prefix) and the similarity histograms."""
+
+    figures: dict[str, float]
+    histograms: dict[str, list[float]]
+
+
+def evaluate_embeddings(
+    anchor: Tensor,
+    positive: Tensor,
+    *,
+    labels: Tensor | None = None,
+    anchor_keys: Sequence[Hashable] | None = None,
+    positive_keys: Sequence[Hashable] | None = None,
+    class_embeddings: Tensor | None = None,
+    classified: str = "anchor",
+) -> Evaluation:
+    """What a run's evaluation and ``clray eval`` report for an eval split's embeddings:
+    exact-pair recall (with labels: label recall), the IR figures with duplicates folded
+    by the keys, the embedding geometry, and with class embeddings zero-shot accuracy of
+    the ``classified`` view. One function, so training and ``clray eval`` agree."""
+    figures = retrieval_metrics(anchor, positive, labels=labels)
+    figures.update(ir_retrieval_metrics(anchor, positive, anchor_keys=anchor_keys, positive_keys=positive_keys))
+    histograms: dict[str, list[float]] = {}
+    if anchor.shape[0] >= 2:
+        geometry = embedding_geometry(anchor, positive, anchor_keys=anchor_keys, positive_keys=positive_keys)
+        figures.update(geometry.figures())
+        histograms = geometry.histogram
+    if class_embeddings is not None and labels is not None:
+        figures["zero_shot_accuracy"] = zero_shot_accuracy(anchor if classified == "anchor" else positive,
+                                                           class_embeddings, labels)
+    return Evaluation(figures=figures, histograms=histograms)

@@ -81,8 +81,18 @@ class TrainConfig(Strict):
     """Also evaluate on data.eval every N steps (0: only at the end). Each mid-run
     evaluation is sent to Ray with the step, so a Tune scheduler (ASHA, PBT) can compare
     trials on the eval metric while they run."""
+    eval_at_start: bool = True
+    """With data.eval, evaluate the starting model before the first step: the baseline the
+    closing table and the report compare every later evaluation with. A resumed run keeps
+    the baseline of its first start."""
+    select_by: str | None = None
+    """An eval metric (e.g. "eval/a2p_ir_MRR@10") that picks the exported model: the
+    export is the best evaluated state (at train.eval_every steps and the end) instead of
+    the last, and that state's checkpoint is kept beside the latest ones."""
+    select_mode: Literal["max", "min"] = "max"
+    """Whether select_by is better higher (recall, MRR, ...) or lower (alignment, ...)."""
     keep_checkpoints: int = Field(default=2, ge=1)
-    """How many of the latest checkpoints to keep."""
+    """How many of the latest checkpoints to keep (with select_by, plus the best)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

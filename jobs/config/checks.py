@@ -139,6 +139,27 @@ def _precision_problems(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _selection_problems(cfg: JobConfig) -> list[str]:
+    """train.select_by names a figure this config's evaluations report, and there are
+    evaluations to choose between."""
+    from clray.models.metric_names import evaluation_names
+
+    metric = cfg.train.select_by
+    if metric is None:
+        return []
+    known = [f"eval/{n}" for n in evaluation_names(cfg.data.label_column is not None, bool(cfg.data.class_names))]
+    if metric not in known:
+        return [f"train.select_by = {metric!r} is not an evaluation figure of this config; choose one of "
+                f"{', '.join(known)}"]
+    if not cfg.data.eval:
+        return [f"train.select_by = {metric!r} picks the export by its evaluations, but data.eval is not set: "
+                "add a held-out split"]
+    if not cfg.train.eval_every:
+        return [f"train.select_by = {metric!r} needs evaluations during the run to choose from: set "
+                "train.eval_every (steps between evaluations)"]
+    return []
+
+
 CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("train", "scaling"), _batch_problems),
     (("data", "model"), _view_problems),
@@ -150,6 +171,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("loss", "data", "model"), lambda cfg: _loss_problems(cfg)),
     (("remine", "data", "train", "scaling"), lambda cfg: remine_problems(cfg)),
     (("train", "scaling"), _precision_problems),
+    (("train", "data"), _selection_problems),
 ]
 """Checks that span sections: (the sections each reads, the check). Each message names the
 key and the fix. A config whose schema is broken still gets every check whose sections

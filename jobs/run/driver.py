@@ -21,7 +21,7 @@ from clray.jobs.config import JobConfig, dump_toml
 from clray.jobs.run.data import RunData, build_run_data, check_data, ingest_config, make_schedule
 from clray.jobs.run.location import RunLocation
 from clray.jobs.run.schedule import Schedule
-from clray.jobs.run.worker import RECORD_BATCHES_ENV, WorkerSpec, train_loop_per_worker
+from clray.jobs.run.worker import RECORD_BATCHES_ENV, SELECTED, WorkerSpec, train_loop_per_worker
 from clray.jobs.runtime import describe_failure, start_ray, training_cpus, worker_env
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -45,6 +45,12 @@ class TrainSummary:
     export_dir: str | None
     final_train: dict[str, float] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
+    """The evaluation of the starting model (train.eval_at_start), what ``eval`` is
+    compared with; empty when the run was not evaluated at step 0."""
+    export_step: int | None = None
+    """The step whose state the export holds (with train.select_by, the best one)."""
+    report: str | None = None
     resumed_from_step: int | None = None
     wall_seconds: float = 0.0
     total_steps: int = 0
@@ -107,6 +113,9 @@ def run_training(
         (location.local / "config.toml").write_text(dump_toml(cfg))
         location.sync()
         init_ray(cfg, verbose)
+        from clray.jobs.report import ENVIRONMENT_FILE, environment
+
+        (location.local / ENVIRONMENT_FILE).write_text(json.dumps(environment(cfg), indent=2, default=str))
         from clray.pipelines import DataError, quiet_ray_data
 
         quiet_ray_data()
@@ -123,10 +132,25 @@ def run_training(
         records = _fit(cfg, spec, data, location, on_event)
         summary = _summarize(cfg, location, data, schedule, records, started)
         (location.local / "summary.json").write_text(summary.to_json())
+        summary.report = _report(location)
         location.sync()
         return summary
     finally:
         location.close()
+
+
+def _report(location: RunLocation) -> str | None:
+    """The run's report.html (jobs.report), rebuilt at the end of every start; a report
+    that cannot be built is a warning, never a failed run."""
+    import logging
+
+    from clray.jobs.report import build_report
+
+    try:
+        return location.final(str(build_report(location.local)))
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        logging.getLogger("clray").warning("could not write the run's report.html: %s", exc)
+        return None
 
 
 def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> events.DataEvent:
@@ -137,7 +161,7 @@ def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> eve
 
 
 def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocation) -> Any:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -153,10 +177,21 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocat
         run_config=RunConfig(
             name=cfg.run.name,
             **location.run_config_storage(),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=_checkpoint_config(cfg),
             worker_runtime_env={"env_vars": run_worker_env(cfg)},
         ),
     )
+
+
+def _checkpoint_config(cfg: JobConfig) -> Any:
+    """Ray keeps the latest ``keep_checkpoints``; with train.select_by it keeps the ones
+    that held the best state (each checkpoint's report says so) beside the latest."""
+    from ray.train import CheckpointConfig
+
+    if cfg.train.select_by is None:
+        return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=SELECTED,
+                            checkpoint_score_order="max")
 
 
 def _fit(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocation,
@@ -213,6 +248,23 @@ def failure_message(exc: BaseException, log_path: Any) -> str:
     return f"training failed on {where}: {failure}\n  full traceback: {log_path}"
 
 
+def _baseline(location: RunLocation, evals: list[events.EvalEvent]) -> dict[str, float]:
+    """The step-0 evaluation: this start's, or for a resumed run the first start's, from
+    the run's metrics.jsonl (appended to by every start)."""
+    if evals and evals[0].step == 0:
+        return evals[0].figures
+    path = location.local / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == "eval" and record.get("step") == 0:
+                return events.parse(record).figures
+    return {}
+
+
 def _summarize(cfg: JobConfig, location: RunLocation, data: RunData, schedule: Schedule,
                records: list[dict[str, Any]], started: float) -> TrainSummary:
     # Ray Train V2's Result carries the metrics of the latest *checkpoint* report, so the
@@ -222,6 +274,7 @@ def _summarize(cfg: JobConfig, location: RunLocation, data: RunData, schedule: S
     evals = [e for e in typed if isinstance(e, events.EvalEvent)]
     ends = [e for e in typed if isinstance(e, events.EndEvent)]
     resumed = next((e.step for e in typed if isinstance(e, events.ResumedEvent)), None)
+    exported = [e for e in typed if isinstance(e, events.ExportedEvent)]
     last = ends[-1] if ends else (train[-1] if train else None)
     report = data.report
     return TrainSummary(
@@ -237,6 +290,8 @@ def _summarize(cfg: JobConfig, location: RunLocation, data: RunData, schedule: S
         export_dir=location.export_dir(),
         final_train={k: v for k, v in (train[-1].record() if train else {}).items() if isinstance(v, (int, float))},
         eval=evals[-1].figures if evals else {},
+        baseline=_baseline(location, evals),
+        export_step=exported[-1].step if exported else None,
         resumed_from_step=resumed,
         wall_seconds=time.perf_counter() - started,
         total_steps=schedule.total_steps,

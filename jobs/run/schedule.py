@@ -51,6 +51,10 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+    best_value: float | None = None
+    """With train.select_by: the best evaluation so far, and the step it was at (so a
+    resumed run keeps choosing against what the run already saw)."""
+    best_step: int | None = None
 
     def advance(self, samples: int) -> None:
         self.step += 1

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
-from clray.jobs.run.cadence import Cadence, StepActions
+from clray.jobs.run.cadence import Cadence, Selection, StepActions
 from clray.jobs.run.checkpoint import (
     checkpoint_to_restore,
     export,
@@ -31,6 +31,11 @@ from clray.jobs.run.checkpoint import (
 )
 from clray.jobs.run.engine import adopt_config, build_engine, cast_batch, train_step, use_bf16
 from clray.jobs.run.schedule import Schedule, TrainState
+
+SELECTED = "clray_selected"
+"""With train.select_by, each checkpoint's report carries 1.0 when it holds the best
+evaluated state so far, else 0.0: Ray keeps the checkpoints that score highest (and the
+latest), so the best state stays on disk."""
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
@@ -223,19 +228,38 @@ class Worker:
         """Every rank embeds the eval split (see jobs.run.evaluate): a collective step."""
         from clray.jobs.run.evaluate import evaluate
 
-        figures = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
-        return events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures)
+        figures, histograms = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
+        evaluation = events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures,
+                                      histograms=histograms or None)
+        self.publish(evaluation)
+        return evaluation
+
+    def export(self, engine: Any, state: TrainState, figures: dict[str, Any]) -> None:
+        """The export (every rank takes part under ZeRO-3), with its model card."""
+        if not self.spec.export_dir:
+            return
+        card = {"run_name": self.cfg.run.name, "train_rows": self.schedule.num_train_rows, "steps": state.step,
+                "epochs": state.epoch, "global_batch_size": self.cfg.train.global_batch_size,
+                "data": list(self.cfg.data.train),
+                "columns": {"anchor": self.cfg.data.anchor.column, "positive": self.cfg.data.positive.column},
+                "loss": self.cfg.loss.model_dump(mode="json"),
+                "eval": {k: v for k, v in figures.items() if k.startswith("eval/")}}
+        if "eval_rows" in figures:
+            card["eval_rows"] = figures["eval_rows"]
+        export(engine, self.cfg, self.spec.export_dir, self.rank, card=card)
+        self.publish(events.ExportedEvent(path=self.spec.export_dir, step=state.step))
 
     def after_step(self, actions: StepActions, engine: Any, state: TrainState, window: MetricWindow,
-                   scale: float, bias: float | None) -> None:
+                   scale: float, bias: float | None, selection: Selection) -> None:
         """Do what the cadence decided for the step just taken, in the same order on every rank."""
         import ray.train
 
         metrics: dict[str, Any] = {}
+        best = False
         if actions.evaluate:
             evaluation = self.evaluate(engine, state)
-            self.publish(evaluation)
             metrics.update(step=state.step, epoch=state.epoch, **evaluation.metrics)
+            best = selection.consider(state, evaluation.metrics)
         if actions.log:
             metrics.update(window.reduce(self.cfg.train.global_batch_size))
             window.reset()
@@ -246,11 +270,16 @@ class Worker:
             self.publish(train)
             metrics = train.record()
             del metrics["event"]
-        if actions.checkpoint:
+        if selection.metric is not None:
+            # What Ray keeps checkpoints by (with the latest): the best states come first.
+            metrics[SELECTED] = float(best)
+        if actions.checkpoint or best:
             save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch})
             self.publish(events.CheckpointEvent(step=state.step))
         elif actions.report:
             ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
+        if best:
+            self.export(engine, state, metrics)
 
     def finish(self, engine: Any, state: TrainState, cadence: Cadence) -> None:
         """The end of this start: the end event, a final evaluation when the run is
@@ -261,12 +290,10 @@ class Worker:
         self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete))
         final: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
         if cadence.evaluate_at_end(state.step):
-            evaluation = self.evaluate(engine, state)
-            final.update(evaluation.metrics)
-            self.publish(evaluation)
-        if self.spec.export_dir:
-            export(engine, self.cfg, self.spec.export_dir, self.rank)
-            self.publish(events.ExportedEvent(path=self.spec.export_dir))
+            final.update(self.evaluate(engine, state).metrics)
+        # With select_by the export was written at the best evaluation (see after_step).
+        if not cadence.selects or state.best_step is None:
+            self.export(engine, state, final)
         ray.train.report({**final, "final": complete})  # [ray]
 
 
@@ -280,6 +307,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = worker.restore(engine)
     schedule, cfg = worker.schedule, worker.cfg
     cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
+    selection = Selection(cfg.train)
+    if cadence.evaluate_at_start(state.step):
+        worker.evaluate(engine, state)  # the baseline (a state the run did not train: never selected)
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
     while state.step < schedule.end_step:
@@ -293,7 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t2 = time.perf_counter()
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
-            worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
+            worker.after_step(cadence.after(state.step), engine, state, window, scale, bias, selection)
             t0 = time.perf_counter()
         if state.step_in_epoch >= schedule.steps_per_epoch:
             state.next_epoch()
