@@ -191,6 +191,22 @@ def evaluation_table(summary: Any) -> Any:
     return table
 
 
+def print_eval(console: Any, summary: Any) -> None:
+    """``clray eval``: every figure, then where the numbers and the bad rows went."""
+    from rich.table import Table
+
+    what = summary.model + (f" ({summary.checkpoint})" if summary.checkpoint else "")
+    table = Table(title=f"clray eval: {what}, {summary.rows} rows", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(summary.figures.items()):
+        table.add_row(key, fmt(value))
+    console.print(table)
+    if summary.quarantined_rows:
+        console.print(f"[yellow]quarantined {summary.quarantined_rows} bad rows[/] -> {summary.quarantine_path}")
+    console.print(f"eval.json: {summary.output}  ({summary.wall_seconds:.1f} s)")
+
+
 def print_mine_event(console: Any, event: dict[str, Any]) -> None:
     kind = event["event"]
     if kind == "complete":

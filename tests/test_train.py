@@ -239,6 +239,20 @@ def test_a_run_reports_what_it_bought(quickstart_run: dict) -> None:
     assert "infonce" in card and "zero_shot_accuracy" in card and str(summary["train_rows"]) in card
 
 
+def test_clray_eval_of_a_run_gives_the_runs_own_figures(quickstart_run: dict, capsys) -> None:
+    """`clray eval RUN` consolidates the run's newest checkpoint (DeepSpeed's ZeRO shards
+    into one fp32 model), embeds the run's eval split with Ray actors and reports what the
+    run's own final evaluation did."""
+    run_dir = quickstart_run["tmp_path"] / "runs" / "quickstart"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert main(["eval", str(run_dir)]) == 0, capsys.readouterr().err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["checkpoint"] == f"checkpoint_{summary['steps']:08d}"
+    assert result["rows"] == summary["eval"]["eval_rows"] if "eval_rows" in summary["eval"] else result["rows"] > 300
+    for key in ("eval/zero_shot_accuracy", "eval/a2p_ir_MRR@10", "eval/p2a_ir_nDCG@10", "eval/alignment"):
+        assert result["figures"][key] == pytest.approx(summary["eval"][key], abs=0.01), key
+
+
 def test_select_by_exports_the_best_evaluated_state(zero3_run) -> None:
     """train.select_by: the export is the best evaluated state (written mid-run, under
     ZeRO-3 a collective), its checkpoint is kept beside the latest, and its model card
