@@ -132,7 +132,8 @@ def run_training(
         records = _fit(cfg, spec, data, location, on_event)
         summary = _summarize(cfg, location, data, schedule, records, started)
         (location.local / "summary.json").write_text(summary.to_json())
-        summary.report = _report(location)
+        summary.report = _report(location)  # the report reads summary.json
+        (location.local / "summary.json").write_text(summary.to_json())
         location.sync()
         return summary
     finally:
