@@ -11,6 +11,7 @@ and max_length for Hugging Face models, batch size, actors, GPUs), given in ``[e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -49,6 +50,22 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_CONFIG).is_file() and any(p.is_dir() for p in path.glob("checkpoint_*"))
 
 
+def _from_run_dir(run_dir: Path, specs: Any) -> Any:
+    """A run's data.eval with relative paths taken from where the run was started (its
+    environment.json records the directory); other paths unchanged."""
+    import json
+
+    env = run_dir / "environment.json"
+    started_in = json.loads(env.read_text()).get("working_dir") if env.is_file() else None
+    if not started_in or not specs:
+        return specs
+
+    def absolute(spec: str) -> str:
+        return spec if "://" in spec or Path(spec).expanduser().is_absolute() else str(Path(started_in) / spec)
+
+    return absolute(specs) if isinstance(specs, str) else [absolute(s) for s in specs]
+
+
 def load_eval_config(model: str, config: str | None, overrides: list[str] | None = None,
                      checkpoint: str | None = None, output: str | None = None) -> EvalConfig:
     """The eval config for ``clray eval MODEL``: ``[data]`` (and ``[eval]``, ``[storage]``)
@@ -61,6 +78,8 @@ def load_eval_config(model: str, config: str | None, overrides: list[str] | None
     raw = read_toml(source)
     kept = {k: v for k, v in raw.items() if k in ("data", "eval", "storage", "output", "checkpoint")}
     data = dict(kept.get("data") or {})
+    if config is None:  # a run's own config: its relative paths mean the directory it ran in
+        data["eval"] = _from_run_dir(root, data.get("eval"))
     if "train" not in data and "eval" in data:
         data["train"] = data["eval"]  # not read: a split only has to name its eval shards
     kept["data"] = data

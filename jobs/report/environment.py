@@ -78,6 +78,7 @@ def environment(cfg: Any) -> dict[str, Any]:
     return {
         "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "host": socket.gethostname(),
+        "working_dir": os.getcwd(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
