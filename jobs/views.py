@@ -195,8 +195,11 @@ def print_eval(console: Any, summary: Any) -> None:
     """``clray eval``: every figure, then where the numbers and the bad rows went."""
     from rich.table import Table
 
-    what = summary.model + (f" ({summary.checkpoint})" if summary.checkpoint else "")
-    table = Table(title=f"clray eval: {what}, {summary.rows} rows", header_style="bold")
+    from pathlib import Path
+
+    name = Path(summary.model).name + (f" ({summary.checkpoint})" if summary.checkpoint else "")
+    table = Table(title=f"clray eval: {name}, {summary.rows} rows", header_style="bold",
+                  caption=summary.model)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(summary.figures.items()):
