@@ -193,9 +193,9 @@ def evaluation_table(summary: Any) -> Any:
 
 def print_eval(console: Any, summary: Any) -> None:
     """``clray eval``: every figure, then where the numbers and the bad rows went."""
-    from rich.table import Table
-
     from pathlib import Path
+
+    from rich.table import Table
 
     name = Path(summary.model).name + (f" ({summary.checkpoint})" if summary.checkpoint else "")
     table = Table(title=f"clray eval: {name}, {summary.rows} rows", header_style="bold",
