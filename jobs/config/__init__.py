@@ -73,8 +73,9 @@ class TrainConfig(Strict):
     report_every: int = Field(default=0, ge=0)
     """Also send metrics to Ray (ray.train.report, what Tune schedulers read) every N
     steps; 0: only with checkpoints and at the end. Ray Train's controller takes one
-    report per worker per poll (2 s), so reporting faster than that stalls training;
-    progress and metrics.jsonl get every log_every step regardless."""
+    report per worker per poll (every 0.5 s as clray sets it, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S),
+    so reporting faster than that stalls training; progress and metrics.jsonl get every
+    log_every step regardless."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
     eval_every: int = Field(default=0, ge=0)
