@@ -228,11 +228,19 @@ def print_mine_event(console: Any, event: dict[str, Any]) -> None:
                       f"chunks searched now{extra}")
     elif kind == "planned":
         st = event["statistics"]
-        console.print(f"graph: {st['graph']['edges']} edges; communities: {st['communities']['count']} "
-                      f"(typical size {st['communities']['typical_size']:.1f})")
+        console.print(f"graph: {st['graph']['edges']} edges; {_partition_text(st)}")
     elif kind == "written":
         how = "kept from the last run" if event["reused"] else "written"
         console.print(f"plan epoch {event['epoch']}: {event['batches']} batches {how}")
+
+
+def _partition_text(st: dict[str, Any]) -> str:
+    """How the graph became batches: METIS parts of one batch, or Leiden communities."""
+    part = st.get("partition", {})
+    if part.get("method") == "metis":
+        return f"METIS: {part['parts']} parts of one batch (METIS sizes {part['metis_sizes']}, {part['moved']} rows moved)"
+    comm = st.get("communities") or part
+    return f"communities: {comm['count']} (typical size {comm['typical_size']:.1f})"
 
 
 def _false_negative_text(entry: dict[str, float]) -> str:
@@ -255,6 +263,12 @@ def print_mine_summary(console: Any, summary: Any) -> None:
     table.add_row("in-batch negative sim: mined", fmt(sim["mined"]))
     table.add_row("in-batch negative sim: random", fmt(sim["random"]))
     table.add_row("mined / random", "-" if sim["ratio"] is None else f"{sim['ratio']:.2f}x")
+    for index, plan in enumerate(st.get("plans", [])):
+        mined, rand = plan["mined"], plan["random"]
+        table.add_row(f"plan {index}, global batch: negative sim / teacher>=positive / mutual top-30",
+                      f"{mined['negative_similarity']:.3f} / {mined['teacher_above_positive']:.4f} / "
+                      f"{mined['mutual_top30']:.4f} (random {rand['negative_similarity']:.3f} / "
+                      f"{rand['teacher_above_positive']:.4f} / {rand['mutual_top30']:.4f})")
     fn = st.get("false_negatives", {})
     for name, entry in fn.get("in_batch", {}).items():
         table.add_row(f"est. false negatives in batch, {name.replace('_', ' ')}", _false_negative_text(entry))

@@ -231,6 +231,13 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
             "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
             "similarity, as `clray mine` writes it) and data.negatives"
         )
+    if loss.in_batch_margin is not None and (data.in_batch_score_column is None or data.batches != "packed"):
+        problems.append(
+            "loss.in_batch_margin needs the teacher's in-batch scores: a packed plan mined with "
+            "mining.in_batch_scores = true, data.batches = \"packed\" and data.in_batch_score_column set"
+        )
+    if data.in_batch_score_column is not None and data.batches != "packed":
+        problems.append("data.in_batch_score_column names a column of packed plans: set data.batches = \"packed\"")
     if cfg.model.logit_bias is not None and loss.type != "siglip":
         problems.append(
             f'model.logit_bias only affects loss.type = "siglip" (a softmax over candidates ignores '

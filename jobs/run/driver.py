@@ -128,7 +128,8 @@ def run_training(
         if on_event:
             on_event(_data_event(data, schedule, location).record())
         spec = WorkerSpec(job=cfg, schedule=schedule, has_eval="eval" in data.datasets,
-                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config)
+                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
+                          packed=data.packed_spec)
         records = _fit(cfg, spec, data, location, on_event)
         summary = _summarize(cfg, location, data, schedule, records, started)
         (location.local / "summary.json").write_text(summary.to_json())

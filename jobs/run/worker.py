@@ -57,18 +57,21 @@ class WorkerSpec:
     adopt_config: bool = False
     progress: Any = None
     """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
+    packed: Any = None
+    """Packed plans of global batches: the driver's checked ``DataSpec``, from which each
+    rank builds its own part of every batch (None otherwise)."""
 
     def encode(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
                 "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
-                "adopt_config": self.adopt_config}
+                "adopt_config": self.adopt_config, "packed": self.packed}
 
     @classmethod
     def decode(cls, config: dict[str, Any]) -> WorkerSpec:
         return cls(job=JobConfig.model_validate(config["job"]), schedule=Schedule(**config["plan"]),
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
-                   progress=config.get("progress"))
+                   progress=config.get("progress"), packed=config.get("packed"))
 
 
 class MetricWindow:
@@ -173,6 +176,9 @@ class Worker:
         """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
         of them; after the last, the shard's remainder (under one batch) is drained so
         the next epoch starts clean."""
+        if self.spec.packed is not None:
+            yield from self._global_batches(state)
+            return
         name = self.schedule.train_dataset(state.epoch)
         if name not in self.shards:
             import ray.train
@@ -186,6 +192,34 @@ class Worker:
         if state.step_in_epoch >= self.schedule.steps_per_epoch:
             for _ in batches:
                 pass
+
+    def _global_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's part of each remaining global batch of the epoch's plan, in step
+        order: read from ``step_in_epoch`` on (a mid-epoch resume reads no trained batch),
+        and each batch's plan index checked against the step, so a rank can never train
+        a part of another step's batch."""
+        import ray.data
+
+        from clray.pipelines.unpack import rank_dataset
+
+        spec = self.spec.packed
+        workers = self.cfg.scaling.num_workers
+        plan_index = state.epoch % spec.plan.num_plans
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
+        dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
+        rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
+                                          device=self.device)  # [ray]
+        batches = ({key: value[0] for key, value in batch.items()} for batch in rows)
+        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
+            batch = self._next(batches, state)
+            index = int(batch.pop("plan_batch"))
+            if index != state.step_in_epoch:
+                raise PlanOrderError(
+                    f"rank {self.rank}: step {state.step_in_epoch} of epoch {state.epoch} got batch {index} of plan "
+                    f"{plan_index} ({spec.plan.directory}); every rank must train part {self.rank} of batch "
+                    f"{state.step_in_epoch} in this step. The plan's files are out of batch order: mine again"
+                )
+            yield cast_batch(batch, self.bf16)
 
     def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         data = self.cfg.data
@@ -299,6 +333,10 @@ class Worker:
 
 class ShardExhaustedError(RuntimeError):
     pass
+
+
+class PlanOrderError(RuntimeError):
+    """A rank's packed batch is not the step's global batch: training it would mix batches."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
