@@ -358,9 +358,12 @@ def test_packed_training_takes_whole_plan_batches_and_resumes_at_an_epoch_stop(
     assert data["packed"]["skipped_batches"] == [1, 0] and data["packed"]["batches_per_plan"] == list(NUM_BATCHES)
     assert data["packed"]["cycles_plans"] and data["plan"]["packed"] and data["plan"]["num_plans"] == 2
     assert data["plan"]["stop_step"] == 3
-    # Stopped at the epoch boundary with a checkpoint and an export, not evaluated.
+    # Stopped at the epoch boundary with a checkpoint and an export; evaluated only at
+    # the start (the baseline), not at the stop: the run is not complete.
     assert [Path(p).name for p in first.checkpoints] == ["checkpoint_00000003"]
-    assert first.export_dir is not None and first.eval == {}
+    baseline = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in baseline] == [0]
+    assert first.export_dir is not None and first.eval == {k: v for k, v in baseline[0].items() if k.startswith("eval/")}
     assert_whole_plan_batches(recorded(record), batches, [0], steps_per_epoch=3)
 
     events.clear()
