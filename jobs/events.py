@@ -108,10 +108,17 @@ class EvalEvent(Event):
     step: int
     epoch: int
     metrics: dict[str, Any]
+    histograms: dict[str, Any] | None = None
+    """Cosine similarity histograms of the positive pairs and the negatives
+    (``models.metrics.Geometry.histogram``: edges, positive, negative), which the run
+    report compares between the first and the last evaluation."""
 
     def record(self) -> dict[str, Any]:
-        return {**({} if self.time is None else {"time": self.time}), "event": self.kind, "step": self.step,
-                "epoch": self.epoch, **self.metrics}
+        out = {**({} if self.time is None else {"time": self.time}), "event": self.kind, "step": self.step,
+               "epoch": self.epoch, **self.metrics}
+        if self.histograms is not None:
+            out["histograms"] = self.histograms
+        return out
 
     @property
     def figures(self) -> dict[str, float]:
@@ -166,6 +173,8 @@ class WarningEvent(Event):
 class ExportedEvent(Event):
     kind: ClassVar[str] = "exported"
     path: str
+    step: int | None = None
+    """The state exported: the last step, or with train.select_by the best one."""
 
 
 @dataclass(kw_only=True)

@@ -38,6 +38,9 @@ RAY_KNOBS: dict[str, str] = {
     "machine, and a stopped trial's CPUs stay reserved",
     "TUNE_ORIG_WORKING_DIR": "read, not set: the directory a Tune trial was started from "
     "(Tune moves each trial into its own directory)",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5: Ray Train V2's controller polls its workers this often "
+    "(default 2 s); it takes one report per worker per poll, so every checkpoint (a report) stalled the "
+    "workers up to 2 s, and the end of every fit was noticed up to 2 s late",
     "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
     "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
     "CPU); clray compiles nothing",
@@ -53,6 +56,22 @@ RAY_KNOBS: dict[str, str] = {
     "that is gone (Ray would fail the run), and clray's retention keeps what it lists",
 }
 """Ray and library knobs outside the documented APIs: name -> value and reason."""
+
+RAY_PRIVATE_APIS: dict[str, str] = {
+    # Ray code (not settings) that is not public API, the one place clray uses each, and why.
+    "ray.autoscaler._private.util.prepare_config/validate_config": "jobs/clustercheck/launcher.py: "
+    "Ray's own schema and defaults for cluster launcher YAMLs, what `ray up` applies",
+    "ray.data.DataContext.use_datasource_v2": "pipelines/reading.py (legacy_parquet_reader): the V1 Parquet "
+    "reader, which resolves paths on the driver only and starts no footer-reading actors per epoch",
+    "ray.tune.schedulers.async_hyperband._Bracket": "benchmarks/tune.py: replays ASHA's own rung decisions "
+    "over recorded curves",
+}
+"""Ray internals clray calls, checked against RAY_VERSION_CHECKED (tests check that this is
+the installed Ray)."""
+
+TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+"""Set in the driver's environment (unless the user set them), which Ray Train passes on
+to its controller; why each: RAY_KNOBS."""
 
 TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
 
@@ -100,6 +119,8 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     runs on the machine ("Found multiple active Ray instances"), and the resources leak."""
     import ray
 
+    for name, value in TRAIN_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(

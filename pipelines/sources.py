@@ -253,6 +253,15 @@ def required_columns(data_cfg: DataConfig) -> dict[str, ColumnRule]:
                 "teacher scores need a list<float> column, aligned with data.negatives",
             ),
         )
+    if data_cfg.in_batch_score_column is not None:
+        wanted.setdefault(
+            data_cfg.in_batch_score_column,
+            (
+                "data.in_batch_score_column",
+                list_of(pa.types.is_floating),
+                "in-batch teacher scores need a list<float> column per row (one score per in-batch positive)",
+            ),
+        )
     if data_cfg.label_column is not None:
         wanted.setdefault(
             data_cfg.label_column,

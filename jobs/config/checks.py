@@ -139,6 +139,27 @@ def _precision_problems(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _selection_problems(cfg: JobConfig) -> list[str]:
+    """train.select_by names a figure this config's evaluations report, and there are
+    evaluations to choose between."""
+    from clray.models.metric_names import evaluation_names
+
+    metric = cfg.train.select_by
+    if metric is None:
+        return []
+    known = [f"eval/{n}" for n in evaluation_names(cfg.data.label_column is not None, bool(cfg.data.class_names))]
+    if metric not in known:
+        return [f"train.select_by = {metric!r} is not an evaluation figure of this config; choose one of "
+                f"{', '.join(known)}"]
+    if not cfg.data.eval:
+        return [f"train.select_by = {metric!r} picks the export by its evaluations, but data.eval is not set: "
+                "add a held-out split"]
+    if not cfg.train.eval_every:
+        return [f"train.select_by = {metric!r} needs evaluations during the run to choose from: set "
+                "train.eval_every (steps between evaluations)"]
+    return []
+
+
 CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("train", "scaling"), _batch_problems),
     (("data", "model"), _view_problems),
@@ -150,6 +171,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("loss", "data", "model"), lambda cfg: _loss_problems(cfg)),
     (("remine", "data", "train", "scaling"), lambda cfg: remine_problems(cfg)),
     (("train", "scaling"), _precision_problems),
+    (("train", "data"), _selection_problems),
 ]
 """Checks that span sections: (the sections each reads, the check). Each message names the
 key and the fix. A config whose schema is broken still gets every check whose sections
@@ -224,6 +246,13 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
             "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
             "similarity, as `clray mine` writes it) and data.negatives"
         )
+    if loss.in_batch_margin is not None and (data.in_batch_score_column is None or data.batches != "packed"):
+        problems.append(
+            "loss.in_batch_margin needs the teacher's in-batch scores: a packed plan mined with "
+            "mining.in_batch_scores = true, data.batches = \"packed\" and data.in_batch_score_column set"
+        )
+    if data.in_batch_score_column is not None and data.batches != "packed":
+        problems.append("data.in_batch_score_column names a column of packed plans: set data.batches = \"packed\"")
     if cfg.model.logit_bias is not None and loss.type != "siglip":
         problems.append(
             f'model.logit_bias only affects loss.type = "siglip" (a softmax over candidates ignores '

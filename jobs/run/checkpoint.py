@@ -150,7 +150,7 @@ def _collective_device(engine: Any) -> torch.device:
     return engine.device if getattr(engine, "device", None) is not None else torch.device("cpu")
 
 
-def export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
+def export(engine: Any, cfg: JobConfig, export_dir: str, rank: int, card: dict[str, Any] | None = None) -> None:
     """Rank 0 writes the HF-format export; under ZeRO-3 all ranks first gather the weights.
     An ``s3://`` export is written to a local temporary directory on rank 0's node and
     uploaded from there (the driver may be on another machine)."""
@@ -159,10 +159,10 @@ def export(engine: Any, cfg: JobConfig, export_dir: str, rank: int) -> None:
 
     def write() -> None:
         if not storage.is_s3(export_dir):
-            export_model(engine.module, cfg.model, export_dir)
+            export_model(engine.module, cfg.model, export_dir, card=card)
             return
         with tempfile.TemporaryDirectory(prefix="clray-export-") as tmp:
-            local = export_model(engine.module, cfg.model, Path(tmp) / "export")
+            local = export_model(engine.module, cfg.model, Path(tmp) / "export", card=card)
             storage.delete(export_dir, cfg.storage)  # no stale files from an earlier export
             storage.upload(local, export_dir, cfg.storage)
 

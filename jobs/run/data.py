@@ -43,6 +43,9 @@ class RunData:
     packed: dict[str, Any] | None = None
     """Packed: the plan's facts for the data event and the summary."""
     skipped_batches: list[int] = field(default_factory=list)
+    packed_spec: Any = None
+    """Packed plans of global batches: the checked ``DataSpec`` every rank builds its own
+    datasets from (``pipelines.unpack.rank_dataset``)."""
 
 
 def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunData:
@@ -63,7 +66,9 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
             out.packed = {"plan_dir": plan.directory, "num_plans": plan.num_plans,
                           "batches_per_plan": [e.num_batches for e in plan.epochs],
                           "skipped_batches": packed.skipped_batches,
-                          "plan_quarantined_rows": plan.quarantined_rows}
+                          "plan_quarantined_rows": plan.quarantined_rows, "num_workers": plan.num_workers}
+            if plan.global_batches:
+                out.packed_spec = spec
             eval_ds = packed.eval
         else:
             prepared = build_datasets(spec, quarantine_path=quarantine_path, seed=cfg.run.seed)
@@ -106,6 +111,7 @@ def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Sche
         num_train_rows=data.num_rows,
         packed=packed,
         num_plans=data.packed["num_plans"] if packed else 1,
+        global_batches=data.packed_spec is not None,
         stop_step=stop_step,
         remainder_rows=0 if packed else data.num_rows - per_epoch * cfg.train.global_batch_size,
     )

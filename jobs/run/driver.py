@@ -13,12 +13,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig, dump_toml
-from clray.jobs.run.commit import complete_checkpoints, prune
+from clray.jobs.run.commit import prune
 from clray.jobs.run.data import RunData, build_run_data, check_data, ingest_config, make_schedule
 from clray.jobs.run.errors import CheckpointDamagedError, RunStopped, TrainingError
 from clray.jobs.run.ingest import RESUME, TRAIN, RemainderData, ResumableTrain, TrainData
@@ -34,7 +34,8 @@ from clray.jobs.run.resume import (
 )
 from clray.jobs.run.schedule import Schedule
 from clray.jobs.run.stop import StopRequests
-from clray.jobs.run.worker import RECORD_BATCHES_ENV, WorkerSpec, train_loop_per_worker
+from clray.jobs.run.summary import TrainSummary, checkpoints_of, summarize
+from clray.jobs.run.worker import RECORD_BATCHES_ENV, SELECTED, WorkerSpec, train_loop_per_worker
 from clray.jobs.runtime import describe_failure, start_ray, training_cpus, worker_env
 
 if TYPE_CHECKING:
@@ -44,39 +45,6 @@ OnEvent = Callable[[dict[str, Any]], None]
 
 __all__ = ["OnEvent", "TrainSummary", "TrainingError", "failure_message", "init_ray", "run_training",
            "run_worker_env"]
-
-
-@dataclass
-class TrainSummary:
-    run_dir: str
-    steps: int
-    epochs: int
-    steps_per_epoch: int
-    train_rows: int
-    quarantined_rows: int
-    quarantine_path: str | None
-    quarantine_reasons: dict[str, int]
-    checkpoints: list[str]
-    export_dir: str | None
-    final_train: dict[str, float] = field(default_factory=dict)
-    eval: dict[str, float] = field(default_factory=dict)
-    resumed_from_step: int | None = None
-    wall_seconds: float = 0.0
-    total_steps: int = 0
-    """Steps of the whole run; ``steps`` is less when this start stopped early (stop_epoch)."""
-    batches: str = "examples"
-    plan_dir: str | None = None
-    """Packed: the `clray mine` plan directory trained on."""
-    num_plans: int = 0
-    skipped_batches: list[int] = field(default_factory=list)
-    """Packed: per epoch plan, the mined batches no worker trained on (so that every rank
-    takes the same number of whole batches)."""
-    remainder_rows_per_epoch: int = 0
-    """Examples: valid rows that do not fill a last global batch and sit out each epoch
-    (which ones changes with the epoch's shuffle)."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
 def run_worker_env(cfg: JobConfig) -> dict[str, str]:
@@ -197,6 +165,9 @@ class _Start:
             self.warn(line)
         location.sync()
         init_ray(cfg, verbose)
+        from clray.jobs.report import ENVIRONMENT_FILE, environment
+
+        (location.local / ENVIRONMENT_FILE).write_text(json.dumps(environment(cfg), indent=2, default=str))
         from clray.pipelines import DataError, quiet_ray_data
 
         quiet_ray_data()
@@ -208,19 +179,21 @@ class _Start:
         schedule = make_schedule(cfg, data, stop_epoch)
         self.emit(_data_event(data, schedule, location).record())
         spec = WorkerSpec(job=cfg, schedule=schedule, has_eval="eval" in data.datasets,
-                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config)
+                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
+                          packed=data.packed_spec)
         records = _Fit(self, spec, data, checked).run()
         self.write_config()
         end = next((e for e in map(events.parse, reversed(records)) if isinstance(e, events.EndEvent)), None)
         if end is not None and end.stopped:
             location.sync()
             raise RunStopped(self.stops.signal_name or "SIGINT", end.step, location.checkpoint_uri(end.step))
-        summary = _summarize(cfg, location, data, schedule, records, self.started)
+        summary = summarize(cfg, location, data, schedule, records, self.started)
         (location.local / "summary.json").write_text(summary.to_json())
+        summary.report = _report(location)  # the report reads summary.json
         location.remove("error.log")  # this start succeeded: no stale failure
         location.sync()
         self.prune()
-        summary.checkpoints = _checkpoints(location)
+        summary.checkpoints = checkpoints_of(location)
         (location.local / "summary.json").write_text(summary.to_json())
         location.sync()
         return summary
@@ -238,6 +211,20 @@ def data_warnings(checked: DataSpec) -> list[str]:
     return list(checked.warnings)
 
 
+def _report(location: RunLocation) -> str | None:
+    """The run's report.html (jobs.report), rebuilt at the end of every start; a report
+    that cannot be built is a warning, never a failed run."""
+    import logging
+
+    from clray.jobs.report import build_report
+
+    try:
+        return location.final(str(build_report(location.local)))
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        logging.getLogger("clray").warning("could not write the run's report.html: %s", exc)
+        return None
+
+
 def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> events.DataEvent:
     report = data.report
     return events.DataEvent(plan=asdict(schedule), quarantined=report.quarantined_rows,
@@ -246,7 +233,7 @@ def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> eve
 
 
 def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec, location: RunLocation) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -262,7 +249,7 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
         run_config=RunConfig(
             name=cfg.run.name,
             **location.run_config_storage(),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=_checkpoint_config(cfg),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[FailureRelay(spec.progress, cfg.train.max_failures)],
             worker_runtime_env={"env_vars": run_worker_env(cfg)},
@@ -272,6 +259,17 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
 
 def _split_names(spec: WorkerSpec) -> list[str]:
     return spec.schedule.dataset_names + ([] if spec.schedule.packed else [RESUME])
+
+
+def _checkpoint_config(cfg: JobConfig) -> Any:
+    """Ray keeps the latest ``keep_checkpoints``; with train.select_by it keeps the ones
+    that held the best state (each checkpoint's report says so) beside the latest."""
+    from ray.train import CheckpointConfig
+
+    if cfg.train.select_by is None:
+        return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=SELECTED,
+                            checkpoint_score_order="max")
 
 
 def _datasets(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec) -> dict[str, Any]:
@@ -399,64 +397,3 @@ class _Single(Exception):
     def __init__(self, rank: int, error: BaseException) -> None:
         super().__init__(str(error))
         self.worker_failures = {rank: error}
-
-
-def _summarize(cfg: JobConfig, location: RunLocation, data: RunData, schedule: Schedule,
-               records: list[dict[str, Any]], started: float) -> TrainSummary:
-    # Ray Train V2's Result carries the metrics of the latest *checkpoint* report, so the
-    # end-of-run evaluation comes from rank 0's event stream instead.
-    typed = [events.parse(r) for r in records]
-    train = [e for e in typed if isinstance(e, events.TrainEvent)]
-    evals = [e for e in typed if isinstance(e, events.EvalEvent)]
-    ends = [e for e in typed if isinstance(e, events.EndEvent)]
-    resumed = next((e.step for e in typed if isinstance(e, events.ResumedEvent)), None)
-    last = ends[-1] if ends else (train[-1] if train else None)
-    if not train and last is not None:
-        # A start with nothing left to train (a finished run started again) reports the
-        # training metrics the run ended with, from the events earlier starts logged.
-        train = [e for e in _logged_train_events(location) if e.step <= last.step][-1:]
-    report = data.report
-    return TrainSummary(
-        run_dir=location.uri,
-        steps=int(last.step) if last else 0,
-        epochs=int(last.epoch) if last else 0,
-        steps_per_epoch=schedule.steps_per_epoch,
-        train_rows=data.num_rows,
-        quarantined_rows=report.quarantined_rows,
-        quarantine_path=location.final(report.quarantine_path),
-        quarantine_reasons=dict(report.reasons),
-        checkpoints=_checkpoints(location),
-        export_dir=location.export_dir(),
-        final_train={k: v for k, v in (train[-1].record() if train else {}).items() if isinstance(v, (int, float))},
-        eval=evals[-1].figures if evals else {},
-        resumed_from_step=resumed,
-        wall_seconds=time.perf_counter() - started,
-        total_steps=schedule.total_steps,
-        batches=cfg.data.batches,
-        plan_dir=data.packed["plan_dir"] if data.packed else None,
-        num_plans=data.packed["num_plans"] if data.packed else 0,
-        skipped_batches=data.skipped_batches,
-        remainder_rows_per_epoch=schedule.remainder_rows,
-    )
-
-
-def _checkpoints(location: RunLocation) -> list[str]:
-    """The run's complete checkpoints (``jobs.run.commit``), oldest first."""
-    complete, _ = complete_checkpoints(location.uri, location.cfg.storage)
-    return [c.uri for c in reversed(complete)]
-
-
-def _logged_train_events(location: RunLocation) -> list[events.TrainEvent]:
-    """The training events of every start of the run, from its metrics.jsonl."""
-    path = location.local / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when a start was killed
-        if record.get("event") == "train":
-            out.append(events.TrainEvent.from_record(record))
-    return out

@@ -17,7 +17,7 @@ from clray.jobs.run.errors import RunDirError
 from clray.pipelines import storage
 from clray.pipelines.staging import Staging
 
-DRIVER_FILES = ("config.toml", "metrics.jsonl", "summary.json", "error.log")
+DRIVER_FILES = ("config.toml", "environment.json", "metrics.jsonl", "summary.json", "error.log", "report.html")
 """What the driver writes into a run directory (Ray Train writes the checkpoints, rank 0
 the export), uploaded as they are."""
 QUARANTINE_FILES = ("quarantine.parquet", "quarantine-eval.parquet")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
-from clray.jobs.run.cadence import Cadence, StepActions
+from clray.jobs.run.cadence import Cadence, Selection, StepActions
 from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
 from clray.jobs.run.engine import adopt_config, build_engine, cast_batch, train_step, use_bf16
 from clray.jobs.run.errors import CheckpointDamagedError
@@ -30,6 +30,11 @@ from clray.jobs.run.ingest import RESUME, reads_remainder
 from clray.jobs.run.recovery import SetupError
 from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
+
+SELECTED = "clray_selected"
+"""With train.select_by, each checkpoint's report carries 1.0 when it holds the best
+evaluated state so far, else 0.0: Ray keeps the checkpoints that score highest (and the
+latest), so the best state stays on disk."""
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
@@ -54,18 +59,21 @@ class WorkerSpec:
     """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
     stop: Any = None
     """A ``ray.util.queue.Queue`` the driver puts a stop request into (None: no stops)."""
+    packed: Any = None
+    """Packed plans of global batches: the driver's checked ``DataSpec``, from which each
+    rank builds its own part of every batch (None otherwise)."""
 
     def encode(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
                 "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
-                "adopt_config": self.adopt_config, "stop": self.stop}
+                "adopt_config": self.adopt_config, "stop": self.stop, "packed": self.packed}
 
     @classmethod
     def decode(cls, config: dict[str, Any]) -> WorkerSpec:
         return cls(job=JobConfig.model_validate(config["job"]), schedule=Schedule(**config["plan"]),
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
-                   progress=config.get("progress"), stop=config.get("stop"))
+                   progress=config.get("progress"), stop=config.get("stop"), packed=config.get("packed"))
 
 
 class MetricWindow:
@@ -213,6 +221,9 @@ class Worker:
         """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
         of them; after the last, the shard's remainder (under one batch) is drained so
         the next epoch starts clean."""
+        if self.spec.packed is not None:
+            yield from self._global_batches(state)
+            return
         remainder = state.epoch == self.remainder_epoch
         self.remainder_epoch = None
         name = RESUME if remainder else self.schedule.train_dataset(state.epoch)
@@ -231,6 +242,34 @@ class Worker:
         if state.step_in_epoch >= self.schedule.steps_per_epoch:
             for _ in batches:
                 pass
+
+    def _global_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's part of each remaining global batch of the epoch's plan, in step
+        order: read from ``step_in_epoch`` on (a mid-epoch resume reads no trained batch),
+        and each batch's plan index checked against the step, so a rank can never train
+        a part of another step's batch."""
+        import ray.data
+
+        from clray.pipelines.unpack import rank_dataset
+
+        spec = self.spec.packed
+        workers = self.cfg.scaling.num_workers
+        plan_index = state.epoch % spec.plan.num_plans
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
+        dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
+        rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
+                                          device=self.device)  # [ray]
+        batches = ({key: value[0] for key, value in batch.items()} for batch in rows)
+        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
+            batch = self._next(batches, state)
+            index = int(batch.pop("plan_batch"))
+            if index != state.step_in_epoch:
+                raise PlanOrderError(
+                    f"rank {self.rank}: step {state.step_in_epoch} of epoch {state.epoch} got batch {index} of plan "
+                    f"{plan_index} ({spec.plan.directory}); every rank must train part {self.rank} of batch "
+                    f"{state.step_in_epoch} in this step. The plan's files are out of batch order: mine again"
+                )
+            yield cast_batch(batch, self.bf16)
 
     def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         data = self.cfg.data
@@ -273,19 +312,38 @@ class Worker:
         """Every rank embeds the eval split (see jobs.run.evaluate): a collective step."""
         from clray.jobs.run.evaluate import evaluate
 
-        figures = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
-        return events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures)
+        figures, histograms = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
+        evaluation = events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures,
+                                      histograms=histograms or None)
+        self.publish(evaluation)
+        return evaluation
+
+    def export(self, engine: Any, state: TrainState, figures: dict[str, Any]) -> None:
+        """The export (every rank takes part under ZeRO-3), with its model card."""
+        if not self.spec.export_dir:
+            return
+        card = {"run_name": self.cfg.run.name, "train_rows": self.schedule.num_train_rows, "steps": state.step,
+                "epochs": state.epoch, "global_batch_size": self.cfg.train.global_batch_size,
+                "data": list(self.cfg.data.train),
+                "columns": {"anchor": self.cfg.data.anchor.column, "positive": self.cfg.data.positive.column},
+                "loss": self.cfg.loss.model_dump(mode="json"),
+                "eval": {k: v for k, v in figures.items() if k.startswith("eval/")}}
+        if "eval_rows" in figures:
+            card["eval_rows"] = figures["eval_rows"]
+        export(engine, self.cfg, self.spec.export_dir, self.rank, card=card)
+        self.publish(events.ExportedEvent(path=self.spec.export_dir, step=state.step))
 
     def after_step(self, actions: StepActions, engine: Any, state: TrainState, window: MetricWindow,
-                   scale: float, bias: float | None) -> None:
+                   scale: float, bias: float | None, selection: Selection) -> None:
         """Do what the cadence decided for the step just taken, in the same order on every rank."""
         import ray.train
 
         metrics: dict[str, Any] = {}
+        best = False
         if actions.evaluate:
             evaluation = self.evaluate(engine, state)
-            self.publish(evaluation)
             metrics.update(step=state.step, epoch=state.epoch, **evaluation.metrics)
+            best = selection.consider(state, evaluation.metrics)
         if actions.log:
             metrics.update(window.reduce(self.cfg.train.global_batch_size))
             window.reset()
@@ -296,12 +354,17 @@ class Worker:
             self.publish(train)
             metrics = train.record()
             del metrics["event"]
-        if actions.checkpoint:
+        if selection.metric is not None:
+            # What Ray keeps checkpoints by (with the latest): the best states come first.
+            metrics[SELECTED] = float(best)
+        if actions.checkpoint or best:
             save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch},
                             cfg=self.cfg, steps_per_epoch=self.schedule.steps_per_epoch, consumed=self.consumed())
             self.publish(events.CheckpointEvent(step=state.step))
         elif actions.report:
             ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
+        if best:
+            self.export(engine, state, metrics)
 
     def finish(self, engine: Any, state: TrainState, cadence: Cadence, stopped: bool = False) -> None:
         """The end of this start: the end event, a final evaluation when the run is
@@ -317,17 +380,19 @@ class Worker:
             ray.train.report({**final, "final": False, "stopped": True})  # [ray]
             return
         if cadence.evaluate_at_end(state.step):
-            evaluation = self.evaluate(engine, state)
-            final.update(evaluation.metrics)
-            self.publish(evaluation)
-        if self.spec.export_dir:
-            export(engine, self.cfg, self.spec.export_dir, self.rank)
-            self.publish(events.ExportedEvent(path=self.spec.export_dir))
+            final.update(self.evaluate(engine, state).metrics)
+        # With select_by the export was written at the best evaluation (see after_step).
+        if not cadence.selects or state.best_step is None:
+            self.export(engine, state, final)
         ray.train.report({**final, "final": complete})  # [ray]
 
 
 class ShardExhaustedError(RuntimeError):
     pass
+
+
+class PlanOrderError(RuntimeError):
+    """A rank's packed batch is not the step's global batch: training it would mix batches."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -343,6 +408,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise SetupError(f"{type(exc).__name__}: {exc}") from exc
     schedule, cfg = worker.schedule, worker.cfg
     cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
+    selection = Selection(cfg.train)
+    if cadence.evaluate_at_start(state.step):
+        worker.evaluate(engine, state)  # the baseline (a state the run did not train: never selected)
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
     stopped = False
@@ -359,7 +427,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
             actions = cadence.after(state.step, stop=worker.stop_requested())
-            worker.after_step(actions, engine, state, window, scale, bias)
+            worker.after_step(actions, engine, state, window, scale, bias, selection)
             if actions.stop and state.step < schedule.end_step:
                 stopped = True
                 break
