@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{mined.batches_per_epoch} batches of {args.mined_batch}")
     sim = st["in_batch_negative_similarity"]
     print(f"   in-batch negative similarity: mined {sim['mined']:.3f} vs random {sim['random']:.3f} "
-          f"({sim['ratio']}x); communities {st['communities']['count']} (typical size "
-          f"{st['communities']['typical_size']:.0f})")
+          f"({sim['ratio']}x); partition {json.dumps(st['partition'])}")
     for name, entry in st["false_negatives"]["in_batch"].items():
         print(f"   est. false negatives in batch, {name}: teacher>=positive {entry['teacher_above_positive']:.4f}, "
               f"same label {entry.get('same_label', float('nan')):.3f}")

@@ -38,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("files", nargs="+")
     _add_submit_parsers(sub)
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a model (a clray export, a run's checkpoint, a local Hugging Face text model) on a split")
+    evaluate.add_argument("model", help="an export directory, a run directory, or a saved Hugging Face model")
+    evaluate.add_argument("--config", default=None,
+                          help="a TOML whose [data] names the split in data.eval (default: a run's own config.toml);"
+                          " [eval] sets batch_size, num_actors, pooling, max_length")
+    evaluate.add_argument("--checkpoint", default=None, help="for a run: the checkpoint directory (default: the newest)")
+    evaluate.add_argument("--out", default=None, help="where eval.json goes (default: in the model or run directory)")
+    add_set(evaluate)
+    evaluate.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    report = sub.add_parser("report", help="(re)build report.html of a run or search directory")
+    report.add_argument("directory", help="a run directory (run.output_dir/run.name) or a `clray tune` search directory")
     return parser
 
 
@@ -339,9 +351,33 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from clray.jobs import views
+    from clray.jobs.config.eval import load_eval_config
+    from clray.jobs.eval import run_eval
+
+    cfg = load_eval_config(args.model, args.config, args.overrides, checkpoint=args.checkpoint, output=args.out)
+    views.print_eval(Console(), run_eval(cfg, verbose=args.verbose))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from clray.jobs import report, views
+
+    try:
+        path = report.build(args.directory)
+    except report.ReportError as exc:
+        views.print_error(str(exc))
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 COMMANDS = {
     "train": _train, "quickstart": _quickstart, "mine": _mine, "tune": _tune, "config": _config,
-    "cluster": _cluster, "data": _data, "submit": _submit, "jobs": _jobs,
+    "cluster": _cluster, "data": _data, "submit": _submit, "jobs": _jobs, "report": _report, "eval": _eval,
 }
 
 
@@ -358,17 +394,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from clray.jobs import views
     from clray.jobs.config import ConfigError
-    from clray.jobs.run import TrainingError
+    from clray.jobs.eval import EvalError
+    from clray.jobs.run import RunError, RunStopped
     from clray.jobs.submit import SubmitError
     from clray.pipelines.errors import DataError, MineError
     from clray.pipelines.plan_format import PlanFormatError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, TrainingError, MineError, PlanFormatError, SubmitError,
+    except (ConfigError, DataError, RunError, MineError, PlanFormatError, SubmitError, EvalError,
             FileNotFoundError) as exc:
         views.print_error(str(exc))
         return 2
+    except RunStopped as stop:
+        views.print_error(str(stop))
+        return stop.exit_code
     except KeyboardInterrupt:
         views.print_error("interrupted; start the same run again to resume from its last checkpoint")
         return 130

@@ -71,6 +71,8 @@ class ResumedEvent(Event):
     epoch: int
     step_in_epoch: int
     dataset: str
+    checkpoint: str = ""
+    """The checkpoint restored (its directory name)."""
 
 
 @dataclass(kw_only=True)
@@ -106,10 +108,17 @@ class EvalEvent(Event):
     step: int
     epoch: int
     metrics: dict[str, Any]
+    histograms: dict[str, Any] | None = None
+    """Cosine similarity histograms of the positive pairs and the negatives
+    (``models.metrics.Geometry.histogram``: edges, positive, negative), which the run
+    report compares between the first and the last evaluation."""
 
     def record(self) -> dict[str, Any]:
-        return {**({} if self.time is None else {"time": self.time}), "event": self.kind, "step": self.step,
-                "epoch": self.epoch, **self.metrics}
+        out = {**({} if self.time is None else {"time": self.time}), "event": self.kind, "step": self.step,
+               "epoch": self.epoch, **self.metrics}
+        if self.histograms is not None:
+            out["histograms"] = self.histograms
+        return out
 
     @property
     def figures(self) -> dict[str, float]:
@@ -130,12 +139,42 @@ class EndEvent(Event):
     step: int
     epoch: int
     complete: bool
+    stopped: bool = False
+    """The run stopped on request (Ctrl-C, SIGTERM) after checkpointing ``step``."""
+
+
+@dataclass(kw_only=True)
+class FailureEvent(Event):
+    """A worker failed and Ray Train handled it: ``retrying`` when it restarts the workers
+    from the last complete checkpoint (the next ``resumed`` event says at which step)."""
+
+    kind: ClassVar[str] = "failure"
+    rank: int
+    error: str
+    died: bool
+    """The worker process was lost (killed, out of memory, node gone), not an exception."""
+    failures: int
+    max_failures: int
+    retrying: bool
+    ranks: dict[str, str] | None = None
+    """Every failed rank's error (the blamed one's and the collateral ones), for the log."""
+
+
+@dataclass(kw_only=True)
+class WarningEvent(Event):
+    """Something the user should know that does not stop the run (a checkpoint skipped,
+    files ignored in a shard directory, Ray's registry moved aside)."""
+
+    kind: ClassVar[str] = "warning"
+    message: str
 
 
 @dataclass(kw_only=True)
 class ExportedEvent(Event):
     kind: ClassVar[str] = "exported"
     path: str
+    step: int | None = None
+    """The state exported: the last step, or with train.select_by the best one."""
 
 
 @dataclass(kw_only=True)
@@ -158,7 +197,7 @@ class ReminedEvent(Event):
 EVENTS: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (DataEvent, ResumedEvent, AdoptedEvent, TrainEvent, EvalEvent, CheckpointEvent, EndEvent,
-                ExportedEvent, RemineEvent, ReminedEvent)
+                FailureEvent, WarningEvent, ExportedEvent, RemineEvent, ReminedEvent)
 }
 
 

@@ -38,6 +38,9 @@ RAY_KNOBS: dict[str, str] = {
     "machine, and a stopped trial's CPUs stay reserved",
     "TUNE_ORIG_WORKING_DIR": "read, not set: the directory a Tune trial was started from "
     "(Tune moves each trial into its own directory)",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5: Ray Train V2's controller polls its workers this often "
+    "(default 2 s); it takes one report per worker per poll, so every checkpoint (a report) stalled the "
+    "workers up to 2 s, and the end of every fit was noticed up to 2 s late",
     "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
     "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
     "CPU); clray compiles nothing",
@@ -45,8 +48,34 @@ RAY_KNOBS: dict[str, str] = {
     "nice 15, so on a machine shared with anything else the training workers, which are the "
     "job, get the CPU last (a nice-15 process weighs 1/28 of a nice-0 one): beside any other "
     "work a clray run slows down where a single-process trainer (nice 0) does not",
+    "Dataset.context._execution_idx": "set, not read from the environment: Ray Data seeds an "
+    "epoch's shuffle with it (+1 after each execution, 0 in a new driver or split "
+    "coordinator); jobs.run.ingest sets it to the epoch a start resumes in, so a resumed "
+    "run shuffles every epoch as an uninterrupted one does",
+    "ray.data._internal.datasource_v2.common.synthesized_columns._compute_row_hashes": "called "
+    "by pipelines._compat.row_hashes: the row_hash read_parquet(include_row_hash=True) gives a "
+    "row, computed on the driver to leave duplicate-id rows out of training",
+    "checkpoint_manager_snapshot.json": "Ray Train V2's registry of checkpoints in the run "
+    "directory; jobs.run.resume moves it aside when it is cut short or names a checkpoint "
+    "that is gone (Ray would fail the run), and clray's retention keeps what it lists",
 }
 """Ray and library knobs outside the documented APIs: name -> value and reason."""
+
+RAY_PRIVATE_APIS: dict[str, str] = {
+    # Ray code (not settings) that is not public API, the one place clray uses each, and why.
+    "ray.autoscaler._private.util.prepare_config/validate_config": "jobs/clustercheck/launcher.py: "
+    "Ray's own schema and defaults for cluster launcher YAMLs, what `ray up` applies",
+    "ray.data.DataContext.use_datasource_v2": "pipelines/reading.py (legacy_parquet_reader): the V1 Parquet "
+    "reader, which resolves paths on the driver only and starts no footer-reading actors per epoch",
+    "ray.tune.schedulers.async_hyperband._Bracket": "benchmarks/tune.py: replays ASHA's own rung decisions "
+    "over recorded curves",
+}
+"""Ray internals clray calls, checked against RAY_VERSION_CHECKED (tests check that this is
+the installed Ray)."""
+
+TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+"""Set in the driver's environment (unless the user set them), which Ray Train passes on
+to its controller; why each: RAY_KNOBS."""
 
 TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
 
@@ -94,6 +123,8 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     runs on the machine ("Found multiple active Ray instances"), and the resources leak."""
     import ray
 
+    for name, value in TRAIN_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(
@@ -110,6 +141,64 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
         kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     ray.init(num_cpus=local_cpus(needed_cpus), _system_config={"worker_niceness": 0}, **kwargs)
+    start_reaper()
+
+
+_REAPER = """
+import os, signal, sys, time
+driver = int(sys.argv[1])
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]  # parent pid, start time
+    except (OSError, IndexError, ValueError):
+        return None
+def descendants():
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        info = stat(pid)
+        if info:
+            parents[int(pid)] = info
+    found, todo = {}, [driver]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, started) in parents.items():
+            if ppid == parent and pid not in found and pid != os.getpid():
+                found[pid] = started
+                todo.append(pid)
+    return found
+known = {}
+while stat(driver) is not None:
+    known.update(descendants())
+    time.sleep(1.0)
+for pid, started in known.items():
+    info = stat(pid)
+    if info is not None and info[1] == started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def start_reaper() -> None:
+    """Make a local Ray die with the process that started it, however that process dies.
+
+    ``ray.init`` starts the session's GCS and raylet tied to this process, but the raylet's
+    agents (dashboard agent, runtime-env agent) notice a lost raylet only after minutes;
+    a driver killed with SIGKILL (an out-of-memory kill, a scheduler's hard stop) left
+    them running. A small watcher in its own session notes this process's descendants
+    every second while it lives and, once it has ended, kills those still there (the same
+    process: its start time is compared, so a reused pid is left alone); after a normal
+    ``ray.shutdown`` none are. Linux only (/proc)."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc"):
+        return
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
 
 
 # ------------------------------------------------------------------ Ray's failures

@@ -30,6 +30,10 @@ def _data_lines(event: events.DataEvent) -> list[str]:
     plan = event.plan
     lines = [f"data: {plan['num_train_rows']} training rows, {plan['steps_per_epoch']} steps/epoch, "
              f"{plan['total_steps']} steps in all"]
+    if plan.get("remainder_rows"):
+        batch = (plan["num_train_rows"] - plan["remainder_rows"]) // max(1, plan["steps_per_epoch"])
+        lines.append(f"  {plan['remainder_rows']} rows per epoch do not fill a last global batch of {batch} and sit "
+                     "that epoch out (which ones changes with each epoch's shuffle)")
     if event.quarantined:
         reasons = ", ".join(f"{n} x {r}" for r, n in sorted(event.reasons.items()))
         lines.append(f"[yellow]quarantined {event.quarantined} bad rows[/] ({reasons}) -> {event.quarantine_path}")
@@ -87,9 +91,30 @@ class ProgressView:
             self.task = self.progress.add_task("train", total=self.total, stats="starting workers...")
 
     def _on_resumed(self, event: events.ResumedEvent) -> None:
-        self.console.print(f"resumed from checkpoint at step {event.step} (epoch {event.epoch})")
+        where = f" {event.checkpoint}" if event.checkpoint else ""
+        self.console.print(f"resumed from checkpoint{where} at step {event.step} (epoch {event.epoch})",
+                           highlight=False)
         if self.task is not None:
             self.progress.update(self.task, completed=event.step)
+
+    def _on_failure(self, event: events.FailureEvent) -> None:
+        what = "died" if event.died else "failed"
+        allowed = "no limit" if event.max_failures < 0 else f"train.max_failures = {event.max_failures}"
+        then = ("restarting the workers from the last complete checkpoint" if event.retrying
+                else "no restarts left")
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]worker rank {event.rank} {what}[/] ({escape(event.error)}); {then} "
+                           f"(failure {event.failures}, {allowed})", highlight=False)
+
+    def _on_warning(self, event: events.WarningEvent) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]warning:[/] {escape(event.message)}", highlight=False)
+
+    def _on_end(self, event: events.EndEvent) -> None:
+        if event.stopped:
+            self.stop()
 
     def _on_train(self, event: events.TrainEvent) -> None:
         m = event.metrics
@@ -143,10 +168,10 @@ def print_summary(console: Any, summary: Any) -> None:
     for key in ("loss", "temperature", "accuracy", "pos_sim", "neg_sim", "samples_per_s", "data_wait_fraction"):
         if key in summary.final_train:
             table.add_row(f"train {key}", fmt(summary.final_train[key]))
-    for key, value in sorted(summary.eval.items()):
-        table.add_row(key, fmt(value))
     table.add_row("wall time (s)", f"{summary.wall_seconds:.1f}")
     console.print(table)
+    if summary.eval:
+        console.print(evaluation_table(summary))
     paths = Table(show_header=False, box=None)
     paths.add_row("checkpoints", "\n".join(summary.checkpoints) or "-")
     paths.add_row("export", summary.export_dir or "-")
@@ -160,7 +185,54 @@ def print_summary(console: Any, summary: Any) -> None:
         )
     paths.add_row("quarantine", quarantine)
     paths.add_row("metrics", join(summary.run_dir, "metrics.jsonl"))  # run_dir may be s3://
+    if getattr(summary, "report", None):
+        paths.add_row("report", summary.report)
     console.print(paths)
+
+
+def evaluation_table(summary: Any) -> Any:
+    """Every evaluation figure at the start (the baseline, when the run had one) and at the
+    end, with the change: what the run bought."""
+    from rich.table import Table
+
+    baseline = getattr(summary, "baseline", {}) or {}
+    table = Table(title="evaluation: start -> end" if baseline else "evaluation", header_style="bold")
+    table.add_column("metric")
+    if baseline:
+        table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    if baseline:
+        table.add_column("change", justify="right")
+    for key, value in sorted(summary.eval.items()):
+        if not baseline:
+            table.add_row(key, fmt(value))
+            continue
+        start = baseline.get(key)
+        change = "-" if start is None else f"{value - start:+.4f}"
+        table.add_row(key, "-" if start is None else fmt(start), fmt(value), change)
+    step = getattr(summary, "export_step", None)
+    if step is not None and step != summary.steps:
+        table.caption = f"the export holds step {step}, the best evaluation by train.select_by"
+    return table
+
+
+def print_eval(console: Any, summary: Any) -> None:
+    """``clray eval``: every figure, then where the numbers and the bad rows went."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    name = Path(summary.model).name + (f" ({summary.checkpoint})" if summary.checkpoint else "")
+    table = Table(title=f"clray eval: {name}, {summary.rows} rows", header_style="bold",
+                  caption=summary.model)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(summary.figures.items()):
+        table.add_row(key, fmt(value))
+    console.print(table)
+    if summary.quarantined_rows:
+        console.print(f"[yellow]quarantined {summary.quarantined_rows} bad rows[/] -> {summary.quarantine_path}")
+    console.print(f"eval.json: {summary.output}  ({summary.wall_seconds:.1f} s)")
 
 
 def print_mine_event(console: Any, event: dict[str, Any]) -> None:
@@ -181,11 +253,19 @@ def print_mine_event(console: Any, event: dict[str, Any]) -> None:
                       f"chunks searched now{extra}")
     elif kind == "planned":
         st = event["statistics"]
-        console.print(f"graph: {st['graph']['edges']} edges; communities: {st['communities']['count']} "
-                      f"(typical size {st['communities']['typical_size']:.1f})")
+        console.print(f"graph: {st['graph']['edges']} edges; {_partition_text(st)}")
     elif kind == "written":
         how = "kept from the last run" if event["reused"] else "written"
         console.print(f"plan epoch {event['epoch']}: {event['batches']} batches {how}")
+
+
+def _partition_text(st: dict[str, Any]) -> str:
+    """How the graph became batches: METIS parts of one batch, or Leiden communities."""
+    part = st.get("partition", {})
+    if part.get("method") == "metis":
+        return f"METIS: {part['parts']} parts of one batch (METIS sizes {part['metis_sizes']}, {part['moved']} rows moved)"
+    comm = st.get("communities") or part
+    return f"communities: {comm['count']} (typical size {comm['typical_size']:.1f})"
 
 
 def _false_negative_text(entry: dict[str, float]) -> str:
@@ -208,6 +288,12 @@ def print_mine_summary(console: Any, summary: Any) -> None:
     table.add_row("in-batch negative sim: mined", fmt(sim["mined"]))
     table.add_row("in-batch negative sim: random", fmt(sim["random"]))
     table.add_row("mined / random", "-" if sim["ratio"] is None else f"{sim['ratio']:.2f}x")
+    for index, plan in enumerate(st.get("plans", [])):
+        mined, rand = plan["mined"], plan["random"]
+        table.add_row(f"plan {index}, global batch: negative sim / teacher>=positive / mutual top-30",
+                      f"{mined['negative_similarity']:.3f} / {mined['teacher_above_positive']:.4f} / "
+                      f"{mined['mutual_top30']:.4f} (random {rand['negative_similarity']:.3f} / "
+                      f"{rand['teacher_above_positive']:.4f} / {rand['mutual_top30']:.4f})")
     fn = st.get("false_negatives", {})
     for name, entry in fn.get("in_batch", {}).items():
         table.add_row(f"est. false negatives in batch, {name.replace('_', ' ')}", _false_negative_text(entry))

@@ -189,6 +189,12 @@ class LossConfig(Strict):
     teacher_threshold: float | None = None
     """Drop an anchor's hard negatives whose teacher similarity (data.negative_score_column)
     exceeds this: they are probably unlabelled positives."""
+    in_batch_margin: float | None = Field(default=None, ge=0, lt=1)
+    """Positive-aware filtering of in-batch candidates (NV-Retriever's TopK-PercPos): drop
+    in-batch candidate j from anchor i's loss when the teacher scores it above
+    ``pos_i - margin * |pos_i|``, pos_i the teacher's score of i's own positive. Needs a
+    packed plan mined with mining.in_batch_scores and data.in_batch_score_column. Mined
+    batches gather near-duplicates; this keeps them from being pushed apart. None: off."""
     gradcache: bool = False
     """Compute embeddings in chunks of `chunk_size` without a graph, run the loss on the
     whole global batch, then re-encode each chunk (same RNG) and backpropagate its cached

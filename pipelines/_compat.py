@@ -43,3 +43,18 @@ def avoid_fsspec_http_import_race() -> None:
 def setup_data_worker() -> None:
     """Ray ``worker_process_setup_hook``: apply the work-arounds in every worker."""
     avoid_fsspec_http_import_race()
+
+
+def row_hashes(fs_path: str, start_row: int, num_rows: int) -> object:
+    """Ray Data's ``row_hash`` values (``read_parquet(include_row_hash=True)``) of rows
+    ``start_row ..`` of the file at ``fs_path`` (the path as the read was given it: an
+    absolute local path, or ``bucket/key`` on S3), as a uint64 numpy array.
+
+    Ray Data 2.60 computes the hash from the file path and the row's position with a
+    private function; this calls that same function, so the driver can name a row the
+    way the training read will see it. Checked against Ray 2.60.0
+    (``ray.data._internal.datasource_v2.common.synthesized_columns._compute_row_hashes``);
+    revisit when the Ray pin moves (``jobs.runtime.RAY_KNOBS``)."""
+    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+
+    return _compute_row_hashes(fs_path, start_row, num_rows)

@@ -40,6 +40,10 @@ class DataConfig(Strict):
     negative_score_column: str | None = None
     """List column of the teacher's similarity between the anchor and each hard negative
     (same order), for loss.teacher_threshold."""
+    in_batch_score_column: str | None = None
+    """Packed plans mined with mining.in_batch_scores: the column holding each global
+    batch's teacher similarities (anchor i against in-batch positive j), which
+    loss.in_batch_margin uses to mask likely false negatives among in-batch candidates."""
     class_names: list[str] = Field(default_factory=list)
     """Name of each label value (index = label) for zero-shot prompts."""
     prompt_templates: list[str] = Field(default_factory=lambda: ["{}"])
@@ -52,7 +56,8 @@ class DataConfig(Strict):
     never merged), one epoch plan per epoch (cycling when train.epochs exceeds the
     plans). data.shuffle, data.shuffle_buffer and data.cache do not apply to packed
     batches: the miner already shuffled the batch order of each plan and quarantined bad
-    rows. data.eval stays ordinary shards."""
+    rows. data.eval stays ordinary shards. A plan mined for scaling.num_workers workers
+    holds global batches: every step trains one of them, split over the ranks."""
     shuffle: Literal["global", "local", "none"] = "local"
     """global: full random shuffle each epoch (all-to-all); local: shuffled block order
     plus a shuffle buffer on each worker; none: file order."""
@@ -92,7 +97,8 @@ class DataConfig(Strict):
 
     def without_negatives(self) -> DataConfig:
         """This config for a split that has no hard negatives (evaluation)."""
-        return self.model_copy(update={"negatives": None, "negative_id_column": None, "negative_score_column": None})
+        return self.model_copy(update={"negatives": None, "negative_id_column": None, "negative_score_column": None,
+                                       "in_batch_score_column": None})
 
     @field_validator("train", "eval", mode="before")
     @classmethod

@@ -9,7 +9,6 @@ rank must agree on or the collectives hang.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,12 +20,15 @@ import pyarrow as pa
 
 from clray.models.preprocess import NEGATIVE_PREFIX, ImageDecodeError, preprocess_view
 from clray.pipelines.config import DataConfig
+from clray.pipelines.duplicates import quarantine_duplicates
 from clray.pipelines.errors import DataError
 from clray.pipelines.reading import quiet_ray_data, read_shards
 from clray.pipelines.spec import DataSpec, SplitSpec
 from clray.pipelines.validate import (
+    ROW_HASH_COLUMN,
     Tower,
     ValidationReport,
+    id_keys,
     image_decodes,
     quarantine_pass,
     row_problems,
@@ -65,16 +67,6 @@ def steps_per_epoch(num_rows: int, global_batch_size: int) -> int:
             "or add training data (data.train)"
         )
     return steps
-
-
-def id_keys(values: list[Any]) -> np.ndarray:
-    """Stable int64 keys of row ids (as strings), so ids can travel as tensors and be
-    compared across workers (id masking): 8 bytes of BLAKE2b, the same on every host."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little", signed=True) for v in values),
-        dtype=np.int64,
-        count=len(values),
-    )
 
 
 def _negative_arrays(table: pa.Table, data_cfg: DataConfig, tower: Tower) -> dict[str, np.ndarray]:
@@ -126,12 +118,18 @@ def _model_inputs(
     anchor_tower: Tower,
     positive_tower: Tower,
     include_ids: bool,
+    drop_hashes: frozenset[int] = frozenset(),
 ) -> Iterator[dict[str, np.ndarray]]:
     # Drops exactly the rows the quarantine pass recorded, but decodes each image only
     # once in the common case: cheap checks first, then preprocess, and only a batch
-    # that holds an undecodable image pays for a per-row decode check.
+    # that holds an undecodable image pays for a per-row decode check. Duplicate-id rows
+    # are dropped by their row hash (``pipelines.duplicates``).
     towers = {"anchor": anchor_tower, "positive": positive_tower}
     problems = row_problems(table, data_cfg, anchor_tower, positive_tower, decode_images=False)
+    if drop_hashes and ROW_HASH_COLUMN in table.column_names:
+        hashes = table.column(ROW_HASH_COLUMN).to_pylist()
+        problems = [p if p is not None or hashes[i] not in drop_hashes else "duplicate id"
+                    for i, p in enumerate(problems)]
     keep = [i for i, problem in enumerate(problems) if problem is None]
     if len(keep) < table.num_rows:
         table = table.take(pa.array(keep, pa.int64()))
@@ -160,7 +158,8 @@ def _model_inputs(
 
 
 def model_inputs(
-    ds: ray.data.Dataset, spec: DataSpec, split: SplitSpec, *, include_ids: bool = False
+    ds: ray.data.Dataset, spec: DataSpec, split: SplitSpec, *, include_ids: bool = False,
+    drop_hashes: frozenset[int] = frozenset(),
 ) -> ray.data.Dataset:
     """Validate, drop bad rows and preprocess both views of ``split`` (one of ``spec``'s)
     into model input arrays, with the run's checked towers and data-task CPUs.
@@ -180,6 +179,7 @@ def model_inputs(
             "anchor_tower": spec.towers["anchor"],
             "positive_tower": spec.towers["positive"],
             "include_ids": include_ids,
+            **({"drop_hashes": drop_hashes} if drop_hashes else {}),
         },
         num_cpus=spec.task_cpus,
     )
@@ -297,14 +297,17 @@ def build_datasets(
                          "use pipelines.unpack.build_packed_datasets")
     quiet_ray_data()
     report = quarantine_pass(
-        read_shards(split, include_paths=True, num_cpus=spec.task_cpus),
+        read_shards(split, include_paths=True, include_row_hash=True, num_cpus=spec.task_cpus),
         split.data,
         spec.towers["anchor"],
         spec.towers["positive"],
         quarantine_path=quarantine_path,
         num_cpus=spec.task_cpus,
         file_scheme=split.file_scheme,
+        collect_keys=True,
     )
+    report = quarantine_duplicates(report, split.files, split.paths, split.filesystem, split.data.id_column,
+                                   quarantine_path)
     if report.valid_rows == 0:
         raise DataError(
             f"data.train: all {report.total_rows} row(s) failed validation; see "
@@ -339,19 +342,21 @@ def _train_dataset(spec: DataSpec, split: SplitSpec, report: ValidationReport, s
                    include_ids: bool) -> ray.data.Dataset:
     """The training dataset with data.shuffle applied (see build_datasets)."""
     data_cfg, task_cpus = split.data, spec.task_cpus
+    drop = report.drop_hashes  # duplicate-id rows, named by Ray's row hash
     if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(spec.towers, data_cfg)):
         # Preprocess once; each epoch then only reorders blocks held in memory.
-        train = model_inputs(read_shards(split, num_cpus=task_cpus), spec, split, include_ids=include_ids).materialize()
+        train = model_inputs(read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop)), spec, split,
+                             include_ids=include_ids, drop_hashes=drop).materialize()
         if data_cfg.shuffle == "global":
             train = train.random_shuffle(seed=seed_config, num_cpus=task_cpus)
         elif data_cfg.shuffle == "local":
             train = train.randomize_block_order(seed=seed_config)
     else:
         if data_cfg.shuffle == "local":
-            train_raw = read_shards(split, shuffle_files_seed=seed, num_cpus=task_cpus)
+            train_raw = read_shards(split, shuffle_files_seed=seed, num_cpus=task_cpus, include_row_hash=bool(drop))
         else:
-            train_raw = read_shards(split, num_cpus=task_cpus)
+            train_raw = read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop))
         if data_cfg.shuffle == "global":
             train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
-        train = model_inputs(train_raw, spec, split, include_ids=include_ids)
+        train = model_inputs(train_raw, spec, split, include_ids=include_ids, drop_hashes=drop)
     return train

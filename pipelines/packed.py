@@ -55,6 +55,7 @@ class PackedPlan:
 
     directory: str
     batch_size: int
+    """Rows per packed row: the global batch (``num_workers`` set), or one local batch."""
     num_negatives: int
     columns: PlanColumns
     epochs: tuple[PlanEpoch, ...]
@@ -62,26 +63,41 @@ class PackedPlan:
     """The miner's quarantine file (rows it rejected), when it wrote one."""
     quarantined_rows: int = 0
     """Rows the miner rejected (the manifest's ``quarantined_rows``)."""
+    num_workers: int | None = None
+    """The worker count the plan was mined for: each packed row is one global batch that
+    rank r trains rows ``[r*b, (r+1)*b)`` of in the same step. None: a plan of local
+    batches (written before global batches), each rank taking rows of its own."""
 
     @property
     def num_plans(self) -> int:
         return len(self.epochs)
 
     @property
+    def global_batches(self) -> bool:
+        return self.num_workers is not None
+
+    @property
     def rows_per_epoch(self) -> int:
         """Rows in the first epoch plan (every plan packs the same corpus)."""
         return self.epochs[0].num_batches * self.batch_size
 
+    def local_batch_size(self, num_workers: int) -> int:
+        return self.batch_size // num_workers if self.global_batches else self.batch_size
+
+    def rows_per_step(self, num_workers: int) -> int:
+        """Packed rows one step consumes: one global batch, or one local batch per rank."""
+        return 1 if self.global_batches else num_workers
+
     def steps_per_epoch(self, num_workers: int) -> int:
-        """Steps every rank runs in every epoch: each takes one whole batch per step, so
-        the plan with the fewest batches decides (every epoch has the same length, which
-        keeps the LR schedule and resume arithmetic of examples mode)."""
-        return min(e.num_batches for e in self.epochs) // num_workers
+        """Steps every rank runs in every epoch: the plan with the fewest batches decides
+        (every epoch has the same length, which keeps the LR schedule and resume
+        arithmetic of examples mode)."""
+        return min(e.num_batches for e in self.epochs) // self.rows_per_step(num_workers)
 
     def skipped_batches(self, num_workers: int) -> list[int]:
         """Per plan, the batches no worker trains on (its last indices): a plan's batch
-        count beyond ``steps_per_epoch * num_workers``. Reported, never silent."""
-        keep = self.steps_per_epoch(num_workers) * num_workers
+        count beyond ``steps_per_epoch * rows_per_step``. Reported, never silent."""
+        keep = self.steps_per_epoch(num_workers) * self.rows_per_step(num_workers)
         return [e.num_batches - keep for e in self.epochs]
 
 
@@ -108,6 +124,15 @@ def _column_problems(cols: PlanColumns, data_cfg: DataConfig, num_negatives: int
             )
         else:
             same("data.label_column", data_cfg.label_column, cols.label, "the label column")
+    if data_cfg.in_batch_score_column is not None:
+        if cols.in_batch_scores is None:
+            problems.append(
+                f"data.in_batch_score_column = {data_cfg.in_batch_score_column!r} but the plan at {out} has no "
+                "in-batch teacher scores: mine again with mining.in_batch_scores = true, or unset the key"
+            )
+        else:
+            same("data.in_batch_score_column", data_cfg.in_batch_score_column, cols.in_batch_scores,
+                 "the in-batch score column")
     if data_cfg.negatives is None:
         return problems
     if num_negatives < 1 or cols.negatives is None:
@@ -240,6 +265,35 @@ def _footer_problems(
     return problems
 
 
+def _batch_problems(out: Path | str, batch_size: int, plan_workers: Any, global_batch_size: int,
+                    num_workers: int) -> list[str]:
+    """The run's batch shape against the plan's: a global-batch plan trains only at the
+    worker count it was mined for (its batches are split into exactly that many parts)."""
+    if plan_workers is None:  # a plan of local batches
+        local = global_batch_size // num_workers
+        if batch_size == local:
+            return []
+        return [
+            f"{KEY}: the plan at {out} packs {batch_size} rows per batch, but train.global_batch_size = "
+            f"{global_batch_size} over scaling.num_workers = {num_workers} is {local} rows per worker: set "
+            f"train.global_batch_size = {batch_size * num_workers} (or mine again with a batch size of {local})"
+        ]
+    plan_workers = int(plan_workers)
+    if plan_workers != num_workers:
+        return [
+            f"{KEY}: the plan at {out} was mined for {plan_workers} worker(s) (global batches of {batch_size} rows, "
+            f"{batch_size // plan_workers} per worker, trained in one step) but scaling.num_workers = {num_workers}: "
+            f"train with scaling.num_workers = {plan_workers}, or mine again with mining.num_workers = {num_workers}"
+        ]
+    if batch_size != global_batch_size:
+        return [
+            f"{KEY}: the plan at {out} packs global batches of {batch_size} rows but train.global_batch_size = "
+            f"{global_batch_size}: set train.global_batch_size = {batch_size} (or mine again with "
+            f"mining.batch_size = {global_batch_size})"
+        ]
+    return []
+
+
 def load_plan(
     data_cfg: DataConfig,
     *,
@@ -274,13 +328,8 @@ def load_plan(
         num_negatives = int(manifest.get("num_negatives") or 0)
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{KEY}: {out}/manifest.json lacks a readable columns/batch_size entry ({exc!r}); mine again") from None
-    local = global_batch_size // num_workers
-    if batch_size != local:
-        problems.append(
-            f"{KEY}: the plan at {out} packs {batch_size} rows per batch, but train.global_batch_size = "
-            f"{global_batch_size} over scaling.num_workers = {num_workers} is {local} rows per worker: set "
-            f"train.global_batch_size = {batch_size * num_workers} (or mine again with a batch size of {local})"
-        )
+    plan_workers = manifest.get("num_workers")
+    problems.extend(_batch_problems(out, batch_size, plan_workers, global_batch_size, num_workers))
     problems.extend(_column_problems(cols, data_cfg, num_negatives, str(out)))
     epochs = _epoch_plans(manifest, out, problems, storage)
     if not problems:
@@ -297,6 +346,7 @@ def load_plan(
         epochs=tuple(epochs),
         quarantine_path=_quarantine_path(manifest, out, storage),
         quarantined_rows=int(manifest.get("quarantined_rows") or 0),
+        num_workers=None if plan_workers is None else int(plan_workers),
     )
     if packed.steps_per_epoch(num_workers) < 1:
         smallest = min(epochs, key=lambda e: e.num_batches)
@@ -304,5 +354,7 @@ def load_plan(
             f"{KEY}: epoch {smallest.epoch} of the plan at {out} has {smallest.num_batches} batch(es), fewer "
             f"than scaling.num_workers = {num_workers}: every worker needs one whole batch per step; use "
             "fewer workers or mine more rows"
+            if not packed.global_batches else
+            f"{KEY}: epoch {smallest.epoch} of the plan at {out} has no batch: mine more rows"
         )
     return packed

@@ -11,7 +11,11 @@ Layout of a plan directory ``OUT``::
     OUT/quarantine.parquet               rows the mining job rejected, with their reasons
     OUT/work/                            intermediate stages (embeddings, kNN parts)
 
-A *packed* Parquet row is one local training batch of exactly ``batch_size`` rows. Its
+A *packed* Parquet row is one mined batch of exactly ``batch_size`` rows: the *global*
+batch of a training step when the manifest records ``num_workers`` (rank r trains rows
+``[r * local_batch_size, (r + 1) * local_batch_size)`` of it, all ranks in the same
+step); a plan without ``num_workers`` (written before global batches) holds one local
+batch per row, and each rank takes its own rows. Its
 columns carry the corpus's own column names (so the training TOML's ``[data]`` table names
 them as usual), each holding a list of ``batch_size`` values:
 
@@ -26,6 +30,7 @@ them as usual), each holding a list of ``batch_size`` values:
 
 ``manifest.json`` (``MANIFEST_FORMAT``, ``MANIFEST_VERSION``) holds, besides counts, seeds,
 teacher, parameters and statistics, the keys readers rely on: ``batch_size``,
+``num_workers`` and ``local_batch_size`` (global-batch plans),
 ``num_negatives``, ``columns`` (a ``PlanColumns``), and ``epochs``: one entry per plan with
 ``epoch``, ``seed``, ``num_batches``, ``files`` (paths relative to ``OUT``) and
 ``remainder_ids`` (rows that did not fill a batch in that plan: counted, never hidden).
@@ -63,6 +68,9 @@ class PlanColumns:
     negatives: str | None = None
     negative_ids: str | None = None
     negative_scores: str | None = None
+    in_batch_scores: str | None = None
+    """``list<list<float32>>`` [batch_size][batch_size]: teacher similarity of anchor i
+    and in-batch positive j (mining.in_batch_scores), for the loss's in-batch filter."""
 
 
 def epoch_dir(out_dir: str | os.PathLike[str], epoch: int) -> Path:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from clray.pipelines._compat import avoid_fsspec_http_import_race
 from clray.pipelines.spec import SplitSpec, data_task_cpus
-from clray.pipelines.validate import PATH_COLUMN
+from clray.pipelines.validate import PATH_COLUMN, ROW_HASH_COLUMN
 
 if TYPE_CHECKING:
     import ray.data
@@ -64,6 +64,7 @@ def read_shards(
     include_paths: bool = False,
     shuffle_files_seed: int | None = None,
     num_cpus: float | None = None,
+    include_row_hash: bool = False,
 ) -> ray.data.Dataset:
     """Read only the columns the split reads, from its resolved files and filesystem.
 
@@ -74,7 +75,9 @@ def read_shards(
     through the split's S3 filesystem (pickled to the read tasks without keys; each
     task's process finds credentials in its own AWS environment). ``num_cpus``: each
     read task's request; the dataset builders pass their ``DataSpec.task_cpus``, and
-    without one it is ``data_task_cpus`` of the split's config.
+    without one it is ``data_task_cpus`` of the split's config. ``include_row_hash`` adds
+    Ray's ``row_hash`` of (file, row position), which names a row exactly (duplicate ids
+    are quarantined by it); skipped, like ``path``, when a data column has its name.
     """
     import ray.data
 
@@ -89,6 +92,7 @@ def read_shards(
             filesystem=split.filesystem,
             columns=columns,
             include_paths=include_paths and PATH_COLUMN not in columns,
+            **({"include_row_hash": True} if include_row_hash and ROW_HASH_COLUMN not in columns else {}),
             shuffle=shuffle,
             num_cpus=num_cpus if num_cpus is not None else data_task_cpus(split.data),
             file_extensions=None,

@@ -124,6 +124,42 @@ def _resolve_local(spec: str, key: str) -> list[str]:
     raise DataError(f"{key}: {spec!r} does not exist (no such file, directory or glob match)")
 
 
+def ignored_files(specs: list[str], key: str, storage: StorageConfig | None = None) -> list[str]:
+    """Files in the directories (or S3 prefixes) that ``specs`` name which are not read: not
+    Parquet, and not a writer's marker (names starting with ``_`` or ``.`` are skipped
+    silently). A CSV or JSON file left among the shards is usually data meant for training,
+    so a run lists them in a warning instead of ignoring them without a word."""
+    out: list[str] = []
+    for spec in specs:
+        if _GLOB_CHARS & set(spec):
+            continue
+        if _is_uri(spec):
+            if not spec.startswith(storage_mod.SCHEME) or storage_mod.file_type(spec, storage, key) != FileType.Directory:
+                continue
+            base = storage_mod.normalize(spec)
+            prefix = storage_mod.split_s3(base)[1]
+            for file in storage_mod.list_files(base, storage, key):
+                relative = Path(storage_mod.split_s3(file)[1][len(prefix):].lstrip("/"))
+                if not file.endswith(".parquet") and not _hidden(relative):
+                    out.append(file)
+            continue
+        directory = Path(os.path.expanduser(spec.removeprefix("file://")))
+        if directory.is_dir():
+            out.extend(os.path.abspath(p) for p in directory.rglob("*")
+                       if p.is_file() and p.suffix != ".parquet" and not _hidden(p.relative_to(directory)))
+    return sorted(set(out))
+
+
+def ignored_warning(files: list[str], key: str) -> str | None:
+    """One line naming the files ``ignored_files`` found (the first few), or None."""
+    if not files:
+        return None
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return (f"{key}: {len(files)} file(s) in its shard directories are not Parquet and are not read: {shown}. "
+            "Convert them to Parquet to train on them, or move them out (names starting with _ or . are "
+            "skipped without a warning)")
+
+
 def resolve_shards(specs: list[str], key: str, storage: StorageConfig | None = None) -> list[str]:
     """Expand directories, globs and files into one sorted, de-duplicated file list.
 
@@ -215,6 +251,15 @@ def required_columns(data_cfg: DataConfig) -> dict[str, ColumnRule]:
                 "data.negative_score_column",
                 list_of(pa.types.is_floating),
                 "teacher scores need a list<float> column, aligned with data.negatives",
+            ),
+        )
+    if data_cfg.in_batch_score_column is not None:
+        wanted.setdefault(
+            data_cfg.in_batch_score_column,
+            (
+                "data.in_batch_score_column",
+                list_of(pa.types.is_floating),
+                "in-batch teacher scores need a list<float> column per row (one score per in-batch positive)",
             ),
         )
     if data_cfg.label_column is not None:

@@ -11,6 +11,7 @@ dataset builders take it, or one of its ``SplitSpec``s, and derive nothing thems
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -23,6 +24,8 @@ from clray.pipelines.errors import DataError
 from clray.pipelines.packed import PackedPlan, load_plan
 from clray.pipelines.sources import (
     ColumnRule,
+    ignored_files,
+    ignored_warning,
     missing_column_problem,
     required_columns,
     resolve_shards,
@@ -90,6 +93,8 @@ class SplitSpec:
     without one."""
     paths: tuple[str, ...]
     """``files`` as paths inside ``filesystem`` (``bucket/key`` on S3), in the same order."""
+    ignored: tuple[str, ...] = ()
+    """Files in the split's shard directories that are not read (``sources.ignored_files``)."""
 
     @property
     def file_scheme(self) -> str:
@@ -158,9 +163,10 @@ def resolve_split(data_cfg: DataConfig, split: Split, storage: StorageConfig | N
     specs = getattr(data_cfg, split)
     if not specs:
         return None
-    out = split_spec(data_cfg, split, resolve_shards(specs, f"data.{split}", storage), storage)
+    key = f"data.{split}"
+    out = split_spec(data_cfg, split, resolve_shards(specs, key, storage), storage)
     check_schema(out)
-    return out
+    return dataclasses.replace(out, ignored=tuple(ignored_files(list(specs), key, storage)))
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,13 @@ class DataSpec:
     plan_epochs: tuple[SplitSpec, ...] = ()
     """Packed mode: each epoch plan's files as a training split, in plan order, all with
     one column table."""
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the checks found that does not stop a run: files in a shard directory that
+        are not read, one line per split."""
+        splits = [s for s in (self.train, self.eval) if s is not None]
+        return [w for s in splits if (w := ignored_warning(list(s.ignored), s.key)) is not None]
 
 
 def resolve_spec(

@@ -5,9 +5,15 @@ From the run's ``DataSpec`` (its checked ``PackedPlan`` and each epoch plan's fi
 batches, preprocessed exactly as examples mode preprocesses single rows, with a leading
 dimension of 1 per batch.
 
-A mined batch is trained whole or not at all: a batch is never split between workers
-or steps (one dataset row is one batch, and each worker takes one row per step), and a
-bad row inside it stops the run with an error naming the file, epoch, batch and row id
+A mined batch is trained whole or not at all, in one step: a plan mined for W workers
+holds global batches, and rank r's dataset (``rank_dataset``, built by the rank itself)
+reads every batch of the plan in order but decodes only its part ``[r*b, (r+1)*b)``, so
+step s on every rank is global batch s whatever order Ray Data's tasks finish in (the
+datasets preserve order, and the worker checks each batch's index). A plan of local
+batches (no ``num_workers`` in its manifest, mined before global batches) is read by
+``packed_datasets`` on the driver and split between the ranks, one row per rank and
+step. A bad
+row inside a batch stops the run with an error naming the file, epoch, batch and row id
 instead of being dropped (the miner quarantines bad rows before packing them).
 """
 
@@ -92,12 +98,20 @@ def unpack_batches(
     positive_tower: Tower,
     batch_size: int,
     epoch: int,
+    part: tuple[int, int] | None = None,
+    with_index: bool = False,
 ) -> dict[str, np.ndarray]:
     """Packed rows (one per mined batch) -> model inputs shaped [rows, batch_size, ...].
 
     Each packed row is flattened into ``batch_size`` ordinary rows, validated with the
     same checks as examples mode, and preprocessed by ``preprocess_rows``, so a row
     becomes the same tensors in both modes. Any bad row raises ``DataError``.
+
+    ``part = (rank, num_workers)``: keep only that rank's share of each (global) batch,
+    rows ``[rank*b, (rank+1)*b)`` with ``b = batch_size // num_workers``; only those are
+    validated and preprocessed. With ``data_cfg.in_batch_score_column`` the rows' teacher
+    scores against every in-batch positive come along as ``in_batch_score`` [b, batch_size].
+    ``with_index``: add ``plan_batch`` [rows], each row's batch index in its plan.
     """
     towers = {"anchor": anchor_tower, "positive": positive_tower}
     paths = table.column(PATH_COLUMN).to_pylist() if PATH_COLUMN in table.column_names else [None] * table.num_rows
@@ -109,6 +123,9 @@ def unpack_batches(
         if epochs[i] != epoch:
             raise DataError(f"{where}: listed under epoch {epoch} in the manifest: the plan is damaged; mine again")
         flat = _flatten(table.slice(i, 1), data_cfg, batch_size, where)
+        if part is not None:
+            local = batch_size // part[1]
+            flat = flat.slice(part[0] * local, local)
         problems = row_problems(flat, data_cfg, anchor_tower, positive_tower, decode_images=False)
         if any(p is not None for p in problems):
             raise _bad_rows_error(flat, problems, data_cfg, where)
@@ -116,6 +133,12 @@ def unpack_batches(
             arrays = preprocess_rows(flat, data_cfg, towers, include_ids=False)
         except ImageDecodeError:
             raise _bad_rows_error(flat, _undecodable(flat, data_cfg, towers), data_cfg, where) from None
+        if data_cfg.in_batch_score_column is not None:
+            scores = flat.column(data_cfg.in_batch_score_column).combine_chunks()
+            arrays["in_batch_score"] = np.asarray(scores.flatten().to_numpy(zero_copy_only=False),
+                                                  dtype=np.float32).reshape(flat.num_rows, batch_size)
+        if with_index:
+            arrays["plan_batch"] = np.asarray(indices[i], dtype=np.int64)
         outputs.append(arrays)
     return {key: np.stack([o[key] for o in outputs]) for key in outputs[0]}
 
@@ -178,13 +201,55 @@ def packed_datasets(spec: DataSpec, *, num_workers: int) -> list[ray.data.Datase
     return datasets
 
 
+def rank_dataset(spec: DataSpec, plan_index: int, rank: int, num_workers: int, start_step: int = 0) -> ray.data.Dataset:
+    """Rank ``rank``'s batches of epoch plan ``plan_index`` from step ``start_step`` on, in
+    step order: model inputs with a leading dimension of 1 and ``plan_batch`` (the batch
+    index the worker checks against its step). Built on the rank, so a run resumed
+    mid-epoch filters on the batch index and never reads trained batches again.
+
+    Execute it with ``preserve_order`` (``DataContext.execution_options``): the order of
+    rows is the order of steps."""
+    import ray.data
+    from ray.data.expressions import col
+
+    avoid_fsspec_http_import_race()
+    plan = _plan_of(spec, "rank_dataset")
+    if not plan.global_batches:
+        raise ValueError("rank_dataset reads plans of global batches; a plan of local batches uses packed_datasets")
+    epoch, split = plan.epochs[plan_index], spec.plan_epochs[plan_index]
+    keep = plan.steps_per_epoch(num_workers)
+    columns = [EPOCH_COLUMN, BATCH_COLUMN, *split.columns]
+    with legacy_parquet_reader():
+        ds = ray.data.read_parquet(list(split.paths), filesystem=split.filesystem, columns=columns,
+                                   include_paths=PATH_COLUMN not in columns, num_cpus=spec.task_cpus,
+                                   file_extensions=None)
+    chosen = (col(BATCH_COLUMN) >= start_step) & (col(BATCH_COLUMN) < keep)
+    ds = ds.filter(expr=chosen, num_cpus=spec.task_cpus)
+    return ds.map_batches(
+        unpack_batches,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "data_cfg": split.data,
+            "anchor_tower": spec.towers["anchor"],
+            "positive_tower": spec.towers["positive"],
+            "batch_size": plan.batch_size,
+            "epoch": epoch.epoch,
+            "part": (rank, num_workers),
+            "with_index": True,
+        },
+        num_cpus=spec.task_cpus,
+    )
+
+
 @dataclass
 class PackedData:
     """What the driver needs from the data side in packed mode."""
 
     plan: PackedPlan
     train: list[ray.data.Dataset]
-    """One dataset per epoch plan (epoch e trains on ``train[e % len(train)]``)."""
+    """A plan of local batches: one dataset per epoch plan (epoch e trains on
+    ``train[e % len(train)]``); empty for global batches, which each rank reads itself."""
     steps_per_epoch: int
     skipped_batches: list[int]
     report: ValidationReport
@@ -204,7 +269,8 @@ def build_packed_datasets(
     eval_ds, eval_report = build_eval_dataset(spec, quarantine_path=quarantine_path)
     return PackedData(
         plan=plan,
-        train=packed_datasets(spec, num_workers=num_workers),
+        # global batches: each rank builds its own (rank_dataset), from the spec
+        train=[] if plan.global_batches else packed_datasets(spec, num_workers=num_workers),
         steps_per_epoch=plan.steps_per_epoch(num_workers),
         skipped_batches=plan.skipped_batches(num_workers),
         report=ValidationReport(

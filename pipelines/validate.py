@@ -8,13 +8,16 @@ inspect, and training then skips exactly those rows.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from clray.models.config import ConvTowerConfig, TextTowerConfig, VitTowerConfig
@@ -29,6 +32,8 @@ Tower = TextTowerConfig | ConvTowerConfig | VitTowerConfig
 
 PATH_COLUMN = "path"
 """The column ``read_parquet(include_paths=True)`` adds with each row's source file."""
+ROW_HASH_COLUMN = "row_hash"
+"""The column ``read_parquet(include_row_hash=True)`` adds: a hash of (file, row position)."""
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -38,9 +43,21 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-# What the quarantine map emits: bad rows (valid_count = 0) and, per batch, one row
-# holding only the count of good rows, so the driver never receives the corpus itself.
-_PASS_SCHEMA = QUARANTINE_SCHEMA.append(pa.field("valid_count", pa.int64()))
+# What the quarantine map emits: bad rows (valid_count = 0, with their row hash) and,
+# per batch, one row holding only the count of good rows (and, when asked, their id
+# keys), so the driver never receives the corpus itself.
+_PASS_SCHEMA = (QUARANTINE_SCHEMA.append(pa.field("valid_count", pa.int64()))
+                .append(pa.field(ROW_HASH_COLUMN, pa.uint64())).append(pa.field("keys", pa.list_(pa.int64()))))
+
+
+def id_keys(values: list[Any]) -> np.ndarray:
+    """Stable int64 keys of row ids (as strings), so ids can travel as tensors and be
+    compared across workers (id masking): 8 bytes of BLAKE2b, the same on every host."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little", signed=True) for v in values),
+        dtype=np.int64,
+        count=len(values),
+    )
 
 
 def image_tower(tower: Tower, view_key: str) -> ConvTowerConfig | VitTowerConfig:
@@ -194,6 +211,12 @@ class ValidationReport:
     reasons: dict[str, int] = field(default_factory=dict)
     quarantine_path: str | None = None
     """The quarantine Parquet file (id, reason, file), or None when no row was bad."""
+    valid_keys: np.ndarray | None = field(default=None, repr=False)
+    """With ``collect_keys``: every valid row's id key, until duplicates are resolved."""
+    bad_hashes: frozenset[int] = field(default=frozenset(), repr=False)
+    """Row hashes of the rows quarantined by the pass (when the read carried them)."""
+    drop_hashes: frozenset[int] = field(default=frozenset(), repr=False)
+    """Row hashes of the duplicate-id rows training leaves out (``pipelines.duplicates``)."""
 
     def describe(self) -> str:
         """One line for logs, so every run says how much of its data it trained on."""
@@ -213,21 +236,34 @@ def _quarantine_batch(
     data_cfg: DataConfig,
     anchor_tower: Tower,
     positive_tower: Tower,
+    collect_keys: bool = False,
 ) -> pa.Table:
     problems = row_problems(table, data_cfg, anchor_tower, positive_tower)
     bad = [i for i, p in enumerate(problems) if p is not None]
     num_valid = len(problems) - len(bad)
-    ids = _id_strings(table, data_cfg.id_column).take(pa.array(bad, pa.int64()))
+    take = pa.array(bad, pa.int64())
+    ids = _id_strings(table, data_cfg.id_column).take(take)
     if PATH_COLUMN in table.column_names:
-        files = table.column(PATH_COLUMN).combine_chunks().cast(pa.string()).take(pa.array(bad, pa.int64()))
+        files = table.column(PATH_COLUMN).combine_chunks().cast(pa.string()).take(take)
     else:
         files = pa.nulls(len(bad), pa.string())
+    if ROW_HASH_COLUMN in table.column_names:
+        hashes = table.column(ROW_HASH_COLUMN).combine_chunks().cast(pa.uint64()).take(take)
+    else:
+        hashes = pa.nulls(len(bad), pa.uint64())
     reasons = pa.array([problems[i] for i in bad], pa.string())
     bad_rows = pa.table(
-        [ids, reasons, files, pa.array([0] * len(bad), pa.int64())], schema=_PASS_SCHEMA
+        [ids, reasons, files, pa.array([0] * len(bad), pa.int64()), hashes, pa.nulls(len(bad), pa.list_(pa.int64()))],
+        schema=_PASS_SCHEMA,
     )
+    keys = None
+    if collect_keys:
+        good = [i for i, p in enumerate(problems) if p is None]
+        keys = [id_keys(_id_strings(table, data_cfg.id_column).take(pa.array(good, pa.int64())).to_pylist()).tolist()]
     count_row = pa.table(
-        [pa.nulls(1, pa.string())] * 3 + [pa.array([num_valid], pa.int64())], schema=_PASS_SCHEMA
+        [pa.nulls(1, pa.string())] * 3 + [pa.array([num_valid], pa.int64()), pa.nulls(1, pa.uint64()),
+                                          pa.array(keys if keys is not None else [None], pa.list_(pa.int64()))],
+        schema=_PASS_SCHEMA,
     )
     return pa.concat_tables([bad_rows, count_row])
 
@@ -250,6 +286,7 @@ def quarantine_pass(
     quarantine_path: str | os.PathLike[str],
     num_cpus: float | None = None,
     file_scheme: str = "",
+    collect_keys: bool = False,
 ) -> ValidationReport:
     """Validate every row in one streaming pass and write the bad ones to a file.
 
@@ -260,6 +297,9 @@ def quarantine_pass(
     file's presence always describes this pass. ``file_scheme`` (e.g. "s3://") is put
     back in front of the file names, which Ray reports inside their filesystem
     ("bucket/key"), so the quarantine names a shard as the config does.
+
+    ``collect_keys``: also bring every valid row's id key to the driver (8 bytes a row)
+    in ``report.valid_keys``, for the duplicate-id check (``pipelines.duplicates``).
     """
     checked = ds.map_batches(
         _quarantine_batch,
@@ -269,18 +309,26 @@ def quarantine_pass(
             "data_cfg": data_cfg,
             "anchor_tower": anchor_tower,
             "positive_tower": positive_tower,
+            "collect_keys": collect_keys,
         },
         num_cpus=num_cpus,
     )
     valid_rows = 0
     bad_parts: list[pa.Table] = []
+    key_parts: list[np.ndarray] = []
+    bad_hashes: set[int] = set()
     for batch in checked.iter_batches(batch_format="pyarrow", batch_size=None):
         # Bad rows carry valid_count = 0, so the sum counts only the good rows.
         valid_rows += sum(batch.column("valid_count").to_pylist())
         # A count row has no reason; a bad row always has one.
-        bad = batch.filter(batch.column("reason").is_valid())
+        is_bad = batch.column("reason").is_valid()
+        bad = batch.filter(is_bad)
         if bad.num_rows:
             bad_parts.append(bad.select(QUARANTINE_SCHEMA.names))
+            bad_hashes.update(h for h in bad.column(ROW_HASH_COLUMN).to_pylist() if h is not None)
+        if collect_keys:
+            counts = batch.filter(pa.compute.invert(is_bad)).column("keys").combine_chunks()
+            key_parts.append(np.asarray(counts.flatten().to_numpy(zero_copy_only=False), dtype=np.int64))
 
     quarantined = pa.concat_tables(bad_parts) if bad_parts else QUARANTINE_SCHEMA.empty_table()
     if file_scheme and quarantined.num_rows:
@@ -301,4 +349,7 @@ def quarantine_pass(
         quarantined_rows=quarantined.num_rows,
         reasons=dict(sorted(reasons.items())),
         quarantine_path=written,
+        valid_keys=np.concatenate(key_parts) if collect_keys and key_parts else (
+            np.zeros(0, np.int64) if collect_keys else None),
+        bad_hashes=frozenset(bad_hashes),
     )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune")
+ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3")
 """Scripts that train with clray (run_training, run_mining, run_tune): run in-process."""
 STANDALONE = ("gradcache", "losses", "mining", "siglip_ring")
 

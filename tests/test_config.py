@@ -283,11 +283,12 @@ def test_negatives_must_match_the_positive_view_kind() -> None:
 
 
 def test_shipped_mining_config_fits_the_quickstart() -> None:
-    """configs/mine_quickstart.toml mines whole local batches of the quickstart run."""
+    """configs/mine_quickstart.toml mines whole global batches of the quickstart run."""
     from clray.jobs.mine import load_mine_config
 
     root = Path(__file__).resolve().parent.parent / "configs"
     mine = load_mine_config(root / "mine_quickstart.toml")
     train = load_config(root / "quickstart.toml")
-    assert mine.mining.batch_size == train.local_batch_size
+    assert mine.mining.batch_size == train.train.global_batch_size
+    assert mine.mining.num_workers == train.scaling.num_workers
     assert mine.data.anchor == train.data.anchor and mine.data.positive == train.data.positive

@@ -111,3 +111,16 @@ def test_group_by_length_on_packed_batches_is_a_config_problem(tmp_path: Path) -
     raw["data"]["batches"] = "examples"
     path.write_text(tomli_w.dumps(raw))
     assert load_config(path).data.group_by_length
+
+
+def test_a_wrong_key_does_not_hide_a_cross_section_problem_of_its_own_section(tmp_path: Path) -> None:
+    """The unknown key sits in [train] itself: its other keys are still checked against [scaling]."""
+    raw = tomllib.loads(QUICKSTART_CONFIG.read_text())
+    raw["train"].update(checkpoint_evry=5, global_batch_size=127)
+    path = tmp_path / "broken.toml"
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        "train.checkpoint_evry: unknown key: remove it or check its spelling against `clray config show`",
+        "train.global_batch_size = 127 is not divisible by scaling.num_workers = 2: use a multiple of 2, e.g. 126"]

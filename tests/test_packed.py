@@ -358,9 +358,12 @@ def test_packed_training_takes_whole_plan_batches_and_resumes_at_an_epoch_stop(
     assert data["packed"]["skipped_batches"] == [1, 0] and data["packed"]["batches_per_plan"] == list(NUM_BATCHES)
     assert data["packed"]["cycles_plans"] and data["plan"]["packed"] and data["plan"]["num_plans"] == 2
     assert data["plan"]["stop_step"] == 3
-    # Stopped at the epoch boundary with a checkpoint and an export, not evaluated.
+    # Stopped at the epoch boundary with a checkpoint and an export; evaluated only at
+    # the start (the baseline), not at the stop: the run is not complete.
     assert [Path(p).name for p in first.checkpoints] == ["checkpoint_00000003"]
-    assert first.export_dir is not None and first.eval == {}
+    baseline = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in baseline] == [0]
+    assert first.export_dir is not None and first.eval == {k: v for k, v in baseline[0].items() if k.startswith("eval/")}
     assert_whole_plan_batches(recorded(record), batches, [0], steps_per_epoch=3)
 
     events.clear()
@@ -402,3 +405,80 @@ def test_a_bad_mined_row_reaches_the_user_as_its_data_error() -> None:
 
     message = _failure_message(TrainingFailed("failed"), Path("error.log"))
     assert message.startswith(f"training failed on worker rank 0: DataError: {line}")
+
+
+# --- plans of global batches (issue 18) ------------------------------------------------
+
+GLOBAL = 64  # a mined batch is the global batch: 2 workers x 32 rows
+
+
+def write_global_plan(out: Path, rows: pa.Table, num_batches: tuple[int, ...] = (3, 2), num_workers: int = 2,
+                      scores: bool = False) -> dict[int, list[list[str]]]:
+    """A plan of global batches (its manifest records the worker count), optionally with
+    the teacher's in-batch scores beside each batch."""
+    plans = write_plan(out, rows, num_batches=num_batches, batch_size=GLOBAL)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest.update(num_workers=num_workers, local_batch_size=GLOBAL // num_workers)
+    if scores:
+        manifest["columns"]["in_batch_scores"] = "teacher_scores"
+        for epoch in manifest["epochs"]:
+            for f in epoch["files"]:
+                table = pq.read_table(out / f)
+                values = [[[float(i == j) + 0.01 * j for j in range(GLOBAL)] for i in range(GLOBAL)]] * table.num_rows
+                table = table.append_column("teacher_scores", pa.array(values, pa.list_(pa.list_(pa.float32()))))
+                pq.write_table(table, out / f)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return plans
+
+
+def test_a_global_plan_trains_only_at_its_worker_count(corpus: Path, tmp_path: Path) -> None:
+    write_global_plan(tmp_path, read_train(corpus))
+    message = plan_error(data_cfg(tmp_path), global_batch_size=GLOBAL, num_workers=4)
+    assert "mined for 2 worker(s)" in message and "scaling.num_workers = 4" in message
+    assert "mining.num_workers = 4" in message
+    message = plan_error(data_cfg(tmp_path), global_batch_size=128, num_workers=2)
+    assert "global batches of 64 rows" in message and "train.global_batch_size = 128" in message
+    loaded = load_plan(data_cfg(tmp_path), global_batch_size=GLOBAL, num_workers=2)
+    assert loaded.global_batches and loaded.steps_per_epoch(2) == 2 and loaded.skipped_batches(2) == [1, 0]
+    assert loaded.local_batch_size(2) == 32
+
+
+def test_each_rank_unpacks_its_own_part_with_the_in_batch_scores(corpus: Path, tmp_path: Path) -> None:
+    batches = write_global_plan(tmp_path, read_train(corpus), scores=True)
+    cfg = data_cfg(tmp_path, in_batch_score_column="teacher_scores")
+    row = packed_rows(tmp_path).slice(1, 1)
+    parts = [unpack_batches(row, cfg, IMAGE_TOWER, TEXT_TOWER, GLOBAL, epoch=0, part=(r, 2), with_index=True)
+             for r in range(2)]
+    for r, arrays in enumerate(parts):
+        np.testing.assert_array_equal(arrays["id_key"][0], id_keys(batches[0][1][32 * r : 32 * (r + 1)]))
+        assert arrays["plan_batch"].tolist() == [1]
+        scores = arrays["in_batch_score"][0]
+        assert scores.shape == (32, GLOBAL)
+        # row i of rank r is global row 32r + i: its own positive is column 32r + i
+        assert np.argmax(scores, axis=1).tolist() == list(range(32 * r, 32 * (r + 1)))
+
+
+def test_a_step_trains_exactly_one_mined_global_batch(ray_session, corpus: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """The W parts of each step are together exactly one mined batch, the plan's batch s
+    at step s, rank r taking rows [32r, 32r + 32): whatever order Ray Data delivers in."""
+    from clray.jobs.run import run_training
+
+    plan_dir = tmp_path / "plan"
+    batches = write_global_plan(plan_dir, read_train(corpus))
+    record = tmp_path / "batches.jsonl"
+    monkeypatch.setenv(RECORD_BATCHES_ENV, str(record))
+    cfg = packed_config(plan_dir, corpus, tmp_path, "train.epochs=2", "train.log_every=1",
+                        f"train.global_batch_size={GLOBAL}", "data.eval=[]")
+    summary = run_training(cfg)
+    assert summary.steps == 4 and summary.steps_per_epoch == 2 and summary.skipped_batches == [1, 0]
+    records = recorded(record)
+    assert len(records) == 2 * 4
+    for r in records:
+        mined = batches[r["epoch"] % 2][r["step_in_epoch"]]
+        part = mined[32 * r["rank"] : 32 * (r["rank"] + 1)]
+        assert r["id_keys"] == sorted(id_keys(part).tolist()), r
+    for step in range(1, 5):
+        both = sorted(k for r in records if r["step"] == step for k in r["id_keys"])
+        first = next(r for r in records if r["step"] == step)
+        assert both == sorted(id_keys(batches[first["epoch"] % 2][first["step_in_epoch"]]).tolist())

@@ -134,3 +134,41 @@ def test_a_local_ray_runs_its_workers_at_normal_priority(ray_session: None) -> N
         return os.nice(0)
 
     assert ray.get(niceness.remote()) == os.nice(0)
+
+
+def test_ray_is_the_release_its_knobs_were_checked_against() -> None:
+    """Private Ray APIs and knobs (jobs.runtime.RAY_KNOBS, RAY_PRIVATE_APIS) were checked
+    against one Ray release: a different one must be checked again before it is used."""
+    import ray
+
+    from clray.jobs.runtime import RAY_KNOBS, RAY_PRIVATE_APIS, RAY_VERSION_CHECKED
+
+    assert ray.__version__ == RAY_VERSION_CHECKED
+    assert all(why for why in {**RAY_KNOBS, **RAY_PRIVATE_APIS}.values())
+
+
+def test_the_baseline_and_the_selection_are_decided_from_the_step_and_the_figures() -> None:
+    from clray.jobs.run.cadence import Selection
+    from clray.jobs.run.schedule import TrainState
+
+    schedule = Schedule(steps_per_epoch=10, total_steps=30, local_shuffle_buffer=None, num_train_rows=100)
+    plain = Cadence(TrainConfig(eval_every=10), schedule, has_eval=True)
+    assert plain.evaluate_at_start(0) and not plain.evaluate_at_start(3)  # a resumed run has its baseline
+    assert not Cadence(TrainConfig(eval_at_start=False), schedule, has_eval=True).evaluate_at_start(0)
+    assert not Cadence(TrainConfig(), schedule, has_eval=False).evaluate_at_start(0)
+    # with select_by the last step is evaluated in the loop, like any evaluation that may be the best
+    picking = Cadence(TrainConfig(eval_every=10, select_by="eval/a2p_R@1"), schedule, has_eval=True)
+    assert picking.after(30).evaluate and not picking.evaluate_at_end(30)
+    assert not plain.after(30).evaluate and plain.evaluate_at_end(30)
+
+    state, selection = TrainState(), Selection(TrainConfig(select_by="eval/a2p_R@1"))
+    state.step = 10
+    assert selection.consider(state, {"eval/a2p_R@1": 0.5})
+    state.step = 20
+    assert not selection.consider(state, {"eval/a2p_R@1": 0.4})
+    state.step = 30
+    assert selection.consider(state, {"eval/a2p_R@1": 0.6}) and (state.best_step, state.best_value) == (30, 0.6)
+    lower, fresh = Selection(TrainConfig(select_by="eval/alignment", select_mode="min")), TrainState()
+    assert lower.consider(fresh, {"eval/alignment": 0.5})
+    assert not lower.consider(fresh, {"eval/alignment": 0.6})
+    assert lower.consider(fresh, {"eval/alignment": 0.4})

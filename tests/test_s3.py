@@ -196,6 +196,35 @@ def test_unusable_run_dir_fails_before_ray(s3_corpus: str, storage_cfg: StorageC
     assert ray.is_initialized() == was_running  # failed before Ray was started
 
 
+def test_run_lock_and_commit_markers_on_s3(storage_cfg: StorageConfig, s3_endpoint: str, tmp_path: Path) -> None:
+    """One start per run and the newest complete checkpoint, with the run directory on S3:
+    the lock is a conditional PUT, the scan reads markers and sizes through the store."""
+    import os
+
+    from clray.jobs.run.commit import Commit, complete_checkpoints, write_commit
+    from clray.jobs.run.errors import RunLockedError
+    from clray.jobs.run.lock import RunLock
+
+    run_uri = f"s3://{BUCKET}/locked/run"
+    first = RunLock(run_uri, storage_cfg).acquire()
+    with pytest.raises(RunLockedError, match=f"is in use by pid {os.getpid()}"):
+        RunLock(run_uri, storage_cfg).acquire()
+    first.release()
+    RunLock(run_uri, storage_cfg).acquire().release()
+    assert "locked/run/run.lock" not in _keys(s3_endpoint, "locked/")
+
+    client = _client(s3_endpoint)
+    for step in (2, 4):
+        client.put_object(Bucket=BUCKET, Key=f"locked/run/checkpoint_{step:08d}/state/model.pt", Body=b"x" * 100)
+        if step == 2:
+            write_commit(f"{run_uri}/checkpoint_{step:08d}", Commit(
+                step=step, epoch=0, step_in_epoch=step, samples_seen=0, world_size=2, zero_stage=2,
+                global_batch_size=128, steps_per_epoch=11), storage_cfg)
+    complete, skipped = complete_checkpoints(run_uri, storage_cfg)
+    assert [c.step for c in complete] == [2] and [c.step for c in skipped] == [4]
+    assert complete[0].commit.files == {"state/model.pt": 100}
+
+
 def test_packed_plan_missing_on_s3_is_named(storage_cfg: StorageConfig) -> None:
     from clray.pipelines.packed import load_plan
 

@@ -43,11 +43,29 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_quickstart_command_reaches_target(ray_session, tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.fixture(scope="module")
+def quickstart_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The README's first command, run once for the tests that read what it did."""
+    import contextlib
+    import io
+    import os
+
+    tmp_path = tmp_path_factory.mktemp("qs-cli")
+    out = io.StringIO()
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["quickstart"])
+    finally:
+        os.chdir(here)
+    return {"code": code, "out": out.getvalue(), "tmp_path": tmp_path}
+
+
+def test_quickstart_command_reaches_target(quickstart_run: dict) -> None:
     """The README's first command, as a user runs it: corpus, 2 workers, eval, summary."""
-    monkeypatch.chdir(tmp_path)
-    assert main(["quickstart"]) == 0
-    out = capsys.readouterr().out
+    assert quickstart_run["code"] == 0
+    out, tmp_path = quickstart_run["out"], quickstart_run["tmp_path"]
     run_dir = tmp_path / "runs" / "quickstart"
     summary = json.loads((run_dir / "summary.json").read_text())
 
@@ -93,6 +111,7 @@ def test_same_run_name_resumes_model_optimizer_scheduler_and_counters(ray_sessio
     # back from the checkpoint (a fresh init with the same seed would differ).
     again = run_training(load_config(QUICKSTART_CONFIG, quickstart_overrides(corpus, tmp_path, *common, "train.max_steps=8")))
     assert again.resumed_from_step == 8 and again.steps == 8
+    assert again.final_train == first.final_train and "loss" in again.final_train  # kept, not emptied
     for key, value in _state(again.export_dir).items():
         torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
 
@@ -138,7 +157,11 @@ def write_text_pairs(root: Path, rows: int = 512, seed: int = 0) -> Path:
     return root
 
 
-def test_text_text_shared_tower_under_zero3(ray_session, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def zero3_run(ray_session, tmp_path_factory: pytest.TempPathFactory):
+    """A text-text run under ZeRO-3 that evaluates every 7 steps and exports its best
+    evaluated state (train.select_by): the export is written mid-run, a collective."""
+    tmp_path = tmp_path_factory.mktemp("zero3")
     data = write_text_pairs(tmp_path / "pairs")
     config = tmp_path / "text.toml"
     config.write_text(
@@ -169,10 +192,16 @@ global_batch_size = 64
 epochs = 4
 log_every = 5
 zero_stage = 3
+eval_every = 7
+select_by = "eval/a2p_ir_MRR@10"
 """
     )
     cfg = load_config(config)
-    summary = run_training(cfg)
+    return run_training(cfg)
+
+
+def test_text_text_shared_tower_under_zero3(zero3_run) -> None:
+    summary = zero3_run
     assert summary.steps == 4 * (448 // 64)
     assert summary.quarantined_rows == 0 and summary.quarantine_path is None
     events = [e for e in read_events(Path(summary.run_dir)) if e["event"] == "train"]
@@ -186,6 +215,64 @@ zero_stage = 3
     assert (Path(summary.export_dir) / "anchor_tower").is_dir()
     assert not (Path(summary.export_dir) / "positive_tower").exists()
     AutoModel.from_pretrained(Path(summary.export_dir) / "anchor_tower")
+
+
+def test_a_run_reports_what_it_bought(quickstart_run: dict) -> None:
+    """Issue 13: the starting model is evaluated at step 0, the closing table shows every
+    figure at the start and the end with the change, and the run leaves a report, its
+    environment and an export that says what it is."""
+    out, run_dir = quickstart_run["out"], quickstart_run["tmp_path"] / "runs" / "quickstart"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    baseline, final = summary["baseline"], summary["eval"]
+    assert set(baseline) == set(final) and len(final) > 20
+    assert baseline["eval/zero_shot_accuracy"] < 0.4 < final["eval/zero_shot_accuracy"]
+    assert final["eval/a2p_ir_MRR@10"] > baseline["eval/a2p_ir_MRR@10"]
+    assert "evaluation: start -> end" in out and "change" in out
+    evals = [e for e in read_events(run_dir) if e["event"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == summary["steps"]
+    assert sum(evals[0]["histograms"]["positive"]) == evals[0]["eval_rows"]
+    page = (run_dir / "report.html").read_text()
+    assert summary["report"] == str(run_dir / "report.html")
+    assert "<img" in page and "http://" not in page and "https://" not in page
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["versions"]["torch"] and env["versions"]["ray"] and env["workers"]["num_workers"] == 2
+    card = (Path(summary["export_dir"]) / "positive_tower" / "README.md").read_text()
+    assert "infonce" in card and "zero_shot_accuracy" in card and str(summary["train_rows"]) in card
+
+
+def test_clray_eval_of_a_run_gives_the_runs_own_figures(quickstart_run: dict, capsys) -> None:
+    """`clray eval RUN` consolidates the run's newest checkpoint (DeepSpeed's ZeRO shards
+    into one fp32 model), embeds the run's eval split with Ray actors and reports what the
+    run's own final evaluation did."""
+    run_dir = quickstart_run["tmp_path"] / "runs" / "quickstart"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert main(["eval", str(run_dir)]) == 0, capsys.readouterr().err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["checkpoint"] == f"checkpoint_{summary['steps']:08d}"
+    last_eval = [e for e in read_events(run_dir) if e["event"] == "eval"][-1]
+    assert result["rows"] == last_eval["eval_rows"] and result["quarantined_rows"] == 0
+    for key in ("eval/zero_shot_accuracy", "eval/a2p_ir_MRR@10", "eval/p2a_ir_nDCG@10", "eval/alignment"):
+        assert result["figures"][key] == pytest.approx(summary["eval"][key], abs=0.01), key
+
+
+def test_select_by_exports_the_best_evaluated_state(zero3_run) -> None:
+    """train.select_by: the export is the best evaluated state (written mid-run, under
+    ZeRO-3 a collective), its checkpoint is kept beside the latest, and its model card
+    carries that state's figures; the summary's eval is still the run's last evaluation."""
+    summary = zero3_run
+    metric = "eval/a2p_ir_MRR@10"
+    records = read_events(Path(summary.run_dir))
+    evals = {e["step"]: e[metric] for e in records if e["event"] == "eval" and e["step"] > 0}
+    assert sorted(evals) == [7, 14, 21, 28]
+    best = max(evals, key=lambda step: (evals[step], -step))
+    exported = [e["step"] for e in records if e["event"] == "exported"]
+    assert exported[-1] == best == summary.export_step
+    assert [evals[step] for step in exported] == sorted(evals[step] for step in exported)  # each a new best
+    assert f"checkpoint_{best:08d}" in {Path(p).name for p in summary.checkpoints}
+    assert f"checkpoint_{summary.steps:08d}" in {Path(p).name for p in summary.checkpoints}
+    assert summary.eval[metric] == pytest.approx(evals[28])
+    card = (Path(summary.export_dir) / "anchor_tower" / "README.md").read_text()
+    assert f"{evals[best]:.4f}" in card
 
 
 def test_missing_column_stops_before_training(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,16 +73,32 @@ class TrainConfig(Strict):
     report_every: int = Field(default=0, ge=0)
     """Also send metrics to Ray (ray.train.report, what Tune schedulers read) every N
     steps; 0: only with checkpoints and at the end. Ray Train's controller takes one
-    report per worker per poll (2 s), so reporting faster than that stalls training;
-    progress and metrics.jsonl get every log_every step regardless."""
+    report per worker per poll (every 0.5 s as clray sets it, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S),
+    so reporting faster than that stalls training; progress and metrics.jsonl get every
+    log_every step regardless."""
     checkpoint_every: int = Field(default=0, ge=0)
     """Save a checkpoint every N steps (0: only at the end)."""
     eval_every: int = Field(default=0, ge=0)
     """Also evaluate on data.eval every N steps (0: only at the end). Each mid-run
     evaluation is sent to Ray with the step, so a Tune scheduler (ASHA, PBT) can compare
     trials on the eval metric while they run."""
+    eval_at_start: bool = True
+    """With data.eval, evaluate the starting model before the first step: the baseline the
+    closing table and the report compare every later evaluation with. A resumed run keeps
+    the baseline of its first start."""
+    select_by: str | None = None
+    """An eval metric (e.g. "eval/a2p_ir_MRR@10") that picks the exported model: the
+    export is the best evaluated state (at train.eval_every steps and the end) instead of
+    the last, and that state's checkpoint is kept beside the latest ones."""
+    select_mode: Literal["max", "min"] = "max"
+    """Whether select_by is better higher (recall, MRR, ...) or lower (alignment, ...)."""
     keep_checkpoints: int = Field(default=2, ge=1)
-    """How many of the latest checkpoints to keep."""
+    """How many of the latest checkpoints to keep (with select_by, plus the best)."""
+    max_failures: int = Field(default=3, ge=-1)
+    """How often Ray Train restarts the workers from the last complete checkpoint after a
+    worker fails while training (a killed or lost process, an error in a step); -1: no
+    limit, 0: the first failure ends the run. A failure while the workers set up (building
+    the model, restoring), or the same error twice in a row, ends the run at once."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

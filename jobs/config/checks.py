@@ -146,6 +146,27 @@ def _precision_problems(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _selection_problems(cfg: JobConfig) -> list[str]:
+    """train.select_by names a figure this config's evaluations report, and there are
+    evaluations to choose between."""
+    from clray.models.metric_names import evaluation_names
+
+    metric = cfg.train.select_by
+    if metric is None:
+        return []
+    known = [f"eval/{n}" for n in evaluation_names(cfg.data.label_column is not None, bool(cfg.data.class_names))]
+    if metric not in known:
+        return [f"train.select_by = {metric!r} is not an evaluation figure of this config; choose one of "
+                f"{', '.join(known)}"]
+    if not cfg.data.eval:
+        return [f"train.select_by = {metric!r} picks the export by its evaluations, but data.eval is not set: "
+                "add a held-out split"]
+    if not cfg.train.eval_every:
+        return [f"train.select_by = {metric!r} needs evaluations during the run to choose from: set "
+                "train.eval_every (steps between evaluations)"]
+    return []
+
+
 CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("train", "scaling"), _batch_problems),
     (("data", "model"), _view_problems),
@@ -157,6 +178,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Any], list[str]]]] = [
     (("loss", "data", "model"), lambda cfg: _loss_problems(cfg)),
     (("remine", "data", "train", "scaling"), lambda cfg: remine_problems(cfg)),
     (("train", "scaling"), _precision_problems),
+    (("train", "data"), _selection_problems),
 ]
 """Checks that span sections: (the sections each reads, the check). Each message names the
 key and the fix. A config whose schema is broken still gets every check whose sections
@@ -179,14 +201,29 @@ class _Sections:
         return self.train.global_batch_size // self.scaling.num_workers
 
 
+def _valid_part(annotation: Any, raw: Any) -> Any:
+    """A section as validated, or (when some of its keys are wrong) without those keys, so
+    the checks across sections still see its other keys: an unknown key in [train] must
+    not hide that train.global_batch_size does not divide by the workers."""
+    try:
+        return annotation.model_validate(raw, context={DEFER_RULES: True})
+    except ValidationError as err:
+        if not isinstance(raw, dict):
+            raise
+        wrong = {item["loc"][0] for item in err.errors() if item["loc"]}
+        return annotation.model_validate({k: v for k, v in raw.items() if k not in wrong},
+                                         context={DEFER_RULES: True})
+
+
 def partial_problems(raw: dict[str, Any], model: Any) -> list[str]:
     """The cross-section problems of a config that failed schema validation, from the
-    sections that are valid by themselves (a section left out takes its default)."""
+    sections that are valid by themselves or without their wrong keys (a section left out
+    takes its default)."""
     sections: dict[str, Any] = {}
     for name, field in model.model_fields.items():
         try:
             if isinstance(raw, dict) and name in raw:
-                sections[name] = field.annotation.model_validate(raw[name], context={DEFER_RULES: True})
+                sections[name] = _valid_part(field.annotation, raw[name])
             elif not field.is_required():
                 sections[name] = field.get_default(call_default_factory=True)
         except (ValidationError, AttributeError, TypeError):
@@ -216,6 +253,13 @@ def _loss_problems(cfg: JobConfig) -> list[str]:
             "loss.teacher_threshold needs data.negative_score_column (each hard negative's teacher "
             "similarity, as `clray mine` writes it) and data.negatives"
         )
+    if loss.in_batch_margin is not None and (data.in_batch_score_column is None or data.batches != "packed"):
+        problems.append(
+            "loss.in_batch_margin needs the teacher's in-batch scores: a packed plan mined with "
+            "mining.in_batch_scores = true, data.batches = \"packed\" and data.in_batch_score_column set"
+        )
+    if data.in_batch_score_column is not None and data.batches != "packed":
+        problems.append("data.in_batch_score_column names a column of packed plans: set data.batches = \"packed\"")
     if cfg.model.logit_bias is not None and loss.type != "siglip":
         problems.append(
             f'model.logit_bias only affects loss.type = "siglip" (a softmax over candidates ignores '

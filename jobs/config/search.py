@@ -241,11 +241,9 @@ def _metric_problems(search: SearchConfig, base: JobConfig) -> list[str]:
     metric = search.metric
     if metric in TRAIN_METRICS:
         return []
-    known = [f"eval/{d}_R@{k}" for d in ("a2p", "p2a") for k in (1, 5, 10)]
-    if base.data.label_column:
-        known += ["eval/a2p_label_R@1", "eval/p2a_label_R@1"]
-        if base.data.class_names:
-            known.append("eval/zero_shot_accuracy")
+    from clray.models.metric_names import evaluation_names
+
+    known = [f"eval/{n}" for n in evaluation_names(base.data.label_column is not None, bool(base.data.class_names))]
     if metric not in known:
         return [f"search.metric = {metric!r} is not reported by this config; choose one of "
                 f"{', '.join(known + list(TRAIN_METRICS))}"]

@@ -5,10 +5,11 @@ Commands (train, tune, submit, eval) build on this package; it builds on the gro
 floor (``jobs.config``, ``jobs.runtime``) and on ``pipelines`` and ``models``.
 """
 
-from clray.jobs.run.driver import TrainingError, TrainSummary, run_training
+from clray.jobs.run.driver import TrainSummary, run_training
+from clray.jobs.run.errors import RunError, RunStopped, TrainingError
 from clray.jobs.run.remine import run_with_remining
 
-__all__ = ["TrainSummary", "TrainingError", "run_training", "run_with_remining", "train"]
+__all__ = ["RunError", "RunStopped", "TrainSummary", "TrainingError", "run_training", "run_with_remining", "train"]
 
 
 def train(cfg, *, verbose: bool = False, on_event=None) -> TrainSummary:  # noqa: ANN001

@@ -43,6 +43,9 @@ class RunData:
     packed: dict[str, Any] | None = None
     """Packed: the plan's facts for the data event and the summary."""
     skipped_batches: list[int] = field(default_factory=list)
+    packed_spec: Any = None
+    """Packed plans of global batches: the checked ``DataSpec`` every rank builds its own
+    datasets from (``pipelines.unpack.rank_dataset``)."""
 
 
 def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunData:
@@ -63,7 +66,9 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
             out.packed = {"plan_dir": plan.directory, "num_plans": plan.num_plans,
                           "batches_per_plan": [e.num_batches for e in plan.epochs],
                           "skipped_batches": packed.skipped_batches,
-                          "plan_quarantined_rows": plan.quarantined_rows}
+                          "plan_quarantined_rows": plan.quarantined_rows, "num_workers": plan.num_workers}
+            if plan.global_batches:
+                out.packed_spec = spec
             eval_ds = packed.eval
         else:
             prepared = build_datasets(spec, quarantine_path=quarantine_path, seed=cfg.run.seed)
@@ -73,10 +78,19 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
     except DataError:
         raise
     except Exception as exc:  # a Ray Data task failed: surface the user's error, not Ray's
-        raise DataError(f"reading the corpus failed: {describe_failure(exc)}") from None
+        raise DataError(unreadable_data(spec) or f"reading the corpus failed: {describe_failure(exc)}") from None
     if eval_ds is not None:
         out.datasets["eval"] = eval_ds
     return out
+
+
+def unreadable_data(spec: DataSpec) -> list[str]:
+    """After a failed read: the shards and row groups that cannot be decoded, found on the
+    driver (``pipelines.integrity``), or [] when every page reads (another cause)."""
+    from clray.pipelines.integrity import unreadable_row_groups
+
+    splits = [s for s in (spec.train, *spec.plan_epochs, spec.eval) if s is not None]
+    return [problem for split in splits for problem in unreadable_row_groups(split)]
 
 
 def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Schedule:
@@ -97,7 +111,9 @@ def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Sche
         num_train_rows=data.num_rows,
         packed=packed,
         num_plans=data.packed["num_plans"] if packed else 1,
+        global_batches=data.packed_spec is not None,
         stop_step=stop_step,
+        remainder_rows=0 if packed else data.num_rows - per_epoch * cfg.train.global_batch_size,
     )
     if packed:
         # More epochs than plans: epoch e trains on plan e % num_plans.

@@ -13,52 +13,38 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig, dump_toml
+from clray.jobs.run.commit import prune
 from clray.jobs.run.data import RunData, build_run_data, check_data, ingest_config, make_schedule
+from clray.jobs.run.errors import CheckpointDamagedError, RunStopped, TrainingError
+from clray.jobs.run.ingest import RESUME, TRAIN, RemainderData, ResumableTrain, TrainData
 from clray.jobs.run.location import RunLocation
+from clray.jobs.run.lock import RunLock
+from clray.jobs.run.recovery import FailureRelay, blame
+from clray.jobs.run.resume import (
+    check_ray_registry,
+    check_resumable,
+    prepare_elastic,
+    resume_point,
+    skipped_warnings,
+)
 from clray.jobs.run.schedule import Schedule
-from clray.jobs.run.worker import RECORD_BATCHES_ENV, WorkerSpec, train_loop_per_worker
+from clray.jobs.run.stop import StopRequests
+from clray.jobs.run.summary import TrainSummary, checkpoints_of, summarize
+from clray.jobs.run.worker import RECORD_BATCHES_ENV, SELECTED, WorkerSpec, train_loop_per_worker
 from clray.jobs.runtime import describe_failure, start_ray, training_cpus, worker_env
+
+if TYPE_CHECKING:
+    from clray.pipelines.spec import DataSpec
 
 OnEvent = Callable[[dict[str, Any]], None]
 
-
-class TrainingError(Exception):
-    """A run that failed after it started; the message is meant for the user as-is."""
-
-
-@dataclass
-class TrainSummary:
-    run_dir: str
-    steps: int
-    epochs: int
-    steps_per_epoch: int
-    train_rows: int
-    quarantined_rows: int
-    quarantine_path: str | None
-    quarantine_reasons: dict[str, int]
-    checkpoints: list[str]
-    export_dir: str | None
-    final_train: dict[str, float] = field(default_factory=dict)
-    eval: dict[str, float] = field(default_factory=dict)
-    resumed_from_step: int | None = None
-    wall_seconds: float = 0.0
-    total_steps: int = 0
-    """Steps of the whole run; ``steps`` is less when this start stopped early (stop_epoch)."""
-    batches: str = "examples"
-    plan_dir: str | None = None
-    """Packed: the `clray mine` plan directory trained on."""
-    num_plans: int = 0
-    skipped_batches: list[int] = field(default_factory=list)
-    """Packed: per epoch plan, the mined batches no worker trained on (so that every rank
-    takes the same number of whole batches)."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+__all__ = ["OnEvent", "TrainSummary", "TrainingError", "failure_message", "init_ray", "run_training",
+           "run_worker_env"]
 
 
 def run_worker_env(cfg: JobConfig) -> dict[str, str]:
@@ -81,6 +67,7 @@ def run_training(
     stop_epoch: int | None = None,
     start_from: str | None = None,
     adopt_config: bool = False,
+    lock: bool = True,
 ) -> TrainSummary:
     """Validate data, start Ray, train on N workers, evaluate, export; returns the summary.
 
@@ -92,21 +79,95 @@ def run_training(
     is a complete run.
 
     ``start_from``: a checkpoint directory (``checkpoint_<step>``) to start from when this
-    run has no checkpoint of its own at that step or later: another run's (Tune's PBT hands
-    a trial another trial's state this way), or one of this run's own that Ray Train had
-    not yet registered when the run was stopped (a search resumes the state its scheduler
-    saw). With ``adopt_config`` the learning rate and temperature of ``cfg`` replace the
-    checkpoint's.
+    run has no complete checkpoint of its own at that step or later: another run's (Tune's
+    PBT hands a trial another trial's state this way). With ``adopt_config`` the learning
+    rate and temperature of ``cfg`` replace the checkpoint's.
+
+    ``lock``: take the run directory's lock (``jobs.run.lock``) so that a second start of
+    the same run is refused while this one runs; a search's trials, which Tune alone
+    starts, go without.
+
+    Raises ``RunStopped`` when Ctrl-C or SIGTERM stopped the run (with a checkpoint where
+    it stopped), ``TrainingError`` when it failed, and another ``RunError`` when it cannot
+    start (the run directory, its lock, a checkpoint this config cannot resume).
     """
     started = time.perf_counter()
     if stop_epoch is not None and stop_epoch < 1:
         raise ValueError(f"stop_epoch must be at least 1 (the epochs to train), got {stop_epoch}")
     checked = check_data(cfg)
     location = RunLocation(cfg)
+    run_lock = RunLock(location.uri, cfg.storage).acquire() if lock else None
     try:
-        (location.local / "config.toml").write_text(dump_toml(cfg))
+        with StopRequests() as stops:
+            start = _Start(cfg, location, stops, on_event, started)
+            if run_lock is not None and run_lock.warning:
+                start.warn(run_lock.warning)
+            return start.run(checked, verbose, stop_epoch, start_from, adopt_config)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+        location.close()
+
+
+class _Start:
+    """One start of a run on the driver: what it tells the user and writes, in order."""
+
+    def __init__(self, cfg: JobConfig, location: RunLocation, stops: StopRequests, on_event: OnEvent | None,
+                 started: float) -> None:
+        self.cfg = cfg
+        self.location = location
+        self.stops = stops
+        self.on_event = on_event
+        self.started = started
+        self.config_written = False
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.on_event:
+            self.on_event(record)
+
+    def warn(self, message: str) -> None:
+        """Tell the user now, and keep it in metrics.jsonl with the run's events."""
+        record = {"time": time.time(), **events.WarningEvent(message=message).record()}
+        with (self.location.local / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.emit(record)
+
+    def write_config(self) -> None:
+        """config.toml is this run's resolved config: written by the first start, and by a
+        later one only once it has trained (its first checkpoint or its end), so a start
+        that failed never replaces the config the run's checkpoints were made with."""
+        if not self.config_written:
+            (self.location.local / "config.toml").write_text(dump_toml(self.cfg))
+            self.config_written = True
+
+    def prepare_resume(self, start_from: str | None) -> None:
+        """Before Ray starts: the checkpoint to resume, refused when this config cannot
+        resume it, converted when the worker count changed; and Ray's registry checked."""
+        cfg, uri = self.cfg, self.location.uri
+        for line in skipped_warnings(uri, cfg.storage):
+            self.warn(line)
+        point = resume_point(uri, start_from, cfg.storage)
+        if point is not None and check_resumable(cfg, point):
+            note = prepare_elastic(cfg, point)
+            if note:
+                self.warn(note)
+        _, registry_warning = check_ray_registry(uri, cfg.storage)
+        if registry_warning:
+            self.warn(registry_warning)
+
+    def run(self, checked: DataSpec, verbose: bool, stop_epoch: int | None, start_from: str | None,
+            adopt_config: bool) -> TrainSummary:
+        cfg, location = self.cfg, self.location
+        self.prepare_resume(start_from)
+        if not (location.local / "config.toml").exists() and not location.remote_has("config.toml"):
+            self.write_config()
+        for line in data_warnings(checked):
+            self.warn(line)
         location.sync()
         init_ray(cfg, verbose)
+        from clray.jobs.report import ENVIRONMENT_FILE, environment
+
+        (location.local / ENVIRONMENT_FILE).write_text(json.dumps(environment(cfg), indent=2, default=str))
         from clray.pipelines import DataError, quiet_ray_data
 
         quiet_ray_data()
@@ -116,17 +177,52 @@ def run_training(
             location.sync()
             raise
         schedule = make_schedule(cfg, data, stop_epoch)
-        if on_event:
-            on_event(_data_event(data, schedule, location).record())
+        self.emit(_data_event(data, schedule, location).record())
         spec = WorkerSpec(job=cfg, schedule=schedule, has_eval="eval" in data.datasets,
-                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config)
-        records = _fit(cfg, spec, data, location, on_event)
-        summary = _summarize(cfg, location, data, schedule, records, started)
+                          export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
+                          packed=data.packed_spec)
+        records = _Fit(self, spec, data, checked).run()
+        self.write_config()
+        end = next((e for e in map(events.parse, reversed(records)) if isinstance(e, events.EndEvent)), None)
+        if end is not None and end.stopped:
+            location.sync()
+            raise RunStopped(self.stops.signal_name or "SIGINT", end.step, location.checkpoint_uri(end.step))
+        summary = summarize(cfg, location, data, schedule, records, self.started)
+        (location.local / "summary.json").write_text(summary.to_json())
+        summary.report = _report(location)  # the report reads summary.json
+        location.remove("error.log")  # this start succeeded: no stale failure
+        location.sync()
+        self.prune()
+        summary.checkpoints = checkpoints_of(location)
         (location.local / "summary.json").write_text(summary.to_json())
         location.sync()
         return summary
-    finally:
-        location.close()
+
+    def prune(self) -> None:
+        """Remove what killed starts left behind (checkpoints never completed or never
+        registered by Ray) beyond the newest ``train.keep_checkpoints``."""
+        protected, _ = check_ray_registry(self.location.uri, self.cfg.storage)
+        prune(self.location.uri, self.cfg.train.keep_checkpoints, protected, self.cfg.storage)
+
+
+def data_warnings(checked: DataSpec) -> list[str]:
+    """What the data checks found that does not stop the run (files ignored in a shard
+    directory), one line each."""
+    return list(checked.warnings)
+
+
+def _report(location: RunLocation) -> str | None:
+    """The run's report.html (jobs.report), rebuilt at the end of every start; a report
+    that cannot be built is a warning, never a failed run."""
+    import logging
+
+    from clray.jobs.report import build_report
+
+    try:
+        return location.final(str(build_report(location.local)))
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        logging.getLogger("clray").warning("could not write the run's report.html: %s", exc)
+        return None
 
 
 def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> events.DataEvent:
@@ -136,8 +232,8 @@ def _data_event(data: RunData, schedule: Schedule, location: RunLocation) -> eve
                             packed=data.packed)
 
 
-def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocation) -> Any:
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec, location: RunLocation) -> Any:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -148,100 +244,156 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocat
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
         ),
-        datasets=data.datasets,
-        dataset_config=ingest_config(cfg, spec.schedule.dataset_names),
+        datasets=_datasets(cfg, spec, data, checked),
+        dataset_config=ingest_config(cfg, _split_names(spec)),
         run_config=RunConfig(
             name=cfg.run.name,
             **location.run_config_storage(),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=_checkpoint_config(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[FailureRelay(spec.progress, cfg.train.max_failures)],
             worker_runtime_env={"env_vars": run_worker_env(cfg)},
         ),
     )
 
 
-def _fit(cfg: JobConfig, spec: WorkerSpec, data: RunData, location: RunLocation,
-         on_event: OnEvent | None) -> list[dict[str, Any]]:
-    """Fit on a thread while relaying rank 0's events (stamped, to metrics.jsonl and
-    ``on_event``); returns them. A failed fit becomes a TrainingError naming the rank."""
-    from ray.util.queue import Queue
+def _split_names(spec: WorkerSpec) -> list[str]:
+    return spec.schedule.dataset_names + ([] if spec.schedule.packed else [RESUME])
 
-    spec.progress = Queue(actor_options={"num_cpus": 0})
-    trainer = _trainer(cfg, spec, data, location)
-    outcome: dict[str, Any] = {}
 
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-            outcome["error"] = exc
+def _checkpoint_config(cfg: JobConfig) -> Any:
+    """Ray keeps the latest ``keep_checkpoints``; with train.select_by it keeps the ones
+    that held the best state (each checkpoint's report says so) beside the latest."""
+    from ray.train import CheckpointConfig
 
-    records: list[dict[str, Any]] = []
-    with (location.local / "metrics.jsonl").open("a") as metrics_file:
+    if cfg.train.select_by is None:
+        return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=SELECTED,
+                            checkpoint_score_order="max")
 
-        def drain(timeout: float) -> None:
+
+def _datasets(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec) -> dict[str, Any]:
+    """The trainer's datasets. In examples mode the training data is built by Ray Train's
+    controller at every worker-group start, positioned at the epoch the workers resume
+    (``jobs.run.ingest``)."""
+    datasets = dict(data.datasets)
+    if spec.schedule.packed:
+        return datasets
+    source = ResumableTrain.of(datasets[TRAIN], run_uri=cfg.run_uri, start_from=spec.start_from,
+                               storage=cfg.storage, world_size=cfg.scaling.num_workers,
+                               deterministic=cfg.data.deterministic, task_cpus=checked.task_cpus)
+    datasets[TRAIN] = TrainData(source)
+    datasets[RESUME] = RemainderData(source)
+    return datasets
+
+
+DAMAGED_RETRIES = 3
+"""Fits started again after a checkpoint failed its check on the workers."""
+
+
+class _Fit:
+    """The fit of one start: on a thread, while the main thread relays rank 0's events
+    (stamped, to metrics.jsonl and ``on_event``) and forwards a stop request."""
+
+    def __init__(self, start: _Start, spec: WorkerSpec, data: RunData, checked: DataSpec) -> None:
+        self.start = start
+        self.spec = spec
+        self.data = data
+        self.checked = checked
+        self.records: list[dict[str, Any]] = []
+
+    def run(self) -> list[dict[str, Any]]:
+        """Fit; a checkpoint found damaged on the workers (set aside there) is followed by
+        a new fit from the one before, a few times at most. A failed fit becomes a
+        ``TrainingError`` naming the rank."""
+        for _ in range(DAMAGED_RETRIES + 1):
+            error = self.fit_once()
+            if error is None:
+                return self.records
+            failure = describe_failure(_unwrap(error))
+            if failure.kind != CheckpointDamagedError.__name__:
+                break
+            self.relay(events.WarningEvent(message=f"{failure.message}").record())
+        self.fail(error)
+        raise AssertionError("unreachable")
+
+    def fit_once(self) -> BaseException | None:
+        from ray.util.queue import Queue
+
+        cfg, location, stops = self.start.cfg, self.start.location, self.start.stops
+        self.spec.progress = Queue(actor_options={"num_cpus": 0})
+        self.spec.stop = Queue(actor_options={"num_cpus": 0})
+        trainer = _trainer(cfg, self.spec, self.data, self.checked, location)
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
             try:
-                item = spec.progress.get(timeout=timeout)
-            except Exception:  # ray.util.queue.Empty on timeout; progress is best-effort
-                return
-            item = {"time": time.time(), **item}
-            records.append(item)
-            metrics_file.write(json.dumps(item) + "\n")
-            metrics_file.flush()
-            if on_event:
-                on_event(item)
+                outcome["result"] = trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = exc
 
-        thread = threading.Thread(target=fit, name="clray-fit", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            drain(0.5)
-        while not spec.progress.empty():
-            drain(0.1)
+        with (location.local / "metrics.jsonl").open("a") as self.metrics_file:
+            thread = threading.Thread(target=fit, name="clray-fit", daemon=True)
+            stops.training = True
+            thread.start()
+            try:
+                while thread.is_alive():
+                    self.drain(0.5)
+                    if stops.forward(self.spec.stop):
+                        self.relay(events.WarningEvent(
+                            message=f"{stops.signal_name}: stopping after the current step and saving a checkpoint "
+                            f"(send it again to stop at once)").record())
+                while not self.spec.progress.empty():
+                    self.drain(0.1)
+            finally:
+                stops.training = False
+        return outcome.get("error")
 
-    if "error" in outcome:
-        exc = outcome["error"]
+    def drain(self, timeout: float) -> None:
+        try:
+            item = self.spec.progress.get(timeout=timeout)
+        except Exception:  # ray.util.queue.Empty on timeout; progress is best-effort
+            return
+        self.relay(item)
+
+    def relay(self, item: dict[str, Any]) -> None:
+        item = {"time": time.time(), **item}
+        self.records.append(item)
+        self.metrics_file.write(json.dumps(item) + "\n")
+        self.metrics_file.flush()
+        if item.get("event") in ("checkpoint", "end"):
+            self.start.write_config()
+        self.start.emit(item)
+
+    def fail(self, exc: BaseException) -> None:
+        location = self.start.location
         (location.local / "error.log").write_text("".join(traceback.format_exception(exc)))
         location.sync()
-        raise TrainingError(failure_message(exc, location.path("error.log"))) from None
-    return records
+        raise TrainingError(failure_message(_unwrap(exc), location.path("error.log"))) from None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray Train's ControllerError around the controller's own verdict (``GaveUp``)
+    becomes that verdict, which carries the workers' errors like a WorkerGroupError."""
+    inner = getattr(exc, "controller_failure", None)
+    return inner if isinstance(inner, BaseException) and hasattr(inner, "worker_failures") else exc
 
 
 def failure_message(exc: BaseException, log_path: Any) -> str:
     """What the user reads when a fit failed: the rank and its own error, and where the
     whole traceback is."""
+    failures = getattr(exc, "worker_failures", None)
     failure = describe_failure(exc)
-    where = f"worker rank {failure.rank}" if failure.rank is not None else "the trainer"
+    rank = blame(failures)[0] if failures else failure.rank
+    if failures and rank in failures:
+        failure = describe_failure(_Single(rank, failures[rank]))
+    where = f"worker rank {rank}" if rank is not None else "the trainer"
     return f"training failed on {where}: {failure}\n  full traceback: {log_path}"
 
 
-def _summarize(cfg: JobConfig, location: RunLocation, data: RunData, schedule: Schedule,
-               records: list[dict[str, Any]], started: float) -> TrainSummary:
-    # Ray Train V2's Result carries the metrics of the latest *checkpoint* report, so the
-    # end-of-run evaluation comes from rank 0's event stream instead.
-    typed = [events.parse(r) for r in records]
-    train = [e for e in typed if isinstance(e, events.TrainEvent)]
-    evals = [e for e in typed if isinstance(e, events.EvalEvent)]
-    ends = [e for e in typed if isinstance(e, events.EndEvent)]
-    resumed = next((e.step for e in typed if isinstance(e, events.ResumedEvent)), None)
-    last = ends[-1] if ends else (train[-1] if train else None)
-    report = data.report
-    return TrainSummary(
-        run_dir=location.uri,
-        steps=int(last.step) if last else 0,
-        epochs=int(last.epoch) if last else 0,
-        steps_per_epoch=schedule.steps_per_epoch,
-        train_rows=data.num_rows,
-        quarantined_rows=report.quarantined_rows,
-        quarantine_path=location.final(report.quarantine_path),
-        quarantine_reasons=dict(report.reasons),
-        checkpoints=location.checkpoints(),
-        export_dir=location.export_dir(),
-        final_train={k: v for k, v in (train[-1].record() if train else {}).items() if isinstance(v, (int, float))},
-        eval=evals[-1].figures if evals else {},
-        resumed_from_step=resumed,
-        wall_seconds=time.perf_counter() - started,
-        total_steps=schedule.total_steps,
-        batches=cfg.data.batches,
-        plan_dir=data.packed["plan_dir"] if data.packed else None,
-        num_plans=data.packed["num_plans"] if data.packed else 0,
-        skipped_batches=data.skipped_batches,
-    )
+class _Single(Exception):
+    """One rank's failure, shaped as describe_failure reads Ray's worker-group errors."""
+
+    def __init__(self, rank: int, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.worker_failures = {rank: error}

@@ -81,8 +81,11 @@ def fused_adamw_supported(device_type: str) -> bool:
     return (major, minor) >= (2, 4)
 
 
-def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
-    """Wrap the model in a DeepSpeed engine with AdamW + warmup/cosine; returns the engine."""
+def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int, load_universal: bool = False):
+    """Wrap the model in a DeepSpeed engine with AdamW + warmup/cosine; returns the engine.
+
+    ``load_universal``: the engine will load a DeepSpeed universal checkpoint (one saved
+    by another worker count and converted, ``jobs.run.resume.prepare_elastic``)."""
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -106,7 +109,7 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int):
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg),
+        config={**deepspeed_config(cfg), **({"checkpoint": {"load_universal": True}} if load_universal else {})},
         dist_init_required=False,
     )
     return engine

@@ -1,4 +1,5 @@
-"""End-of-run evaluation on the held-out split: retrieval recall and zero-shot accuracy.
+"""Evaluation on the held-out split: retrieval (exact-pair and the IR figures with
+duplicates folded), zero-shot accuracy, and the embedding geometry with its histograms.
 
 Every rank embeds the whole (small) eval split. That costs W-fold compute on a split that
 is minutes at most, and keeps ZeRO-3 correct: its partitioned forward is a collective, so
@@ -47,23 +48,34 @@ def class_prompt_embeddings(model: Any, cfg: JobConfig, text_view: str, device: 
 
 
 @torch.no_grad()
-def embed_split(model: Any, batches: Any, bf16: bool, has_labels: bool) -> dict[str, torch.Tensor]:
+def embed_split(model: Any, batches: Any, bf16: bool, has_labels: bool, cfg: JobConfig) -> dict[str, Any]:
+    """Both views' embeddings of the whole split, its labels, and for text views a key per
+    row (its token ids), so duplicate texts fold into one candidate for the IR figures."""
+    from clray.models.metrics import row_keys
+
     anchors, positives, labels = [], [], []
+    keys: dict[str, list[bytes]] = {view: [] for view in ("anchor", "positive") if getattr(cfg.data, view).kind == "text"}
     for batch in batches:
         batch = cast_batch(batch, bf16)
         anchors.append(model.encode_anchor(batch).float().cpu())
         positives.append(model.encode_positive(batch).float().cpu())
         if has_labels:
             labels.append(batch["label"].cpu())
-    out = {"anchor": torch.cat(anchors), "positive": torch.cat(positives)}
+        for view, found in keys.items():
+            found.extend(row_keys(batch[f"{view}_input_ids"].cpu(), batch[f"{view}_attention_mask"].cpu()))
+    out: dict[str, Any] = {"anchor": torch.cat(anchors), "positive": torch.cat(positives)}
     if has_labels:
         out["label"] = torch.cat(labels)
+    out["keys"] = keys
     return out
 
 
 @torch.no_grad()
-def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, bf16: bool) -> dict[str, Any]:
-    from clray.models.metrics import retrieval_metrics, zero_shot_accuracy
+def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device,
+             bf16: bool) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """(``eval_rows`` and every ``eval/...`` figure, the similarity histograms) of the
+    model on the eval split (``models.metrics.evaluate_embeddings``)."""
+    from clray.models.metrics import evaluate_embeddings
     from clray.pipelines.collate import training_collate
 
     was_training = model.training
@@ -73,17 +85,18 @@ def evaluate(model: Any, cfg: JobConfig, eval_shard: Any, device: torch.device, 
         # Dynamic padding as in training: each eval batch is cut to its longest row.
         batches = eval_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device,
                                                 collate_fn=training_collate(cfg.data))  # [ray]
-        emb = embed_split(model, batches, bf16, has_labels)
-        labels = emb.get("label")
-        metrics: dict[str, Any] = {"eval_rows": int(emb["anchor"].shape[0])}
-        for key, value in retrieval_metrics(emb["anchor"], emb["positive"], labels=labels).items():
-            metrics[f"eval/{key}"] = value
+        emb = embed_split(model, batches, bf16, has_labels, cfg)
         views = _zero_shot_views(cfg)
-        if views is not None and labels is not None:
-            text_view, other = views
-            classes = class_prompt_embeddings(model, cfg, text_view, device).cpu()
-            metrics["eval/zero_shot_accuracy"] = zero_shot_accuracy(emb[other], classes, labels)
-        return metrics
+        classes = None
+        if views is not None and has_labels:
+            classes = class_prompt_embeddings(model, cfg, views[0], device).cpu()
+        result = evaluate_embeddings(
+            emb["anchor"], emb["positive"], labels=emb.get("label"), anchor_keys=emb["keys"].get("anchor"),
+            positive_keys=emb["keys"].get("positive"), class_embeddings=classes,
+            classified=views[1] if views else "anchor",
+        )
+        metrics: dict[str, Any] = {"eval_rows": int(emb["anchor"].shape[0])}
+        metrics.update({f"eval/{key}": value for key, value in result.figures.items()})
+        return metrics, result.histograms
     finally:
         model.train(was_training)
-

@@ -8,13 +8,16 @@ them under ``checkpoint_name``, the driver lists them, a search points Tune at o
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from clray.jobs.config import JobConfig
+from clray.jobs.run.errors import RunDirError
 from clray.pipelines import storage
 from clray.pipelines.staging import Staging
 
-DRIVER_FILES = ("config.toml", "metrics.jsonl", "summary.json", "error.log")
+DRIVER_FILES = ("config.toml", "environment.json", "metrics.jsonl", "summary.json", "error.log", "report.html")
 """What the driver writes into a run directory (Ray Train writes the checkpoints, rank 0
 the export), uploaded as they are."""
 QUARANTINE_FILES = ("quarantine.parquet", "quarantine-eval.parquet")
@@ -48,6 +51,8 @@ class RunLocation:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        if not storage.is_s3(cfg.run_uri):
+            check_local_run_dir(Path(cfg.run_uri), cfg.run.output_dir)
         self.staging = Staging(cfg.run_uri, cfg.storage, "run.output_dir", name="run")
         self.uri = self.staging.uri
         self.remote = self.staging.remote
@@ -71,11 +76,14 @@ class RunLocation:
     def checkpoint_uri(self, step: int) -> str:
         return self.path(checkpoint_name(step))
 
-    def checkpoints(self) -> list[str]:
-        if not self.remote:
-            return sorted(str(p) for p in self.local.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-        return [d for d in storage.list_dirs(self.uri, self.cfg.storage)
-                if d.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
+    def remove(self, name: str) -> None:
+        """Remove one of the driver's files from the run directory (and from S3)."""
+        (self.local / name).unlink(missing_ok=True)
+        self.staging.publish(name, mirror=True)
+
+    def remote_has(self, name: str) -> bool:
+        """Whether the run directory on S3 holds ``name`` (False for a local run)."""
+        return self.remote and storage.is_file(self.path(name), self.cfg.storage)
 
     def export_dir(self) -> str | None:
         export = self.path("export")
@@ -92,3 +100,24 @@ class RunLocation:
 
     def close(self) -> None:
         self.staging.close()
+
+
+def check_local_run_dir(run_dir: Path, output_dir: str) -> None:
+    """Create a local run directory and prove it writable, or raise ``RunDirError`` naming
+    run.output_dir, the path and the fix (instead of a traceback from the first write)."""
+    blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise RunDirError(
+            f"run.output_dir = {output_dir!r}: {blocker} is a file, not a directory, so the run directory {run_dir} "
+            "cannot be created there. Set run.output_dir to a directory (or move the file away)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".clray-write-check-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or type(exc).__name__)
+        raise RunDirError(
+            f"run.output_dir = {output_dir!r}: cannot write the run directory {run_dir} ({reason}). Set "
+            "run.output_dir to a directory you can write (e.g. --set run.output_dir=\"runs\"), or fix its "
+            "permissions") from None

@@ -34,7 +34,9 @@ def _mine_config(cfg: JobConfig, first_manifest: dict[str, Any], teacher_dir: Pa
     )
     parameters = {k: v for k, v in first_manifest["parameters"].items() if k in MiningConfig.model_fields}
     parameters.update(cfg.remine.mining)
-    parameters.update(batch_size=cfg.local_batch_size, epochs=cfg.remine.every_epochs, seed=cfg.run.seed + epoch)
+    # A mined batch is the global batch, split over the run's workers in one step.
+    parameters.update(batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
+                      epochs=cfg.remine.every_epochs, seed=cfg.run.seed + epoch)
     return MineConfig(
         data=data,
         teacher=TeacherConfig(path=str(teacher_dir), **cfg.remine.teacher),

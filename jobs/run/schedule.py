@@ -23,19 +23,26 @@ class Schedule:
     """Mined packed batches: each dataset row is one whole local batch."""
     num_plans: int = 1
     """Packed: epoch plans, one dataset each; epoch e reads plan e % num_plans."""
+    global_batches: bool = False
+    """Packed plans of global batches: every rank reads each plan itself (its own part of
+    every batch, in step order), so the trainer splits no training dataset."""
     stop_step: int | None = None
     """Stop here (checkpoint + export, no evaluation) and leave the rest of the run to a
     later start with the same run name; None: run to total_steps."""
+    remainder_rows: int = 0
+    """Examples: valid rows beyond the last full global batch, left out of each epoch."""
 
     @property
     def dataset_names(self) -> list[str]:
-        """The trainer's training datasets: "train", or "train_0", "train_1", ... per plan."""
+        """The trainer's training datasets (split between the ranks): "train", or
+        "train_0", "train_1", ... per plan of local batches; none for global batches."""
+        if self.global_batches:
+            return []
         return [f"train_{i}" for i in range(self.num_plans)] if self.packed else ["train"]
 
     def train_dataset(self, epoch: int) -> str:
-        """The dataset epoch ``epoch`` reads (packed plans are cycled through)."""
-        names = self.dataset_names
-        return names[epoch % len(names)]
+        """The name of the data epoch ``epoch`` reads (packed plans are cycled through)."""
+        return f"train_{epoch % self.num_plans}" if self.packed else "train"
 
     @property
     def end_step(self) -> int:
@@ -51,6 +58,10 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+    best_value: float | None = None
+    """With train.select_by: the best evaluation so far, and the step it was at (so a
+    resumed run keeps choosing against what the run already saw)."""
+    best_step: int | None = None
 
     def advance(self, samples: int) -> None:
         self.step += 1

@@ -22,14 +22,8 @@ import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
-from clray.jobs.run.cadence import Cadence, StepActions
-from clray.jobs.run.checkpoint import (
-    checkpoint_to_restore,
-    export,
-    restore_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from clray.jobs.run.cadence import Cadence, Selection, StepActions
+from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
 from clray.jobs.run.engine import (
     PhaseTimes,
     adopt_config,
@@ -39,12 +33,22 @@ from clray.jobs.run.engine import (
     use_bf16,
     watch_reduction,
 )
+from clray.jobs.run.errors import CheckpointDamagedError
+from clray.jobs.run.ingest import RESUME, reads_remainder
+from clray.jobs.run.recovery import SetupError
+from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
+
+SELECTED = "clray_selected"
+"""With train.select_by, each checkpoint's report carries 1.0 when it holds the best
+evaluated state so far, else 0.0: Ray keeps the checkpoints that score highest (and the
+latest), so the best state stays on disk."""
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
-JSON line per step there: rank, step, epoch, step_in_epoch and the sorted ``id_key``s of
-its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by default."""
+JSON line per step there: rank, its process id, step, epoch, step_in_epoch and the sorted
+``id_key``s of its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by
+default."""
 
 
 @dataclass
@@ -61,18 +65,23 @@ class WorkerSpec:
     adopt_config: bool = False
     progress: Any = None
     """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
+    stop: Any = None
+    """A ``ray.util.queue.Queue`` the driver puts a stop request into (None: no stops)."""
+    packed: Any = None
+    """Packed plans of global batches: the driver's checked ``DataSpec``, from which each
+    rank builds its own part of every batch (None otherwise)."""
 
     def encode(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
                 "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
-                "adopt_config": self.adopt_config}
+                "adopt_config": self.adopt_config, "stop": self.stop, "packed": self.packed}
 
     @classmethod
     def decode(cls, config: dict[str, Any]) -> WorkerSpec:
         return cls(job=JobConfig.model_validate(config["job"]), schedule=Schedule(**config["plan"]),
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
-                   progress=config.get("progress"))
+                   progress=config.get("progress"), stop=config.get("stop"), packed=config.get("packed"))
 
 
 PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
@@ -154,9 +163,19 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         self.bf16 = use_bf16(self.cfg)
+        self.world = ray.train.get_context().get_world_size()  # [ray]
         self.eval_shard = ray.train.get_dataset_shard("eval") if spec.has_eval else None  # [ray]
         self.shards: dict[str, Any] = {}
         self.record_path = os.environ.get(RECORD_BATCHES_ENV)
+        self.point: ResumePoint | None = resume_point(self.cfg.run_uri, spec.start_from, self.cfg.storage)
+        """The checkpoint this start restores (the newest complete one; ``jobs.run.resume``)."""
+        self.remainder_epoch: int | None = None
+        """The resumed epoch when it reads the rows its first part did not train (``ingest.RESUME``)."""
+        self.trained: list[np.ndarray] = []
+        """The id keys this rank trained in the current epoch (saved with each checkpoint)."""
+        self.carried = np.zeros(0, dtype=np.int64)
+        """Rank 0: the epoch's rows trained before the checkpoint this start restored."""
+        self.polled = 0.0
 
     def publish(self, event: events.Event) -> None:
         if self.rank == 0 and self.spec.progress is not None:
@@ -170,49 +189,118 @@ class Worker:
 
         seed_everything(self.cfg.run.seed)
         model = DualEncoder(self.cfg.model).to(self.device)
-        engine = build_engine(model, self.cfg, self.schedule.total_steps)
+        # A checkpoint of another worker count loads from its universal form (resume.prepare_elastic).
+        universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.partitioned)
+        engine = build_engine(model, self.cfg, self.schedule.total_steps, load_universal=universal)
         seed_everything(self.cfg.run.seed + 7919 * (self.rank + 1))
         return engine, build_loss(self.cfg.loss)
 
     def restore(self, engine: Any) -> TrainState:
-        """The state this start begins at: the run's own latest checkpoint, or the one the
-        driver named (``start_from``), or a fresh start."""
-        import ray.train
-
-        checkpoint, foreign = checkpoint_to_restore(ray.train.get_checkpoint(), self.spec.start_from, self.cfg)  # [ray]
+        """The state this start begins at: the checkpoint ``jobs.run.resume`` chose (the
+        run's newest complete one, or the one the driver named, ``start_from``), or a
+        fresh start."""
+        point = self.point
         state = TrainState()
-        if checkpoint is not None:
-            state = restore_checkpoint(engine, checkpoint, self.rank)
+        if point is not None:
+            state, carried = restore_checkpoint(engine, point, self.rank, self.cfg)
             if state.step_in_epoch >= self.schedule.steps_per_epoch:
                 # Saved at an epoch's last step: start the next epoch instead of reading this
                 # one again only to skip all of it.
                 state.next_epoch()
-            self.publish(events.ResumedEvent(step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
-                                             dataset=self.schedule.train_dataset(state.epoch)))
+            else:
+                self.carried = carried
+            if not self.schedule.packed and reads_remainder(point, self.world, self.cfg.data.deterministic):
+                self.remainder_epoch = state.epoch
+            self.publish(events.ResumedEvent(
+                step=state.step, epoch=state.epoch, step_in_epoch=state.step_in_epoch,
+                dataset=RESUME if self.remainder_epoch is not None else self.schedule.train_dataset(state.epoch),
+                checkpoint=point.uri.rstrip("/").rsplit("/", 1)[-1]))
         # Only the start that restored the donor's checkpoint adopts; a later restart of this
         # run resumes its own checkpoints with what they hold.
-        if foreign and self.spec.adopt_config:
+        if point is not None and point.foreign and self.spec.adopt_config:
             adopt_config(engine, self.cfg)
             self.publish(events.AdoptedEvent(lr=self.cfg.optim.lr, temperature=self.cfg.model.logit_scale.init_temperature))
         return state
+
+    def next_epoch(self, state: TrainState) -> None:
+        state.next_epoch()
+        self.trained = []
+        self.carried = np.zeros(0, dtype=np.int64)
+
+    def consumed(self) -> np.ndarray:
+        """The id keys of this epoch's rows this rank trained (rank 0: with those trained
+        before the restored checkpoint), saved with a checkpoint for ``ingest.RESUME``."""
+        return np.concatenate([self.carried, *self.trained]) if self.trained else self.carried
+
+    def note_trained(self, batch: dict[str, Any]) -> None:
+        if "id_key" in batch:
+            self.trained.append(batch["id_key"].reshape(-1).cpu().numpy().astype(np.int64))
+
+    def stop_requested(self) -> bool:
+        """Whether every rank stops after this step: rank 0 asks the driver's stop queue
+        (at most once a second) and one all-reduced flag tells every rank the same."""
+        local = 0.0
+        if self.rank == 0 and self.spec.stop is not None and time.monotonic() - self.polled >= 1.0:
+            self.polled = time.monotonic()
+            local = 0.0 if self.spec.stop.empty() else 1.0  # [ray]
+        flag = torch.tensor([local], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def epoch_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
         of them; after the last, the shard's remainder (under one batch) is drained so
         the next epoch starts clean."""
-        name = self.schedule.train_dataset(state.epoch)
+        if self.spec.packed is not None:
+            yield from self._global_batches(state)
+            return
+        remainder = state.epoch == self.remainder_epoch
+        self.remainder_epoch = None
+        name = RESUME if remainder else self.schedule.train_dataset(state.epoch)
         if name not in self.shards:
             import ray.train
 
             self.shards[name] = ray.train.get_dataset_shard(name)  # [ray]
         batches = self._iterate(self.shards[name], state.epoch)
-        for _ in range(state.step_in_epoch):  # a mid-epoch resume: these were trained
+        # A mid-epoch resume: the epoch's first batches were trained. The remainder dataset
+        # holds only the rows they did not take; the full one replays the same order
+        # (data.deterministic) and skips them.
+        for _ in range(0 if remainder else state.step_in_epoch):
             self._next(batches, state)
         while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
             yield cast_batch(self._next(batches, state), self.bf16)
         if state.step_in_epoch >= self.schedule.steps_per_epoch:
             for _ in batches:
                 pass
+
+    def _global_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's part of each remaining global batch of the epoch's plan, in step
+        order: read from ``step_in_epoch`` on (a mid-epoch resume reads no trained batch),
+        and each batch's plan index checked against the step, so a rank can never train
+        a part of another step's batch."""
+        import ray.data
+
+        from clray.pipelines.unpack import rank_dataset
+
+        spec = self.spec.packed
+        workers = self.cfg.scaling.num_workers
+        plan_index = state.epoch % spec.plan.num_plans
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
+        dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
+        rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
+                                          device=self.device)  # [ray]
+        batches = ({key: value[0] for key, value in batch.items()} for batch in rows)
+        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
+            batch = self._next(batches, state)
+            index = int(batch.pop("plan_batch"))
+            if index != state.step_in_epoch:
+                raise PlanOrderError(
+                    f"rank {self.rank}: step {state.step_in_epoch} of epoch {state.epoch} got batch {index} of plan "
+                    f"{plan_index} ({spec.plan.directory}); every rank must train part {self.rank} of batch "
+                    f"{state.step_in_epoch} in this step. The plan's files are out of batch order: mine again"
+                )
+            yield cast_batch(batch, self.bf16)
 
     def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         from clray.pipelines.collate import training_collate  # imports Ray Data
@@ -272,7 +360,7 @@ class Worker:
     def record_batch(self, state: TrainState, batch: dict[str, Any]) -> None:
         if not self.record_path:
             return
-        line = {"rank": self.rank, "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        line = {"rank": self.rank, "pid": os.getpid(), "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                 "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist())}
         # One short append per line: ranks writing the same file do not interleave lines.
         with open(self.record_path, "a") as fh:
@@ -282,19 +370,38 @@ class Worker:
         """Every rank embeds the eval split (see jobs.run.evaluate): a collective step."""
         from clray.jobs.run.evaluate import evaluate
 
-        figures = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
-        return events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures)
+        figures, histograms = evaluate(engine.module, self.cfg, self.eval_shard, self.device, self.bf16)
+        evaluation = events.EvalEvent(step=state.step, epoch=state.epoch, metrics=figures,
+                                      histograms=histograms or None)
+        self.publish(evaluation)
+        return evaluation
+
+    def export(self, engine: Any, state: TrainState, figures: dict[str, Any]) -> None:
+        """The export (every rank takes part under ZeRO-3), with its model card."""
+        if not self.spec.export_dir:
+            return
+        card = {"run_name": self.cfg.run.name, "train_rows": self.schedule.num_train_rows, "steps": state.step,
+                "epochs": state.epoch, "global_batch_size": self.cfg.train.global_batch_size,
+                "data": list(self.cfg.data.train),
+                "columns": {"anchor": self.cfg.data.anchor.column, "positive": self.cfg.data.positive.column},
+                "loss": self.cfg.loss.model_dump(mode="json"),
+                "eval": {k: v for k, v in figures.items() if k.startswith("eval/")}}
+        if "eval_rows" in figures:
+            card["eval_rows"] = figures["eval_rows"]
+        export(engine, self.cfg, self.spec.export_dir, self.rank, card=card)
+        self.publish(events.ExportedEvent(path=self.spec.export_dir, step=state.step))
 
     def after_step(self, actions: StepActions, engine: Any, state: TrainState, window: MetricWindow,
-                   scale: float, bias: float | None) -> None:
+                   scale: float, bias: float | None, selection: Selection) -> None:
         """Do what the cadence decided for the step just taken, in the same order on every rank."""
         import ray.train
 
         metrics: dict[str, Any] = {}
+        best = False
         if actions.evaluate:
             evaluation = self.evaluate(engine, state)
-            self.publish(evaluation)
             metrics.update(step=state.step, epoch=state.epoch, **evaluation.metrics)
+            best = selection.consider(state, evaluation.metrics)
         if actions.log:
             metrics.update(window.reduce(self.cfg.train.global_batch_size))
             window.reset()
@@ -305,27 +412,36 @@ class Worker:
             self.publish(train)
             metrics = train.record()
             del metrics["event"]
-        if actions.checkpoint:
-            save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch})
+        if selection.metric is not None:
+            # What Ray keeps checkpoints by (with the latest): the best states come first.
+            metrics[SELECTED] = float(best)
+        if actions.checkpoint or best:
+            save_checkpoint(engine, state, self.rank, metrics or {"step": state.step, "epoch": state.epoch},
+                            cfg=self.cfg, steps_per_epoch=self.schedule.steps_per_epoch, consumed=self.consumed())
             self.publish(events.CheckpointEvent(step=state.step))
         elif actions.report:
             ray.train.report(metrics or {"step": state.step, "epoch": state.epoch})  # [ray]
+        if best:
+            self.export(engine, state, metrics)
 
-    def finish(self, engine: Any, state: TrainState, cadence: Cadence) -> None:
+    def finish(self, engine: Any, state: TrainState, cadence: Cadence, stopped: bool = False) -> None:
         """The end of this start: the end event, a final evaluation when the run is
-        complete, the export, and the last report to Ray."""
+        complete, the export, and the last report to Ray. A start stopped on request has
+        checkpointed where it stopped and leaves the rest (evaluation, export) to the
+        start that completes the run."""
         import ray.train
 
         complete = state.step >= self.schedule.total_steps
-        self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete))
+        self.publish(events.EndEvent(step=state.step, epoch=state.epoch, complete=complete, stopped=stopped))
         final: dict[str, Any] = {"step": state.step, "epoch": state.epoch}
+        if stopped:
+            ray.train.report({**final, "final": False, "stopped": True})  # [ray]
+            return
         if cadence.evaluate_at_end(state.step):
-            evaluation = self.evaluate(engine, state)
-            final.update(evaluation.metrics)
-            self.publish(evaluation)
-        if self.spec.export_dir:
-            export(engine, self.cfg, self.spec.export_dir, self.rank)
-            self.publish(events.ExportedEvent(path=self.spec.export_dir))
+            final.update(self.evaluate(engine, state).metrics)
+        # With select_by the export was written at the best evaluation (see after_step).
+        if not cadence.selects or state.best_step is None:
+            self.export(engine, state, final)
         ray.train.report({**final, "final": complete})  # [ray]
 
 
@@ -333,29 +449,49 @@ class ShardExhaustedError(RuntimeError):
     pass
 
 
+class PlanOrderError(RuntimeError):
+    """A rank's packed batch is not the step's global batch: training it would mix batches."""
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    worker = Worker(WorkerSpec.decode(config))
-    engine, loss_fn = worker.build()
-    state = worker.restore(engine)
+    try:
+        worker = Worker(WorkerSpec.decode(config))
+        engine, loss_fn = worker.build()
+        state = worker.restore(engine)
+    except CheckpointDamagedError:
+        raise  # worth a retry: the next attempt restores the checkpoint before
+    except Exception as exc:
+        # Ray Train's controller (recovery.FailureRelay) does not retry what fails here
+        # unless a lost worker explains it: the same config fails the same way again.
+        raise SetupError(f"{type(exc).__name__}: {exc}") from exc
     schedule, cfg = worker.schedule, worker.cfg
     cadence = Cadence(cfg.train, schedule, has_eval=worker.eval_shard is not None)
+    selection = Selection(cfg.train)
+    if cadence.evaluate_at_start(state.step):
+        worker.evaluate(engine, state)  # the baseline (a state the run did not train: never selected)
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
     watch_reduction(engine, window.times)
-    while state.step < schedule.end_step:
+    stopped = False
+    while state.step < schedule.end_step and not stopped:
         window.reset()
         t0 = time.perf_counter()
         for batch in worker.epoch_batches(state):
             t1 = time.perf_counter()
             worker.record_batch(state, batch)
+            worker.note_trained(batch)
             engine.module.set_progress(state.step / max(1, schedule.total_steps - 1))
             out, scale, bias = train_step(engine, loss_fn, batch, gradcache_chunk, window.times)
             t2 = time.perf_counter()
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
             with window.times.phase("other"):
-                worker.after_step(cadence.after(state.step), engine, state, window, scale, bias)
+                actions = cadence.after(state.step, stop=worker.stop_requested())
+                worker.after_step(actions, engine, state, window, scale, bias, selection)
+            if actions.stop and state.step < schedule.end_step:
+                stopped = True
+                break
             t0 = time.perf_counter()
         if state.step_in_epoch >= schedule.steps_per_epoch:
-            state.next_epoch()
-    worker.finish(engine, state, cadence)
+            worker.next_epoch(state)
+    worker.finish(engine, state, cadence, stopped=stopped)

@@ -135,7 +135,7 @@ class TrialReporter:
             self.latest_train.update(figures, **scalars)
             if self.metric_is_train:
                 self.send(event.step, {})
-        elif isinstance(event, events.EvalEvent) and not self.metric_is_train:
+        elif isinstance(event, events.EvalEvent) and not self.metric_is_train and event.step > 0:
             metrics: dict[str, Any] = {**event.figures, "epoch": event.epoch}
             expected = (self.every and event.step % self.every == 0) or event.step == self.total_steps
             if expected and event.step not in self.checkpointed:
@@ -166,6 +166,8 @@ def _trial_config(job: TuneJob, params: dict[str, Any], trial_id: str) -> tuple[
     trials_dir = storage.join(job.search_uri, "trials")
     raw = job.trial_raw(params)
     raw.setdefault("run", {})["output_dir"] = trials_dir
+    # Trials start from the same model: one baseline evaluation per trial would repeat it.
+    raw.setdefault("train", {}).setdefault("eval_at_start", False)
     if job.search.scheduler == "pbt":
         # PBT copies states at its decisions: checkpoint at every evaluation.
         raw.setdefault("train", {})["checkpoint_every"] = raw.get("train", {}).get("eval_every", 0)
@@ -204,5 +206,7 @@ def run_trial(params: dict[str, Any], job: TuneJob) -> None:
         os.chdir(started_in)
     cfg, start_from, exploit = _trial_config(job, params, trial_id)
     reporter = TrialReporter(job, cfg.run_uri, cfg.run.name, trial_id, cfg.train.checkpoint_every)
-    run_training(cfg, on_event=reporter.on_event, start_from=start_from, adopt_config=exploit)
+    # No run lock: Tune alone starts a trial's run, and a trial it restarts on another
+    # node could not tell whether the lock of the killed attempt is stale.
+    run_training(cfg, on_event=reporter.on_event, start_from=start_from, adopt_config=exploit, lock=False)
     reporter.finish()

@@ -56,4 +56,5 @@ def build_loss(cfg: LossConfig) -> ContrastiveObjective:
         mask_same_id=cfg.mask_same_id,
         mask_same_label=cfg.mask_same_label,
         teacher_threshold=cfg.teacher_threshold,
+        in_batch_margin=cfg.in_batch_margin,
     )

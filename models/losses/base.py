@@ -21,6 +21,7 @@ SIDE_INPUT_KEYS = {
     "id_key": "ids",  # [b] int64 hash of the row id (id masking)
     "negative_id_key": "negative_ids",  # [b, k] int64 hash of each hard negative's id
     "negative_score": "negative_scores",  # [b, k] teacher similarity of each hard negative
+    "in_batch_score": "in_batch_scores",  # [b, B] teacher similarity to each in-batch positive
 }
 
 
@@ -53,7 +54,9 @@ class ContrastiveLoss(nn.Module, abc.ABC):
     - ``labels`` [b] int64: class ids (supcon positives; label masking). Negative = none.
     - ``ids`` [b] int64: row id hashes (id masking). ``negative_ids`` [b, k] int64: the
       hard negatives' id hashes. ``negative_scores`` [b, k]: teacher similarity of each
-      anchor's own hard negatives (teacher-threshold masking).
+      anchor's own hard negatives (teacher-threshold masking). ``in_batch_scores`` [b, B]:
+      teacher similarity of each anchor to every positive of the global batch (B = W*b,
+      in gathered order), for positive-aware in-batch masking.
     - ``logit_scale``: the multiplier on cosine similarities (inverse temperature, already
       exponentiated and clamped by the model); ``logit_bias`` an additive offset for
       objectives that learn one (SigLIP).
@@ -76,6 +79,7 @@ class ContrastiveLoss(nn.Module, abc.ABC):
         ids: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_scores: Tensor | None = None,
+        in_batch_scores: Tensor | None = None,
     ) -> LossOutput:
         raise NotImplementedError
 

@@ -6,7 +6,9 @@ integer metadata that travels with the rows and columns, never on where a tile s
 a gathered matrix. That is what lets the ring mode score a block it received from
 another rank with the same code that scores a gathered matrix.
 
-Row metadata, int64 ``[rows, 3]``: global pair index, id hash, label (-1: unknown).
+Row metadata, int64 ``[rows, 3]``: global pair index, id hash, label (-1: unknown);
+with positive-aware in-batch masking, ``[rows, 3 + B]``: then column ``3 + j`` is 1 when
+the teacher marked in-batch pair j a likely false negative of the row.
 Column metadata, int64 ``[cols, 5]``:
 
 - ``ROW``: global index of the pair the column belongs to (a positive's own pair, or
@@ -36,6 +38,8 @@ class MaskSpec:
     same_label: bool = False
     teacher: bool = False
     label_positives: bool = False
+    in_batch: bool = False
+    """Row metadata carries per-pair drop flags (``in_batch_drop``)."""
 
 
 def row_meta(rows: int, offset: int, ids: Tensor | None, labels: Tensor | None, device: torch.device) -> Tensor:
@@ -80,9 +84,25 @@ def tile_masks(rows: Tensor, cols: Tensor, spec: MaskSpec) -> tuple[Tensor, Tens
             excluded |= same_label
     if spec.teacher:
         excluded |= same_pair & (cols[None, :, HARD] == 1) & (cols[None, :, DROP] != 0)
+    if spec.in_batch and rows.shape[1] > 3:
+        flags = rows[:, 3:]
+        index = cols[:, ROW].clamp(0, flags.shape[1] - 1)
+        excluded |= col_is_pair[None, :] & (flags[:, index] != 0)
     valid = ~excluded
     label_pos = valid & same_label if spec.label_positives and same_label is not None else None
     return valid, label_pos
+
+
+def in_batch_drop(scores: Tensor, offset: int, margin: float) -> Tensor:
+    """``[rows, B]`` 0/1: in-batch pairs the teacher scores above ``pos - margin * |pos|``,
+    where ``pos`` is the row's own positive (column ``offset + i`` of ``scores`` [rows, B]).
+    The same flags serve the positive->anchor direction: a near-duplicate pair is one
+    whichever side asks."""
+    rows = scores.shape[0]
+    scores = scores.float()
+    own = scores[torch.arange(rows, device=scores.device), offset + torch.arange(rows, device=scores.device)]
+    limit = own - margin * own.abs()
+    return (scores > limit[:, None]).long()
 
 
 def _or(values: Tensor | None, fill: int, rows: int, device: torch.device) -> Tensor:

@@ -45,7 +45,13 @@ from clray.models.losses.blockwise import (
     blockwise_aggregates,
     full_aggregates,
 )
-from clray.models.losses.columns import MaskSpec, negative_columns, pair_columns, row_meta
+from clray.models.losses.columns import (
+    MaskSpec,
+    in_batch_drop,
+    negative_columns,
+    pair_columns,
+    row_meta,
+)
 from clray.models.losses.kernel import Kernel
 from clray.models.losses.ring import RingBlocks
 
@@ -88,6 +94,7 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         mask_same_id: bool = False,
         mask_same_label: bool = False,
         teacher_threshold: float | None = None,
+        in_batch_margin: float | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -116,6 +123,7 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         self.mask_same_id = mask_same_id
         self.mask_same_label = mask_same_label
         self.teacher_threshold = teacher_threshold
+        self.in_batch_margin = in_batch_margin
 
     @abc.abstractmethod
     def row_loss(self, target: Tensor, aggregates: list[Tensor], count: Tensor) -> Tensor:
@@ -125,7 +133,8 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, symmetric={self.symmetric}, gather={self.gather}, block_size={self.block_size}, "
                 f"hardness_beta={self.hardness_beta}, mask_same_id={self.mask_same_id}, "
-                f"mask_same_label={self.mask_same_label}, teacher_threshold={self.teacher_threshold}")
+                f"mask_same_label={self.mask_same_label}, teacher_threshold={self.teacher_threshold}, "
+                f"in_batch_margin={self.in_batch_margin}")
 
     def forward(
         self,
@@ -139,6 +148,7 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         ids: Tensor | None = None,
         negative_ids: Tensor | None = None,
         negative_scores: Tensor | None = None,
+        in_batch_scores: Tensor | None = None,
     ) -> LossOutput:
         self._check(anchor, positive, negatives, labels, logit_bias, ids, negative_ids, negative_scores)
         # Softmax over thousands of columns in fp16/bf16 loses the target's probability
@@ -152,6 +162,8 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         distributed = self.gather and world_size() > 1
         offset = rank() * rows if distributed else 0
         queries_meta = row_meta(rows, offset, ids, labels, device)
+        if self.in_batch_margin is not None:
+            queries_meta = torch.cat([queries_meta, self._in_batch_flags(in_batch_scores, rows, offset, device)], dim=1)
         pairs_meta = pair_columns(rows, offset, ids, labels, device)
         cands, cands_meta = positive, pairs_meta
         if negatives is not None:
@@ -167,6 +179,7 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
             same_label=self.mask_same_label,
             teacher=self.teacher_threshold is not None,
             label_positives=self.label_positives,
+            in_batch=self.in_batch_margin is not None,
         )
 
         target_cos = (anchor * positive).sum(dim=1)
@@ -178,6 +191,20 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
             p2a, _ = self._direction(positive, queries_meta, anchor, pairs_meta, target, scale, bias, spec, distributed)
             per_row = (per_row + p2a) / 2
         return LossOutput(loss=per_row.mean(), metrics=_metrics(target_cos.detach(), stats))
+
+    def _in_batch_flags(self, scores: Tensor | None, rows: int, offset: int, device: torch.device) -> Tensor:
+        """Row metadata columns of positive-aware in-batch masking (``in_batch_drop``):
+        scores are against the global batch; a loss that does not gather sees its own
+        rank's columns only."""
+        if scores is None:
+            raise ValueError("loss.in_batch_margin needs the teacher's in-batch scores: set data.in_batch_score_column")
+        if scores.ndim != 2 or scores.shape[0] != rows:
+            raise ValueError(f"in_batch_scores must be [b, B] with b = {rows}, got {tuple(scores.shape)}")
+        own = offset
+        if offset == 0 and scores.shape[1] != rows and not (self.gather and world_size() > 1):
+            start = rank() * rows
+            scores, own = scores[:, start : start + rows], 0
+        return in_batch_drop(scores.to(device), own, float(self.in_batch_margin))
 
     def _direction(
         self, queries: Tensor, queries_meta: Tensor, cands: Tensor, cands_meta: Tensor, target: Tensor,

@@ -45,18 +45,41 @@ class TeacherConfig(Strict):
 
 class MiningConfig(Strict):
     batch_size: int = Field(ge=2)
-    """Rows per mined batch: the training LOCAL batch size (train.global_batch_size /
-    scaling.num_workers), since each worker takes whole mined batches."""
+    """Rows per mined batch: the training GLOBAL batch size (train.global_batch_size).
+    With negatives gathered across workers every anchor is scored against the whole
+    step, so the mined group is the step: each mined batch is split into num_workers
+    local batches that are trained in the same step."""
+    num_workers: int = Field(default=1, ge=1)
+    """The training workers (scaling.num_workers) the plan is for; batch_size must be a
+    multiple. Training at another worker count is refused (mine again)."""
     epochs: int = Field(default=1, ge=1)
     """Epoch plans to write, each with its own seed (seed + epoch). Training cycles
     through them when it runs more epochs."""
     seed: int = 0
     """Seeds community detection, batch order and negative sampling."""
-    rank_min: int = Field(default=3, ge=0)
+    rank_min: int = Field(default=30, ge=0)
     """Skip each row's top rank_min teacher neighbours: near-duplicates and unlabelled
-    positives are the likeliest false negatives."""
-    rank_max: int = Field(default=64, ge=1)
-    """Keep neighbours up to this rank (exclusive); also the k of the kNN search."""
+    positives are the likeliest false negatives (B3 skips 30)."""
+    rank_max: int = Field(default=130, ge=1)
+    """Keep neighbours up to this rank (exclusive); also the k of the kNN search (B3: 130)."""
+    mutual: bool = True
+    """Graph edges only between mutual neighbours (j in i's window and i in j's), as B3
+    does: one-directional windows link every row to the corpus's hubs."""
+    partition: Literal["metis", "leiden"] = "metis"
+    """metis: a balanced partition into parts of exactly one batch (B3's recipe; pymetis).
+    leiden: communities near community_size, cut and merged into batches."""
+    groups_per_batch: int = Field(default=1, ge=1)
+    """metis: groups per batch (TAS-B's balanced sampling): parts of batch_size /
+    groups_per_batch rows, that many drawn into each batch. 1: a batch is one group."""
+    random_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of each mined batch swapped for random rows (every row is still used once
+    per epoch): keeps batches from being too pure for a model that has not yet learned
+    the easy distinctions."""
+    in_batch_scores: bool = False
+    """Write each global batch's teacher similarities (anchor i vs positive j, batch_size
+    x batch_size floats) beside it, so the loss can mask in-batch false negatives
+    (loss.in_batch_margin with data.in_batch_score_column)."""
+    in_batch_scores_column: str = "teacher_scores"
     margin: float | None = Field(default=0.05, ge=0, lt=1)
     """Positive-aware filter (NV-Retriever): drop a candidate whose teacher similarity
     to the anchor exceeds the anchor-positive similarity times (1 - margin). None: off."""
@@ -92,12 +115,26 @@ class MiningConfig(Strict):
 
     @model_validator(mode="after")
     def _window(self) -> MiningConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size = {self.batch_size} is not a multiple of num_workers = {self.num_workers}: a mined "
+                "batch is the global batch, split evenly over the workers; set batch_size to "
+                "train.global_batch_size"
+            )
+        if self.batch_size % self.groups_per_batch:
+            raise ValueError(f"groups_per_batch = {self.groups_per_batch} must divide batch_size = {self.batch_size}")
+        if self.partition == "leiden" and (self.groups_per_batch > 1 or self.random_fraction > 0):
+            raise ValueError('groups_per_batch and random_fraction need partition = "metis"')
         if self.rank_min >= self.rank_max:
             raise ValueError(
                 f"rank_min = {self.rank_min} must be below rank_max = {self.rank_max}: the window "
                 "[rank_min, rank_max) of each row's neighbours would be empty"
             )
         return self
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.num_workers
 
     @property
     def target_community_size(self) -> int:

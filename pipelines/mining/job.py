@@ -114,6 +114,7 @@ def plan_columns(cfg: MineConfig) -> Any:
         negatives=m.negatives_column if neg else None,
         negative_ids=m.negative_ids_column if neg else None,
         negative_scores=m.negative_scores_column if neg else None,
+        in_batch_scores=m.in_batch_scores_column if m.in_batch_scores else None,
     )
 
 
@@ -134,8 +135,9 @@ def check_mine(cfg: MineConfig) -> SplitSpec:
         problems.extend(err.problems)
     cols = plan_columns(cfg)
     taken = {cols.id, cols.anchor, cols.positive, cols.label, "epoch", "batch"}
-    for key in ("negatives_column", "negative_ids_column", "negative_scores_column"):
-        if cfg.mining.num_negatives and getattr(cfg.mining, key) in taken:
+    for key in ("negatives_column", "negative_ids_column", "negative_scores_column", "in_batch_scores_column"):
+        used = cfg.mining.in_batch_scores if key == "in_batch_scores_column" else cfg.mining.num_negatives
+        if used and getattr(cfg.mining, key) in taken:
             problems.append(f"mining.{key} = {getattr(cfg.mining, key)!r} clashes with a corpus or plan column: rename it")
     if problems:
         raise DataError(problems)
@@ -349,6 +351,8 @@ def _run_stages(job: _Job, event: Callable[..., None]) -> tuple[dict[str, Any], 
         "version": MANIFEST_VERSION,
         "fingerprint": job.plan_fp,
         "batch_size": cfg.mining.batch_size,
+        "num_workers": cfg.mining.num_workers,
+        "local_batch_size": cfg.mining.local_batch_size,
         "num_negatives": cfg.mining.num_negatives,
         "columns": columns_dict(plan_columns(cfg)),
         "rows": len(emb.ids),
@@ -380,7 +384,7 @@ def _write_epochs(job: _Job, emb: Any, plans: list[Any], resumed: dict[str, bool
         reused = resumed[f"epoch_{ep.epoch}"] = written is not None
         if written is None:
             written = stages.write_epoch(job.out.local, corpus, ep, plan_columns(cfg), emb.ids,
-                                         cfg.mining.batches_per_file)
+                                         cfg.mining.batches_per_file, emb)
         epochs.append({
             "epoch": ep.epoch, "seed": ep.seed, "num_batches": len(ep.plan.batches), "files": written,
             "remainder_ids": [emb.ids[i] for i in ep.plan.remainder.tolist()],

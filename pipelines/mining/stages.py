@@ -278,8 +278,16 @@ def _lists(values: pa.Array, size: int) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values)
 
 
+def _in_batch_scores(emb: Embeddings, batches: list[np.ndarray]) -> pa.Array:
+    """Per batch, the teacher's [B, B] anchor-positive similarities (row i: anchor i against
+    every in-batch positive j, in batch order) as ``list<list<float32>>``."""
+    size = len(batches[0])
+    values = np.concatenate([(emb.anchors[b] @ emb.positives[b].T).reshape(-1) for b in batches]).astype(np.float32)
+    return _lists(_lists(pa.array(values, pa.float32()), size), size)
+
+
 def _packed_table(corpus: pa.Table, batches: list[np.ndarray], epoch: int, first_batch: int, columns: PlanColumns,
-                  emb_ids: pa.Array, negatives: NegativeSample | None) -> pa.Table:
+                  emb_ids: pa.Array, negatives: NegativeSample | None, emb: Embeddings | None = None) -> pa.Table:
     size = len(batches[0])
     rows = np.concatenate(batches)
     take = pa.array(rows)
@@ -298,11 +306,13 @@ def _packed_table(corpus: pa.Table, batches: list[np.ndarray], epoch: int, first
         out[columns.negative_ids] = _lists(_lists(emb_ids.take(neg_rows), m), size)
         scores = pa.array(negatives.sims[rows].reshape(-1).astype(np.float32), pa.float32())
         out[columns.negative_scores] = _lists(_lists(scores, m), size)
+    if columns.in_batch_scores and emb is not None:
+        out[columns.in_batch_scores] = _in_batch_scores(emb, batches)
     return pa.table(out)
 
 
 def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: MinedEpoch, columns: PlanColumns, ids: list[str],
-                batches_per_file: int) -> list[str]:
+                batches_per_file: int, emb: Embeddings | None = None) -> list[str]:
     """Write one epoch's packed batches to ``plans/epoch-NNNNN/`` (whole directory or
     nothing: written under a temporary name, then renamed); returns the relative paths."""
     final = epoch_dir(out_dir, epoch_plan.epoch)
@@ -314,7 +324,7 @@ def write_epoch(out_dir: Path, corpus: pa.Table, epoch_plan: MinedEpoch, columns
     names = []
     for part, start in enumerate(range(0, len(batches), batches_per_file)):
         chunk = batches[start : start + batches_per_file]
-        table = _packed_table(corpus, chunk, epoch_plan.epoch, start, columns, emb_ids, epoch_plan.negatives)
+        table = _packed_table(corpus, chunk, epoch_plan.epoch, start, columns, emb_ids, epoch_plan.negatives, emb)
         name = f"part-{part:05d}.parquet"
         pq.write_table(table, tmp / name)
         names.append(str(final.relative_to(out_dir) / name))
