@@ -209,24 +209,30 @@ def main(argv: list[str] | None = None) -> None:
         "mined-64-tasb4": (lambda: packed("tasb4"), 64, steps, 0, None),
         "mined-64-inbatch-margin": (lambda: packed("scores", scores=True), 64, steps, 0, {"in_batch_margin": 0.05}),
     }
-    for name, (data, batch, run_steps, seed, loss) in runs.items():
-        if wanted is not None and name not in wanted:
-            continue
-        if name not in results["runs"]:
-            raw = train_raw(name, work / "runs", data(), model, batch, run_steps, seed, args.rows, loss=loss)
-            t0 = time.perf_counter()
-            summary = run_training(validate(raw, source=name))
-            results["runs"][name] = {"steps": summary.steps, "batch": raw["train"]["global_batch_size"],
-                                     "seconds": round(time.perf_counter() - t0, 1),
-                                     "export": str(Path(summary.export_dir) / "anchor_tower"),
-                                     "train_loss": round(summary.final_train.get("loss", float("nan")), 4)}
-            save()
-        if "R@1" not in results["runs"][name] and not args.defer_eval:
-            results["runs"][name].update(evaluate(results["runs"][name]["export"], source, args.max_length, limit))
-            save()
-        print(f"== {name}: {json.dumps(results['runs'][name])}", flush=True)
+    for name, run in runs.items():
+        if wanted is None or name in wanted:
+            train_and_evaluate(name, run, results, save, work, model, args, source, limit)
     print_table(results)
     print(f"\nworkdir: {work}")
+
+
+def train_and_evaluate(name: str, run: tuple, results: dict, save, work: Path, model: dict,  # noqa: ANN001
+                       args: argparse.Namespace, source: Path, limit: int | None) -> None:
+    """One run of the table: trained unless results.json has it, then evaluated."""
+    data, batch, run_steps, seed, loss = run
+    if name not in results["runs"]:
+        raw = train_raw(name, work / "runs", data(), model, batch, run_steps, seed, args.rows, loss=loss)
+        t0 = time.perf_counter()
+        summary = run_training(validate(raw, source=name))
+        results["runs"][name] = {"steps": summary.steps, "batch": raw["train"]["global_batch_size"],
+                                 "seconds": round(time.perf_counter() - t0, 1),
+                                 "export": str(Path(summary.export_dir) / "anchor_tower"),
+                                 "train_loss": round(summary.final_train.get("loss", float("nan")), 4)}
+        save()
+    if "R@1" not in results["runs"][name] and not args.defer_eval:
+        results["runs"][name].update(evaluate(results["runs"][name]["export"], source, args.max_length, limit))
+        save()
+    print(f"== {name}: {json.dumps(results['runs'][name])}", flush=True)
 
 
 def print_table(results: dict) -> None:

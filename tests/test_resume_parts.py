@@ -259,6 +259,31 @@ def test_the_failure_relay_names_the_rank_that_died_and_gives_up_on_repeats() ->
     assert set(info.value.worker_failures) == {1}
 
 
+def test_a_survivor_names_the_rank_whose_process_is_gone() -> None:
+    """Only the survivor's broken collective reached Ray (the dead rank was not polled yet):
+    the rank to blame is the one the survivor found gone, also from the text Ray ships."""
+    import subprocess
+    import sys
+
+    from clray.jobs.run.recovery import PeerLostError, watching_peers
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    peers = [(socket.gethostname(), os.getpid()), (socket.gethostname(), gone.pid)]
+    with pytest.raises(PeerLostError, match=f"worker rank 1 \\(pid {gone.pid} on .*\\) is gone") as info:
+        with watching_peers(peers, rank=0):
+            raise RuntimeError("gloo: Connection closed by peer")
+    assert blame({0: info.value})[0] == 1
+    shipped = RuntimeError(f"ray.exceptions.RayTaskError: PeerLostError: {info.value}")
+    assert blame({0: shipped})[0] == 1
+    with pytest.raises(ValueError, match="not a collective"):  # other errors pass through
+        with watching_peers(peers, rank=0):
+            raise ValueError("not a collective")
+    with pytest.raises(RuntimeError, match="nan"):  # every peer alive: the error as it was
+        with watching_peers(peers[:1], rank=0):
+            raise RuntimeError("nan")
+
+
 def test_run_directory_problems_name_the_path_and_the_fix(tmp_path: Path) -> None:
     blocker = tmp_path / "runs"
     blocker.write_text("not a directory")

@@ -104,7 +104,7 @@ def test_an_unknown_event_is_named() -> None:
 def test_metric_window_says_where_a_steps_time_goes() -> None:
     """time/<phase>: mean seconds per step; backward is logged without the gradient
     reduction inside it; window_steps lets a reader add the windows up."""
-    from clray.jobs.run.worker import PHASES, MetricWindow
+    from clray.jobs.run.window import PHASES, MetricWindow
 
     window = MetricWindow()
     for _ in range(2):

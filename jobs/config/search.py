@@ -57,6 +57,12 @@ class PbtConfig(Strict):
     """The bottom fraction of trials copy one of the top fraction."""
     resample_probability: float = Field(default=0.25, ge=0, le=1)
     """Chance a mutated key is drawn anew from its distribution instead of scaled by 0.8/1.2."""
+    synch: bool = False
+    """Decide at each perturbation_interval only once every trial reached it (Ray's
+    synchronous PBT): every trial is compared at the same step and a decision never
+    depends on which trial ran ahead, at the cost of pausing the trials that arrive
+    first (each pause restarts its workers). Asynchronous (false, the default) compares
+    a trial with the others' latest scores, whatever step they are at."""
 
 
 class TrialResources(Strict):

@@ -165,6 +165,7 @@ class _Start:
             self.warn(line)
         location.sync()
         init_ray(cfg, verbose)
+        self.stops.reinstall()  # ray.init put its own SIGTERM handler (a crash dump) in their place
         from clray.jobs.report import ENVIRONMENT_FILE, environment
 
         (location.local / ENVIRONMENT_FILE).write_text(json.dumps(environment(cfg), indent=2, default=str))
@@ -178,7 +179,7 @@ class _Start:
             raise
         schedule = make_schedule(cfg, data, stop_epoch)
         self.emit(_data_event(data, schedule, location).record())
-        spec = WorkerSpec(job=cfg, schedule=schedule, has_eval="eval" in data.datasets,
+        spec = WorkerSpec(job=for_workers(cfg), schedule=schedule, has_eval="eval" in data.datasets,
                           export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
                           packed=data.packed_spec)
         records = _Fit(self, spec, data, checked).run()
@@ -203,6 +204,20 @@ class _Start:
         registered by Ray) beyond the newest ``train.keep_checkpoints``."""
         protected, _ = check_ray_registry(self.location.uri, self.cfg.storage)
         prune(self.location.uri, self.cfg.train.keep_checkpoints, protected, self.cfg.storage)
+
+
+def for_workers(cfg: JobConfig) -> JobConfig:
+    """The config the workers get: a local run directory made absolute here, on the driver
+    (a worker runs in a working directory of Ray's, where a relative run.output_dir would
+    put its checkpoints' commit markers and find no checkpoint to resume)."""
+    from pathlib import Path
+
+    from clray.pipelines.storage import is_s3
+
+    if is_s3(cfg.run.output_dir):
+        return cfg
+    absolute = str(Path(cfg.run.output_dir).expanduser().absolute())
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": absolute})})
 
 
 def data_warnings(checked: DataSpec) -> list[str]:

@@ -12,6 +12,11 @@ twice in a row. Those end the run at once with the worker's own error instead of
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from clray.jobs import events
@@ -41,6 +46,31 @@ class GaveUp(RuntimeError):  # noqa: N818 - the controller gives up on purpose
         return (self.__class__, (str(self), self.worker_failures))
 
 
+class PeerLostError(RuntimeError):
+    """A rank's collective broke because another rank's process is gone: raised by the
+    surviving rank (``Worker.watching_peers``) naming the lost one, so the failure is
+    blamed on the rank that died, not on the one that noticed."""
+
+    def __init__(self, lost_rank: int, message: str) -> None:
+        super().__init__(message)
+        self.lost_rank = lost_rank
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.lost_rank, str(self)))
+
+
+_LOST = re.compile(r"worker rank (\d+) \(pid \d+ on [^)]*\) is gone")
+
+
+def lost_rank(error: BaseException) -> int | None:
+    """The rank a ``PeerLostError`` names (also read from its text, as Ray ships a
+    worker's exception across processes)."""
+    if isinstance(error, PeerLostError):
+        return error.lost_rank
+    found = _LOST.search(str(error))
+    return int(found.group(1)) if found else None
+
+
 def died(error: BaseException) -> bool:
     """Whether ``error`` says the worker process itself is gone (killed, out of memory,
     its node lost), as opposed to an exception its code raised."""
@@ -51,9 +81,16 @@ def died(error: BaseException) -> bool:
 
 def blame(worker_exceptions: dict[int, BaseException]) -> tuple[int, BaseException]:
     """The rank whose failure explains the others: a worker that died rather than one
-    whose collective broke because a peer died; the lowest such rank."""
+    whose collective broke because a peer died (the lowest such rank); else the rank a
+    survivor found gone (``PeerLostError``); else the lowest rank."""
     dead = sorted(rank for rank, error in worker_exceptions.items() if died(error))
-    rank = dead[0] if dead else min(worker_exceptions)
+    if dead:
+        return dead[0], worker_exceptions[dead[0]]
+    for _, error in sorted(worker_exceptions.items()):
+        lost = lost_rank(error)
+        if lost is not None:
+            return lost, error
+    rank = min(worker_exceptions)
     return rank, worker_exceptions[rank]
 
 
@@ -94,3 +131,40 @@ class FailureRelay(UserCallback):
                 rank=rank, error=line, died=died(error), failures=self.failures, max_failures=self.max_failures,
                 retrying=retrying, ranks={str(r): f"{type(e).__module__}.{summary(e)}"[:300]
                                           for r, e in sorted(worker_exceptions.items())}).record())
+
+
+def peer_processes() -> list[tuple[str, int]]:
+    """(host, pid) of every rank, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    me = (socket.gethostname(), os.getpid())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [me]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, me)
+    return [tuple(p) for p in out]
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@contextmanager
+def watching_peers(peers: list[tuple[str, int]], rank: int) -> Iterator[None]:
+    """A collective that fails because another rank's process is gone (killed, out of
+    memory) becomes a ``PeerLostError`` naming that rank, where this node can see it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        gone = [(r, host, pid) for r, (host, pid) in enumerate(peers)
+                if r != rank and host == socket.gethostname() and not _alive(pid)]
+        if not gone:
+            raise
+        lost, host, pid = gone[0]
+        raise PeerLostError(lost, f"worker rank {lost} (pid {pid} on {host}) is gone; rank {rank} noticed it "
+                                  f"in a collective: {type(exc).__name__}") from exc

@@ -39,6 +39,13 @@ class StopRequests:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def reinstall(self) -> None:
+        """Install the handlers again: ``ray.init`` installs Ray's own for SIGTERM (which
+        dumps a stack and aborts, exit -6) over them."""
+        if self._previous:
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
+
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -25,7 +25,6 @@ from clray.jobs.config import JobConfig
 from clray.jobs.run.cadence import Cadence, Selection, StepActions
 from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
 from clray.jobs.run.engine import (
-    PhaseTimes,
     adopt_config,
     build_engine,
     cast_batch,
@@ -35,9 +34,10 @@ from clray.jobs.run.engine import (
 )
 from clray.jobs.run.errors import CheckpointDamagedError
 from clray.jobs.run.ingest import RESUME, reads_remainder
-from clray.jobs.run.recovery import SetupError
+from clray.jobs.run.recovery import SetupError, peer_processes, watching_peers
 from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
+from clray.jobs.run.window import MetricWindow
 
 SELECTED = "clray_selected"
 """With train.select_by, each checkpoint's report carries 1.0 when it holds the best
@@ -82,67 +82,6 @@ class WorkerSpec:
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
                    progress=config.get("progress"), stop=config.get("stop"), packed=config.get("packed"))
-
-
-PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
-"""Where a training step's time goes, logged as ``time/<phase>`` (mean seconds per step,
-averaged over ranks): waiting for the batch, forward (encoders and loss), backward
-(without the gradient reduction), the gradient reduction DeepSpeed does at the end of
-backward, the optimizer step (at ZeRO 1-2 with the gathering of updated parameters), and
-the rest (evaluation, metric logging, checkpoints and reports to Ray). ``time/wall`` is
-the wall time per step; the phases add up to it but for the loop's own bookkeeping."""
-
-
-class MetricWindow:
-    """Accumulates per-step numbers between two logs."""
-
-    def __init__(self) -> None:
-        self.times = PhaseTimes()
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.data_time = 0.0
-        self.step_time = 0.0
-        self.times.reset()
-        self.started = time.perf_counter()
-
-    def add(self, metrics: dict[str, float], data_time: float, step_time: float) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        self.steps += 1
-        self.data_time += data_time
-        self.step_time += step_time
-
-    def phase_seconds(self) -> list[float]:
-        """Seconds per step of each of ``PHASES`` (backward without its reduction)."""
-        seconds = dict(self.times.seconds)
-        seconds["backward"] = seconds.get("backward", 0.0) - seconds.get("reduce", 0.0)
-        seconds["optimizer"] = seconds.get("step", 0.0)
-        seconds["data"] = self.data_time
-        return [seconds.get(name, 0.0) / max(1, self.steps) for name in PHASES]
-
-    def reduce(self, global_batch: int) -> dict[str, float]:
-        """Average over steps and ranks (one small all_reduce)."""
-        keys = sorted(self.sums)
-        elapsed = time.perf_counter() - self.started
-        local = torch.tensor(
-            [self.sums[k] / max(1, self.steps) for k in keys] + self.phase_seconds()
-            + [elapsed / max(1, self.steps), self.data_time, self.step_time],
-            dtype=torch.float64,
-        )
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(local)
-            local /= dist.get_world_size()
-        out = {k: float(v) for k, v in zip(keys, local[: len(keys)], strict=True)}
-        for name, value in zip((*PHASES, "wall"), local[len(keys):-2], strict=True):
-            out[f"time/{name}"] = float(value)
-        data_time, step_time = float(local[-2]), float(local[-1])
-        out["samples_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
-        out["data_wait_fraction"] = data_time / max(step_time, 1e-9)
-        out["window_steps"] = self.steps
-        return out
 
 
 class Worker:
@@ -193,6 +132,7 @@ class Worker:
         universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.partitioned)
         engine = build_engine(model, self.cfg, self.schedule.total_steps, load_universal=universal)
         seed_everything(self.cfg.run.seed + 7919 * (self.rank + 1))
+        self.peers = peer_processes()
         return engine, build_loss(self.cfg.loss)
 
     def restore(self, engine: Any) -> TrainState:
@@ -469,9 +409,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     selection = Selection(cfg.train)
     if cadence.evaluate_at_start(state.step):
         worker.evaluate(engine, state)  # the baseline (a state the run did not train: never selected)
-    gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     window = MetricWindow()
     watch_reduction(engine, window.times)
+    with watching_peers(worker.peers, worker.rank):
+        stopped = _train(worker, engine, loss_fn, state, cadence, selection, window)
+    worker.finish(engine, state, cadence, stopped=stopped)
+
+
+def _train(worker: Worker, engine: Any, loss_fn: Any, state: TrainState, cadence: Cadence, selection: Selection,
+           window: MetricWindow) -> bool:
+    """The epochs of this start; True when a stop request ended them early."""
+    schedule, cfg = worker.schedule, worker.cfg
+    gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     stopped = False
     while state.step < schedule.end_step and not stopped:
         window.reset()
@@ -494,4 +443,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
         if state.step_in_epoch >= schedule.steps_per_epoch:
             worker.next_epoch(state)
-    worker.finish(engine, state, cadence, stopped=stopped)
+    return stopped

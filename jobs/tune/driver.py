@@ -130,6 +130,7 @@ def _scheduler(job: TuneJob, max_t: int | None) -> Any:
             hyperparam_mutations=mutations,
             quantile_fraction=search.pbt.quantile_fraction,
             resample_probability=search.pbt.resample_probability,
+            synch=search.pbt.synch,
         )
     return FIFOScheduler()
 
