@@ -9,6 +9,7 @@ lets one batch dict carry both views and lets a shared tower encode either of th
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from clray.models.preprocess import build_tokenizer, local_dir, tokenizer_source
 IMAGE_CHANNELS = {"L": 1, "RGB": 3}
 
 
-def _without_pooler(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
+def _without_pooler(factory: Any, *args: Any, **kwargs: Any) -> Any:
     """Build a ``transformers`` model without its pooler head when the class has one.
 
     We pool token states ourselves, so a BERT/ViT pooler would be parameters that never
@@ -33,6 +34,30 @@ def _without_pooler(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
         if "add_pooling_layer" not in str(exc):
             raise
         return factory(*args, **kwargs)
+
+
+def _load_without_pooler(model_class: Any, path: str) -> nn.Module:
+    """``model_class.from_pretrained(path)`` without its pooler (see :func:`_without_pooler`).
+
+    The checkpoint's pooler weights are left out on purpose, so ``transformers``' load
+    report, which would call them unexpected, is kept back when they are all it names;
+    anything else (weights missing or mismatched, other unused ones) is still reported.
+    """
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        model, info = _without_pooler(model_class.from_pretrained, path, local_files_only=True,
+                                      output_loading_info=True)
+    finally:
+        log.setLevel(level)
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if unused or missing:
+        log.warning("%s from %s: weights missing or mismatched (newly initialised): %s; in the checkpoint "
+                    "but not used: %s", type(model).__name__, path, ", ".join(missing) or "none",
+                    ", ".join(unused) or "none")
+    return model
 
 
 def _pool_tokens(hidden: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
@@ -61,7 +86,7 @@ class TextTower(nn.Module):
         tokenizer = build_tokenizer(cfg)
         if cfg.pretrained is not None:
             path = str(local_dir(cfg.pretrained, "text tower `pretrained`"))
-            self.model = _without_pooler(AutoModel.from_pretrained, path, local_files_only=True)
+            self.model = _load_without_pooler(AutoModel, path)
             fix = "point `tokenizer` at the directory of the tokenizer this model was trained with"
         else:
             hf_kwargs = dict(cfg.config or {})
@@ -144,7 +169,7 @@ class VitTower(nn.Module):
         num_channels = IMAGE_CHANNELS[cfg.image_mode]
         if cfg.pretrained is not None:
             path = str(local_dir(cfg.pretrained, "vit tower `pretrained`"))
-            self.model = _without_pooler(ViTModel.from_pretrained, path, local_files_only=True)
+            self.model = _load_without_pooler(ViTModel, path)
             got = (self.model.config.image_size, self.model.config.num_channels)
             if got != (cfg.image_size, num_channels):
                 raise ValueError(

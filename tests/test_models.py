@@ -72,6 +72,35 @@ def test_text_tower_loads_a_local_pretrained_directory(tmp_path) -> None:
         torch.testing.assert_close(loaded(inputs, "anchor"), source(inputs, "anchor"))
 
 
+def test_a_checkpoints_pooler_is_left_out_quietly_and_other_gaps_are_reported(tmp_path, capfd) -> None:
+    """A BERT checkpoint saved with its pooler (all-MiniLM-L6-v2 is one) loads into the
+    pooler-less tower without transformers' load report (the pooler is dropped on
+    purpose); a checkpoint that lacks an encoder weight is still reported, by name.
+    (transformers' loggers write to stderr and do not propagate: read stderr.)"""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    tokenizer = build_tokenizer(text_cfg())
+    full = BertModel(BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"},
+                                vocab_size=len(tokenizer)))
+    folder = tmp_path / "with_pooler"
+    full.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert any(k.startswith("pooler.") for k in full.state_dict())
+    capfd.readouterr()
+    build_tower(TextTowerConfig.model_validate({"pretrained": str(folder), "max_length": 16}))
+    err = capfd.readouterr().err
+    assert "pooler" not in err and "UNEXPECTED" not in err and "REPORT" not in err, err
+
+    weights = load_file(folder / "model.safetensors")
+    gone = next(k for k in weights if "layer.0.attention.self.query.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != gone}, folder / "model.safetensors", metadata={"format": "pt"})
+    build_tower(TextTowerConfig.model_validate({"pretrained": str(folder), "max_length": 16}))
+    err = capfd.readouterr().err
+    assert "query.weight" in err and "newly initialised" in err, err
+    assert "pooler" not in err.split("not used:")[1], err
+
+
 def test_text_tower_pretrained_must_be_local() -> None:
     with pytest.raises(FileNotFoundError, match="clray never downloads"):
         build_tower(TextTowerConfig.model_validate({"pretrained": "sentence-transformers/all-MiniLM-L6-v2"}))
