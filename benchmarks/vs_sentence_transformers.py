@@ -28,11 +28,11 @@ Teacher: texts/s of ``clray mine``'s embedding (its Ray Data actor class,
 every core as torch threads and max_length 128.
 
     .venv/bin/python benchmarks/vs_sentence_transformers.py [--rows 8000]
-        [--settings default short] [--teacher/--no-teacher] [--json OUT] [--tiny]
+        [--settings [default] [short]] [--teacher/--no-teacher] [--json OUT] [--tiny]
 
 Needs ``sentence-transformers``, ``datasets`` and ``accelerate`` (the test extras).
-``--tiny`` runs every part on a few dozen rows (tests/test_benchmarks.py): for catching
-API changes, not for figures.
+``--settings`` with no name runs the teacher comparison alone. ``--tiny`` runs every part
+on a few dozen rows (tests/test_benchmarks.py): for catching API changes, not for figures.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--zero-stage", type=int, default=None, help="default: clray's default")
-    parser.add_argument("--settings", nargs="+", default=["default", "short"], choices=["default", "short"])
+    parser.add_argument("--settings", nargs="*", default=["default", "short"], choices=["default", "short"])
     parser.add_argument("--contenders", nargs="+",
                         default=["sentence-transformers", "clray", "clray group_by_length"])
     parser.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True)
