@@ -91,7 +91,7 @@ def _embed(cfg: EvalConfig, split: Any, use_gpu: bool) -> Any:
         embedded = read_shards(split, include_paths=True).map_batches(  # [ray]
             TeacherEmbedder,
             fn_constructor_kwargs={"teacher_cfg": cfg.eval, "data_cfg": split.data, "use_gpu": use_gpu},
-            batch_format="pyarrow", batch_size=cfg.eval.batch_size,
+            batch_format="pyarrow", batch_size=max(cfg.eval.batch_size, cfg.eval.block_rows),  # sorted within it
             compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),  # [ray]
             num_cpus=cfg.eval.cpus_per_actor, num_gpus=1 if use_gpu else 0,
         )
