@@ -36,7 +36,7 @@ from clray.pipelines.packed import PackedPlan
 from clray.pipelines.plan_format import BATCH_COLUMN, EPOCH_COLUMN
 from clray.pipelines.reading import legacy_parquet_reader, quiet_ray_data
 from clray.pipelines.sources import required_columns
-from clray.pipelines.spec import DataSpec
+from clray.pipelines.spec import DataSpec, SplitSpec
 from clray.pipelines.validate import (
     PATH_COLUMN,
     Tower,
@@ -149,6 +149,33 @@ def _plan_of(spec: DataSpec, builder: str) -> PackedPlan:
     return spec.plan
 
 
+def _read_epoch(split: SplitSpec, task_cpus: float) -> ray.data.Dataset:
+    """One epoch plan's rows: the columns the config names, the epoch and batch indices
+    and (for error messages) the file path."""
+    import ray.data
+
+    columns = [EPOCH_COLUMN, BATCH_COLUMN, *split.columns]
+    with legacy_parquet_reader():
+        return ray.data.read_parquet(list(split.paths), filesystem=split.filesystem, columns=columns,
+                                     include_paths=PATH_COLUMN not in columns, num_cpus=task_cpus,
+                                     file_extensions=None)
+
+
+def _unpacked(ds: ray.data.Dataset, spec: DataSpec, split: SplitSpec, plan: PackedPlan, epoch: int,
+              **options: object) -> ray.data.Dataset:
+    """Each mined batch of ``ds`` as model inputs (``unpack_batches``; ``options``: its
+    ``part`` and ``with_index``)."""
+    return ds.map_batches(
+        unpack_batches,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"data_cfg": split.data, "anchor_tower": spec.towers["anchor"],
+                   "positive_tower": spec.towers["positive"], "batch_size": plan.batch_size, "epoch": epoch,
+                   **options},
+        num_cpus=spec.task_cpus,
+    )
+
+
 def packed_datasets(spec: DataSpec, *, num_workers: int) -> list[ray.data.Dataset]:
     """One dataset per epoch plan of ``spec.plan``; each row is one mined batch as model
     inputs with a leading dimension of 1 (``iter_torch_batches(batch_size=1)`` then
@@ -160,44 +187,19 @@ def packed_datasets(spec: DataSpec, *, num_workers: int) -> list[ray.data.Datase
     Reads only the columns the config names, plus the epoch and batch indices and (for
     error messages) the file path.
     """
-    import ray.data
     from ray.data.expressions import col
 
     avoid_fsspec_http_import_race()
     plan = _plan_of(spec, "packed_datasets")
-    task_cpus = spec.task_cpus
     keep = plan.steps_per_epoch(num_workers) * num_workers
     datasets = []
     for epoch, split in zip(plan.epochs, spec.plan_epochs, strict=True):
-        columns = [EPOCH_COLUMN, BATCH_COLUMN, *split.columns]
-        with legacy_parquet_reader():
-            ds = ray.data.read_parquet(
-                list(split.paths),
-                filesystem=split.filesystem,
-                columns=columns,
-                include_paths=PATH_COLUMN not in columns,
-                num_cpus=task_cpus,
-                file_extensions=None,
-            )
+        ds = _read_epoch(split, spec.task_cpus)
         if epoch.num_batches > keep:
             # Deterministic: drop the plan's last batch indices (its order is shuffled);
             # the limit guarantees the exact count the equal split relies on.
-            ds = ds.filter(expr=col(BATCH_COLUMN) < keep, num_cpus=task_cpus).limit(keep)
-        datasets.append(
-            ds.map_batches(
-                unpack_batches,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "data_cfg": split.data,
-                    "anchor_tower": spec.towers["anchor"],
-                    "positive_tower": spec.towers["positive"],
-                    "batch_size": plan.batch_size,
-                    "epoch": epoch.epoch,
-                },
-                num_cpus=task_cpus,
-            )
-        )
+            ds = ds.filter(expr=col(BATCH_COLUMN) < keep, num_cpus=spec.task_cpus).limit(keep)
+        datasets.append(_unpacked(ds, spec, split, plan, epoch.epoch))
     return datasets
 
 
@@ -209,7 +211,6 @@ def rank_dataset(spec: DataSpec, plan_index: int, rank: int, num_workers: int, s
 
     Execute it with ``preserve_order`` (``DataContext.execution_options``): the order of
     rows is the order of steps."""
-    import ray.data
     from ray.data.expressions import col
 
     avoid_fsspec_http_import_race()
@@ -218,28 +219,9 @@ def rank_dataset(spec: DataSpec, plan_index: int, rank: int, num_workers: int, s
         raise ValueError("rank_dataset reads plans of global batches; a plan of local batches uses packed_datasets")
     epoch, split = plan.epochs[plan_index], spec.plan_epochs[plan_index]
     keep = plan.steps_per_epoch(num_workers)
-    columns = [EPOCH_COLUMN, BATCH_COLUMN, *split.columns]
-    with legacy_parquet_reader():
-        ds = ray.data.read_parquet(list(split.paths), filesystem=split.filesystem, columns=columns,
-                                   include_paths=PATH_COLUMN not in columns, num_cpus=spec.task_cpus,
-                                   file_extensions=None)
     chosen = (col(BATCH_COLUMN) >= start_step) & (col(BATCH_COLUMN) < keep)
-    ds = ds.filter(expr=chosen, num_cpus=spec.task_cpus)
-    return ds.map_batches(
-        unpack_batches,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "data_cfg": split.data,
-            "anchor_tower": spec.towers["anchor"],
-            "positive_tower": spec.towers["positive"],
-            "batch_size": plan.batch_size,
-            "epoch": epoch.epoch,
-            "part": (rank, num_workers),
-            "with_index": True,
-        },
-        num_cpus=spec.task_cpus,
-    )
+    ds = _read_epoch(split, spec.task_cpus).filter(expr=chosen, num_cpus=spec.task_cpus)
+    return _unpacked(ds, spec, split, plan, epoch.epoch, part=(rank, num_workers), with_index=True)
 
 
 @dataclass
