@@ -130,10 +130,13 @@ def write_splits(
     eval_rows: list[dict[str, Any]],
     train_schema: pa.Schema,
     eval_schema: pa.Schema,
-) -> tuple[list[str], list[str]]:
+    bad: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Write ``out/train/part-NNNNN.parquet`` (one per shard) and, when there are eval rows,
-    ``out/eval/part-00000.parquet``; returns the two file lists. Shared by the corpora
-    clray writes in code (the quickstart digits and the synthetic clustered texts)."""
+    ``out/eval/part-00000.parquet``; returns what every corpus summary says of them: the
+    files, directories and row counts, and the broken rows (``bad``, each with its
+    ``kind``) that the shards hold besides the good ones. Shared by the corpora clray
+    writes in code (the quickstart digits and the synthetic clustered texts)."""
     train_files = []
     for shard, rows in enumerate(shard_rows):
         path = out / "train" / f"part-{shard:05d}.parquet"
@@ -144,7 +147,17 @@ def write_splits(
         path = out / "eval" / "part-00000.parquet"
         _write(eval_rows, path, eval_schema)
         eval_files.append(str(path))
-    return train_files, eval_files
+    return {
+        "out_dir": str(out),
+        "train_files": train_files,
+        "eval_files": eval_files,
+        "train_dir": str(out / "train"),
+        "eval_dir": str(out / "eval"),
+        "train_rows": sum(map(len, shard_rows)) - len(bad),
+        "eval_rows": len(eval_rows),
+        "bad_rows": len(bad),
+        "bad_row_kinds": {row["id"]: row["kind"] for row in bad},
+    }
 
 
 def _add_pixel_neighbours(rows: list[dict[str, Any]], pixels: np.ndarray, k: int) -> None:
@@ -252,18 +265,8 @@ def write_quickstart_corpus(
         train_schema = pa.schema(list(SCHEMA) + NEGATIVE_FIELDS)
 
     shard_rows, bad = _train_shards(train_rows, num_shards, bad_rows, hard_negatives)
-    train_files, eval_files = write_splits(out, shard_rows, eval_rows, train_schema, SCHEMA)
-
     return {
-        "out_dir": str(out),
-        "train_files": train_files,
-        "eval_files": eval_files,
-        "train_dir": str(out / "train"),
-        "eval_dir": str(out / "eval"),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "bad_rows": len(bad),
-        "bad_row_kinds": {row["id"]: row["kind"] for row in bad},
+        **write_splits(out, shard_rows, eval_rows, train_schema, SCHEMA, bad),
         "class_names": list(CLASS_NAMES),
         "image_size": IMAGE_SIZE,
         "columns": {"id": "id", "image": "image", "caption": "caption", "label": "label"},

@@ -263,18 +263,8 @@ def write_clustered_corpus(
     bad = [_bad_row(i) for i in range(bad_rows)]
     for i, row in enumerate(bad):
         shard_rows[i % num_shards].append(row)
-    train_files, eval_files = write_splits(out, shard_rows, eval_rows_, SCHEMA, SCHEMA)
-
     return {
-        "out_dir": str(out),
-        "train_files": train_files,
-        "eval_files": eval_files,
-        "train_dir": str(out / "train"),
-        "eval_dir": str(out / "eval"),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows_),
-        "bad_rows": len(bad),
-        "bad_row_kinds": {row["id"]: row["kind"] for row in bad},
+        **write_splits(out, shard_rows, eval_rows_, SCHEMA, SCHEMA, bad),
         "num_clusters": num_clusters,
         "cluster_names": [name for name, _ in TOPICS[:num_clusters]],
         "columns": {"id": "id", "query": "query", "passage": "passage", "label": "label"},
