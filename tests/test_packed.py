@@ -478,6 +478,9 @@ def test_a_step_trains_exactly_one_mined_global_batch(ray_session, corpus: Path,
         mined = batches[r["epoch"] % 2][r["step_in_epoch"]]
         part = mined[32 * r["rank"] : 32 * (r["rank"] + 1)]
         assert r["id_keys"] == sorted(id_keys(part).tolist()), r
+    # dynamic padding: each part's captions padded to their longest, never to max_length
+    # (the quickstart's captions are at most about 25 characters; max_length is 48)
+    assert all(r["widths"]["positive_input_ids"] < cfg.model.positive_tower.max_length for r in records), records
     for step in range(1, 5):
         both = sorted(k for r in records if r["step"] == step for k in r["id_keys"])
         first = next(r for r in records if r["step"] == step)

@@ -46,9 +46,9 @@ latest), so the best state stays on disk."""
 
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
-JSON line per step there: rank, its process id, step, epoch, step_in_epoch and the sorted
-``id_key``s of its local batch (the int64 keys of ``pipelines.dataset.id_keys``). Off by
-default."""
+JSON line per step there: rank, its process id, step, epoch, step_in_epoch, the sorted
+``id_key``s of its local batch (the int64 keys of ``pipelines.dataset.id_keys``) and the
+width each text view was padded to. Off by default."""
 
 
 @dataclass
@@ -221,6 +221,7 @@ class Worker:
         a part of another step's batch."""
         import ray.data
 
+        from clray.pipelines.collate import training_collate
         from clray.pipelines.unpack import rank_dataset
 
         spec = self.spec.packed
@@ -229,7 +230,7 @@ class Worker:
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
         dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
         rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
-                                          device=self.device)  # [ray]
+                                          device=self.device, collate_fn=training_collate(self.cfg.data))  # [ray]
         batches = ({key: value[0] for key, value in batch.items()} for batch in rows)
         while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
             batch = self._next(batches, state)
@@ -301,7 +302,8 @@ class Worker:
         if not self.record_path:
             return
         line = {"rank": self.rank, "pid": os.getpid(), "step": state.step + 1, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist())}
+                "id_keys": sorted(int(k) for k in batch["id_key"].reshape(-1).tolist()),
+                "widths": {k: int(v.shape[-1]) for k, v in batch.items() if k.endswith("_input_ids")}}
         # One short append per line: ranks writing the same file do not interleave lines.
         with open(self.record_path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
