@@ -162,6 +162,11 @@ def _add_submit_parsers(sub: Any) -> None:
                         help="logical CPUs for a local head started now (default: what the job needs, "
                         "at least this machine's cores)")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument(
+        "--after", action="append", default=[], metavar="ID",
+        help="start the command only once job ID has SUCCEEDED (repeatable); the job is submitted now and "
+        "waits on the cluster; it fails without running if ID ends FAILED or STOPPED",
+    )
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)

@@ -318,12 +318,17 @@ def print_jobs(console: Any, address: str, jobs: list[Any], status_name: Any) ->
     from rich.table import Table
 
     table = Table(title=f"jobs on {address}", header_style="bold")
-    for column in ("submission id", "status", "command", "config", "started"):
-        table.add_column(column)
+    for column in ("submission id", "status", "command", "config", "after", "started"):
+        table.add_column(column, overflow="fold")
+    status_of = {job.submission_id: status_name(job.status) for job in jobs if job.submission_id}
     for job in jobs:
         meta = job.metadata or {}
-        table.add_row(job.submission_id or job.job_id or "-", status_name(job.status),
-                      meta.get("clray_command", "-"), meta.get("clray_config", "-"), _clock(job.start_time))
+        status = status_name(job.status)
+        after = [a for a in meta.get("clray_after", "").split(",") if a]
+        if status in ("PENDING", "RUNNING") and any(status_of.get(a) != "SUCCEEDED" for a in after):
+            status += " (waiting)"
+        table.add_row(job.submission_id or job.job_id or "-", status, meta.get("clray_command", "-"),
+                      meta.get("clray_config", "-"), ", ".join(after) or "-", _clock(job.start_time))
     console.print(table)
 
 

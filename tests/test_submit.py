@@ -302,6 +302,71 @@ def test_the_job_entry_runs_the_cli_in_the_given_directory(tmp_path: Path, monke
     assert seen == {"cwd": str(workdir), "argv": ["train", str(bundle / "_submitted" / "c.toml"), "--set", "a.b=1"]}
 
 
+# --------------------------------------------------------------------------- --after
+
+
+class Statuses:
+    """A Jobs API stand-in whose jobs move through the given statuses, one per poll."""
+
+    def __init__(self, **jobs: list[str]) -> None:
+        self.jobs = {k.replace("_", "-"): list(v) for k, v in jobs.items()}
+
+    def get_job_info(self, job_id: str) -> Any:
+        from types import SimpleNamespace
+
+        if job_id not in self.jobs:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        seq = self.jobs[job_id]
+        status = seq.pop(0) if len(seq) > 1 else seq[0]
+        return SimpleNamespace(status=f"JobStatus.{status}", message="Job entrypoint command failed with exit code 1")
+
+
+def test_after_waits_until_every_job_succeeded_and_refuses_when_one_failed() -> None:
+    from clray.jobs.submit.after import check_before_submit, wait_for_jobs
+
+    said: list[str] = []
+    client = Statuses(mine=["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"], other=["SUCCEEDED"])
+    assert wait_for_jobs(client, ["mine", "other"], said.append, sleep=lambda s: None) is None
+    assert said == ["clray: waiting for job mine (PENDING) before starting", "clray: job other SUCCEEDED",
+                    "clray: waiting for job mine (RUNNING) before starting", "clray: job mine SUCCEEDED"]
+
+    refused = wait_for_jobs(Statuses(mine=["RUNNING", "FAILED"]), ["mine"], said.append, sleep=lambda s: None)
+    assert refused is not None and "job mine" in refused and "ended FAILED" in refused and "exit code 1" in refused
+
+    check_before_submit(Statuses(mine=["RUNNING"]), "http://h:1", ["mine"])  # can still succeed
+    with pytest.raises(submit.SubmitError, match="--after gone: there is no job 'gone' on http://h:1"):
+        check_before_submit(Statuses(), "http://h:1", ["gone"])
+    with pytest.raises(submit.SubmitError, match="job mine ended STOPPED.*nothing was submitted"):
+        check_before_submit(Statuses(mine=["STOPPED"]), "http://h:1", ["mine"])
+
+
+def test_after_goes_into_the_entrypoint_and_the_metadata(recorded: RecordingClient, tmp_path: Path) -> None:
+    recorded.get_job_info = Statuses(mine_1=["RUNNING"]).get_job_info  # type: ignore[attr-defined]
+    (tmp_path / "corpus" / "train").mkdir(parents=True)
+    config = tiny_config(tmp_path / "c.toml", tmp_path / "corpus", tmp_path / "runs")
+    assert main(["submit", "train", str(config), "--address", "https://h", "--after", "mine-1"]) == 0
+    assert shlex.split(recorded.kwargs["entrypoint"]) == [
+        "python", "-m", "clray.jobs.submit", "--after", "mine-1", "train", "_submitted/c.toml"]
+    assert recorded.kwargs["metadata"]["clray_after"] == "mine-1"
+
+
+def test_the_job_entry_waits_then_runs_or_fails_without_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from clray.jobs.submit import after
+
+    (tmp_path / "_submitted").mkdir()
+    (tmp_path / "_submitted" / "c.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    ran: list[list[str]] = []
+    monkeypatch.setattr("clray.jobs.cli.main", lambda argv: ran.append(argv) or 0)
+    monkeypatch.setattr(after.time, "sleep", lambda s: None)
+    monkeypatch.setattr(after, "cluster_jobs_client", lambda: Statuses(a=["RUNNING", "SUCCEEDED"], b=["FAILED"]))
+    assert job_entry(["--after", "a", "train", "_submitted/c.toml"]) == 0
+    assert ran == [["train", str(tmp_path / "_submitted" / "c.toml")]]
+    assert job_entry(["--after", "a", "--after", "b", "train", "_submitted/c.toml"]) == 1
+    assert len(ran) == 1 and "not started: job b" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- a real head
 
 
@@ -338,6 +403,25 @@ def test_submit_follow_and_read_the_result(
     job_id = f"clray-test-{os.getpid()}"
     assert f"job {job_id}" in out and f"clray jobs logs {job_id} --follow" in out
 
+    # --after: `after` waits on the cluster for the job above, then trains; `doomed` waits for
+    # a job that is stopped while it waits, so it fails without training.
+    def submit_after(name: str, first: str) -> int:
+        return main(["submit", "train", str(config), "--address", address, "--deps", "none",
+                     "--set", f"run.name={name}", "--after", first, "--submission-id", f"{name}-{os.getpid()}"])
+
+    after_id, stopped_id, doomed_id = (f"{n}-{os.getpid()}" for n in ("after", "stopped", "doomed"))
+    assert submit_after("after", job_id) == 0
+    assert submit_after("stopped", job_id) == 0
+    assert submit_after("doomed", stopped_id) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per job
+    assert main(["jobs", "list", "--address", address]) == 0
+    listing = capsys.readouterr().out
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("│")] for line in listing.splitlines())
+            if len(cells) > 5}
+    assert rows[after_id][2].endswith("(waiting)") and rows[after_id][5] == job_id, listing
+    assert main(["jobs", "stop", stopped_id, "--address", address]) == 0
+
     assert main(["jobs", "logs", job_id, "--follow", "--address", address]) == 0
     logs = capsys.readouterr().out
     assert "step 2/2" in logs
@@ -358,6 +442,18 @@ def test_submit_follow_and_read_the_result(
 
     assert main(["jobs", "status", "no-such-job", "--address", address]) == 2
     assert "no job 'no-such-job'" in capsys.readouterr().err
+
+    assert main(["jobs", "logs", doomed_id, "--follow", "--address", address]) == 2
+    captured = capsys.readouterr()
+    assert f"not started: job {stopped_id}, which this job runs after (--after), ended STOPPED" in captured.out
+    assert f"job {doomed_id} ended FAILED" in captured.err
+    assert submit_after("late", stopped_id) == 2  # refused at submission: it could never start
+    assert f"job {stopped_id} ended STOPPED" in capsys.readouterr().err
+    assert main(["jobs", "logs", after_id, "--follow", "--address", address]) == 0
+    logs = capsys.readouterr().out
+    assert f"waiting for job {job_id} (RUNNING) before starting" in logs and "step 2/2" in logs
+    assert json.loads((tmp_path / "runs" / "after" / "summary.json").read_text())["steps"] == 2
+    assert not (tmp_path / "runs" / "stopped").exists() and not (tmp_path / "runs" / "doomed").exists()
 
     # Without --address, `clray jobs` finds the head recorded by `clray submit` (here: this
     # head, recorded as `clray submit` records the one it starts), and `jobs down` stops it.

@@ -207,22 +207,28 @@ def build_runtime_env(
 
 
 def build_entrypoint(command: str, config_in_bundle: Path, overrides: list[str], extra: list[str],
-                     workdir: str | None) -> str:
+                     workdir: str | None, after: list[str] | None = None) -> str:
     """``python -m clray.jobs.cli COMMAND CONFIG ...``, run in the bundle. With ``workdir`` (a
     head on this machine) the job first changes to that directory, so relative paths in
-    the config mean what they mean to ``clray train`` here."""
+    the config mean what they mean to ``clray train`` here; with ``after`` it first waits
+    on the cluster for those jobs to succeed (``submit/after.py``)."""
     args = [command, str(config_in_bundle)] + [x for o in overrides for x in ("--set", o)] + extra
-    if workdir is None:
-        head = ["python", "-m", "clray.jobs.cli"]
-    else:
-        head = ["python", "-m", "clray.jobs.submit", "--cwd", workdir]
+    if workdir is None and not after:
+        return shlex.join(["python", "-m", "clray.jobs.cli"] + args)
+    head = ["python", "-m", "clray.jobs.submit"] + [x for job in after or [] for x in ("--after", job)]
+    if workdir is not None:
+        head += ["--cwd", workdir]
     return shlex.join(head + args)
 
 
-def job_metadata(command: str, config_path: Path) -> dict[str, str]:
-    """What ``clray jobs list/status`` show about a job: the command and the config's file
-    name. Deliberately nothing from the environment or the config's contents."""
-    return {"clray_command": command, "clray_config": config_path.name}
+def job_metadata(command: str, config_path: Path, after: list[str] | None = None) -> dict[str, str]:
+    """What ``clray jobs list/status`` show about a job: the command, the config's file
+    name and the jobs it waits for. Deliberately nothing from the environment or the
+    config's contents."""
+    meta = {"clray_command": command, "clray_config": config_path.name}
+    if after:
+        meta["clray_after"] = ",".join(after)
+    return meta
 
 
 def remote_path_notes(command: str, raw: Mapping[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clray.jobs.runtime import free_port
+from clray.jobs.submit.after import check_before_submit
 from clray.jobs.submit.address import (
     auth_headers,
     is_loopback,
@@ -154,15 +155,17 @@ def submit(args: argparse.Namespace, say: Callable[[str], None], warn: Callable[
             )
 
     client = connect(address, args.token_env)
+    after = list(getattr(args, "after", None) or [])
+    check_before_submit(client, address, after)
     with tempfile.TemporaryDirectory(prefix="clray-bundle-") as staging:
         config_in_bundle = stage_bundle(config, Path(staging))
         runtime_env = build_runtime_env(staging, deps=deps, env_vars=env_vars)
         entrypoint = build_entrypoint(
             args.job_command, config_in_bundle, args.overrides, args.extra,
-            workdir=os.getcwd() if same_machine else None,
+            workdir=os.getcwd() if same_machine else None, after=after,
         )
         kwargs: dict[str, Any] = dict(
-            entrypoint=entrypoint, runtime_env=runtime_env, metadata=job_metadata(args.job_command, config),
+            entrypoint=entrypoint, runtime_env=runtime_env, metadata=job_metadata(args.job_command, config, after),
             submission_id=args.submission_id,
         )
         if args.num_cpus is not None:
