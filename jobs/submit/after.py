@@ -86,12 +86,14 @@ def cluster_jobs_client() -> Any:
     """The Jobs API of the cluster this job runs on, found from inside it: a submitted
     job's driver has RAY_ADDRESS=auto, and the cluster's context names its dashboard."""
     import ray
+    from ray.job_submission import JobSubmissionClient
 
-    from clray.jobs.submit.client import connect
+    from clray.jobs.submit.address import auth_headers
 
     context = ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     url = context.dashboard_url
     ray.shutdown()
     if not url:
         raise SubmitError("this cluster has no dashboard (Jobs API) to ask about the jobs to wait for")
-    return connect(url if "://" in url else f"http://{url}")
+    url = url if "://" in url else f"http://{url}"
+    return JobSubmissionClient(url, headers=auth_headers(url, None))
