@@ -182,6 +182,15 @@ def _add_submit_parsers(sub: Any) -> None:
     stop.add_argument("job_id")
     add_access(stop)
     jobs_sub.add_parser("down", help="stop the local Ray head that `clray submit` started (only that one)")
+    up = jobs_sub.add_parser(
+        "up", help="start a local Ray head for `clray submit` (with --simulate: an autoscaling cluster on this machine)")
+    up.add_argument("--cpus", type=int, default=None, help="logical CPUs of a plain local head (default: the cores)")
+    up.add_argument("--simulate", type=Path, default=None, metavar="LAUNCHER_YAML",
+                    help="simulate the cluster a launcher file describes (e.g. cluster/aws.yaml): its node types "
+                    "scale from their min_workers as jobs need them, as raylets on this machine")
+    up.add_argument("--node-cpus", type=int, default=2, help="CPUs of each simulated node (default 2)")
+    up.add_argument("--max-nodes", type=int, default=2, help="most simulated nodes per node type (default 2)")
+    up.add_argument("--idle-s", type=float, default=10.0, help="seconds before an idle simulated node goes (default 10)")
 
 
 
@@ -234,6 +243,10 @@ def _jobs(args: argparse.Namespace) -> int:
 
     if args.jobs_command == "down":
         return submit.stop_local_head(print)
+    if args.jobs_command == "up":
+        submit.start_recorded_head(lambda text: print(text, flush=True), args.cpus or os.cpu_count() or 1,
+                                   args.simulate, args.node_cpus, args.max_nodes, args.idle_s)
+        return 0
     address, _ = submit.resolve_jobs_address(args.address)
     if args.jobs_command == "list":
         views.print_jobs(Console(), address, submit.list_jobs(address, args.token_env), submit.status_name)

@@ -69,6 +69,12 @@ RAY_PRIVATE_APIS: dict[str, str] = {
     "reader, which resolves paths on the driver only and starts no footer-reading actors per epoch",
     "ray.tune.schedulers.async_hyperband._Bracket": "benchmarks/tune.py: replays ASHA's own rung decisions "
     "over recorded curves",
+    "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator": "jobs/runtime.py "
+    "(pin_data_coordinator): Ray Data's detached coordinator actor, created on the driver's node so that it "
+    "does not pin a worker node an autoscaler would remove",
+    "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider": "jobs/submit/simnodes.py: "
+    "the simulated cluster of `clray jobs up --simulate` (what ray.cluster_utils.AutoscalingCluster uses), "
+    "subclassed to give each node its own runtime_env_dir_name (a ray._private.parameter.RayParams field)",
 }
 """Ray internals clray calls, checked against RAY_VERSION_CHECKED (tests check that this is
 the installed Ray)."""
@@ -110,9 +116,11 @@ def worker_env(use_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
-def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False) -> None:
+def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False,
+              resources: dict[str, float] | None = None) -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray with ``local_cpus(needed_cpus)``
-    logical CPUs. A Ray this process already started is kept as it is.
+    logical CPUs and the custom ``resources`` the job's workers ask for (on a cluster its
+    nodes declare them). A Ray this process already started is kept as it is.
 
     ``dashboard``: also start Ray's dashboard, which serves the state API. A search needs
     it: Tune kills the trials it stops, and Ray Train's placement-group cleaner asks the
@@ -135,13 +143,32 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
     )
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        pin_data_coordinator()
         return
     if dashboard:
         port = free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
         kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+    if resources:
+        kwargs["resources"] = dict(resources)
     ray.init(num_cpus=local_cpus(needed_cpus), _system_config={"worker_niceness": 0}, **kwargs)
     start_reaper()
+
+
+def pin_data_coordinator() -> None:
+    """Create Ray Data's cluster-wide coordinator actor here, on the driver's node.
+
+    Ray Data creates it (detached, zero CPUs, pinned to a node) from the first process on
+    the cluster that runs a dataset: with a job's trials or split coordinators on worker
+    nodes, that is a worker node, which then never counts as idle, so an autoscaler never
+    removes it (found on the simulated cluster: a CPU node kept for good after a search).
+    Created first by the driver, it lives on the head, where the driver of a submitted job
+    runs."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()
 
 
 _REAPER = """

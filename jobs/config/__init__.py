@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from clray.jobs.config.checks import CHECKS, cross_field_problems, partial_problems, remine_problems
+from clray.jobs.config.checks import CHECKS, cross_field_problems, custom_resources, partial_problems, remine_problems
 from clray.jobs.config.errors import ConfigError, format_pydantic
 from clray.jobs.config.files import (
     apply_overrides,
@@ -113,6 +113,15 @@ class ScalingConfig(Strict):
     """One GPU per worker with NCCL; false runs on CPU with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """CPUs reserved per worker; also sets its torch thread count."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker asks for besides its CPUs (and GPU), e.g.
+    {sim_gpu = 1} on the simulated cluster (`clray jobs up --simulate`) or a resource a
+    node group declares, so the workers land on that group."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return custom_resources(value)
 
 
 class RemineConfig(Strict):

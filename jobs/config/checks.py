@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from clray.jobs.config import JobConfig
 
 
+def custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """A ``resources_per_worker`` table: custom resources only (CPUs and GPUs have their
+    own keys), each a non-negative amount."""
+    for name, amount in value.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} has its own key (cpus_per_worker, use_gpu); resources_per_worker "
+                             "names custom resources only, e.g. {sim_gpu = 1}")
+        if amount < 0:
+            raise ValueError(f"{name} = {amount}: an amount of a resource is 0 or more")
+    return value
+
+
 def _batch_problems(cfg: JobConfig) -> list[str]:
     workers = cfg.scaling.num_workers
     if not cfg.train.global_batch_size % workers:

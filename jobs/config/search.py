@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from clray.jobs.config import (
     ConfigError,
@@ -27,6 +27,7 @@ from clray.jobs.config import (
     read_toml,
     validate,
 )
+from clray.jobs.config.checks import custom_resources
 from clray.pipelines.staging import Staging
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "lograndint", "choice", "grid")
@@ -72,6 +73,13 @@ class TrialResources(Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     use_gpu: bool = False
     """One GPU per worker."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom resources per worker, as [scaling]'s key of that name."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return custom_resources(value)
 
 
 class SearchConfig(Strict):

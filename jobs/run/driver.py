@@ -56,7 +56,8 @@ def run_worker_env(cfg: JobConfig) -> dict[str, str]:
 
 
 def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
-    start_ray(training_cpus(cfg), run_worker_env(cfg), verbose)
+    start_ray(training_cpus(cfg), run_worker_env(cfg), verbose,
+              resources={k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources_per_worker.items()})
 
 
 def run_training(
@@ -257,7 +258,8 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+                                  **cfg.scaling.resources_per_worker},
         ),
         datasets=_datasets(cfg, spec, data, checked),
         dataset_config=ingest_config(cfg, _split_names(spec)),

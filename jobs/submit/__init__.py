@@ -31,7 +31,7 @@ from clray.jobs.submit.client import (
     submit,
 )
 from clray.jobs.submit.errors import SubmitError
-from clray.jobs.submit.head import stop_local_head
+from clray.jobs.submit.head import start_recorded_head, stop_local_head
 
 __all__ = [
     "SubmitError",
@@ -40,6 +40,7 @@ __all__ = [
     "job_logs",
     "list_jobs",
     "resolve_jobs_address",
+    "start_recorded_head",
     "status_name",
     "stop_job",
     "stop_local_head",

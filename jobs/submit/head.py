@@ -43,7 +43,9 @@ class LocalHead:
     gcs_address: str
     pid: int
     temp_dir: str
-    num_cpus: int
+    num_cpus: float
+    simulated: str | None = None
+    """The cluster launcher file this head simulates (``clray jobs up --simulate``)."""
 
     def alive(self) -> bool:
         if not pid_runs(self.pid, self.temp_dir):
@@ -136,22 +138,34 @@ def _kill_leftovers(head: LocalHead, group: bool) -> None:
     psutil.wait_procs(victims, timeout=5)
 
 
-def start_head(num_cpus: int, temp_root: str | None = None, timeout_s: float = 120.0) -> LocalHead:
+def start_head(num_cpus: float, temp_root: str | None = None, timeout_s: float = 120.0,
+               autoscaling: dict[str, Any] | None = None, simulated: str | None = None) -> LocalHead:
     """Start a Ray head with its dashboard (the Jobs API) on 127.0.0.1 and wait until the
     Jobs API answers. Every port Ray would otherwise take at a fixed default is picked
     free, so the head coexists with other Ray instances on the machine; the temp dir is
-    short because Ray's unix socket paths must fit in ~107 bytes."""
+    short because Ray's unix socket paths must fit in ~107 bytes.
+
+    ``autoscaling``: a fake multi-node autoscaling config (``simulate.simulated_config``);
+    the head then runs Ray's autoscaler, whose nodes are raylets on this machine under the
+    same temp dir, so ``LocalHead.stop`` ends them with the head."""
     temp_dir = tempfile.mkdtemp(prefix="clray-", dir=temp_root or "/tmp")
     gcs_port, dash_port = free_port(), free_port()
+    extra: list[str] = []
+    env = dict(os.environ)
+    if autoscaling is not None:
+        autoscaling = {**autoscaling, "provider": {**autoscaling["provider"], "gcs_address": f"127.0.0.1:{gcs_port}"}}
+        config_path = Path(temp_dir) / "autoscaling.json"
+        config_path.write_text(json.dumps(autoscaling))
+        extra = [f"--autoscaling-config={config_path}"]
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     ray_bin = [sys.executable, "-m", "ray.scripts.scripts"]
     cmd = ray_bin + [
         "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--num-cpus", str(num_cpus), "--temp-dir", temp_dir,
+        "--num-cpus", str(int(num_cpus)), "--temp-dir", temp_dir, *extra,
     ]
-    env = dict(os.environ)
     # The job's `python` must be this Python (the one with clray's dependencies), also
     # when clray was started by path without activating its virtualenv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -161,7 +175,7 @@ def start_head(num_cpus: int, temp_root: str | None = None, timeout_s: float = 1
                             env=env, start_new_session=True)
     log.close()
     head = LocalHead(address=f"http://127.0.0.1:{dash_port}", gcs_address=f"127.0.0.1:{gcs_port}",
-                     pid=proc.pid, temp_dir=temp_dir, num_cpus=num_cpus)
+                     pid=proc.pid, temp_dir=temp_dir, num_cpus=num_cpus, simulated=simulated)
     deadline = time.monotonic() + timeout_s
     import requests
 
@@ -195,7 +209,7 @@ def ensure_local_head(num_cpus: int, say: Callable[[str], None]) -> LocalHead:
     ``clray submit`` and ``clray jobs`` calls)."""
     head = read_local_head()
     if head is not None and head.alive():
-        if head.num_cpus < num_cpus:
+        if head.num_cpus < num_cpus and not head.simulated:
             say(f"note: the local head has {head.num_cpus} CPUs and this job asks for {num_cpus}; "
                 "`clray jobs down` then submit again starts a bigger one")
         return head
@@ -205,6 +219,35 @@ def ensure_local_head(num_cpus: int, say: Callable[[str], None]) -> LocalHead:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head.to_json())
     say(f"local Ray head at {head.address} (recorded in {path}; `clray jobs down` stops it)")
+    return head
+
+
+def start_recorded_head(say: Callable[[str], None], num_cpus: float, simulate: Path | None = None,
+                        node_cpus: int = 2, max_nodes: int = 2, idle_s: float = 10.0) -> LocalHead:
+    """``clray jobs up``: start a local head (simulating ``simulate``'s cluster when given)
+    and record it, so ``clray submit`` and ``clray jobs`` use it without --address. A
+    recorded head that still runs is stopped first."""
+    config: dict[str, Any] | None = None
+    if simulate is not None:  # a file that cannot be simulated stops nothing
+        from clray.jobs.submit.simulate import simulated_config
+
+        config, head_cpus = simulated_config(simulate, node_cpus=node_cpus, max_nodes=max_nodes, idle_s=idle_s)
+    old = read_local_head()
+    if old is not None and old.alive():
+        say(f"stopping the local head recorded before, at {old.address}")
+        old.stop()
+    if config is None:
+        head = start_head(num_cpus)
+        what = f"local Ray head ({int(num_cpus)} CPUs)"
+    else:
+        head = start_head(head_cpus, autoscaling=config, simulated=str(simulate))
+        groups = ", ".join(f"{name} 0-{t['max_workers']} x {t['resources']}"
+                           for name, t in config["available_node_types"].items() if name != "ray.head.default")
+        what = f"simulated {simulate} cluster (head CPU {head_cpus:g}; {groups}; idle nodes go after {idle_s:g} s)"
+    path = local_head_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head.to_json())
+    say(f"{what} at {head.address} (recorded in {path}; `clray jobs down` stops it)")
     return head
 
 

@@ -242,7 +242,9 @@ def run_tune(job: TuneJob, *, resume: bool = False, verbose: bool = False, conso
     trial_cfg = validate(job.trial_raw({}), job.source)
     # Room for max_concurrent trials at once (their workers plus Ray Data), so they run
     # side by side here; on a cluster the autoscaler provides it.
-    start_ray(job.search.max_concurrent * _trial_cpus(job), run_worker_env(trial_cfg), verbose, dashboard=True)
+    per_trial = {k: v * trial_cfg.scaling.num_workers for k, v in trial_cfg.scaling.resources_per_worker.items()}
+    start_ray(job.search.max_concurrent * _trial_cpus(job), run_worker_env(trial_cfg), verbose, dashboard=True,
+              resources={k: v * job.search.max_concurrent for k, v in per_trial.items()})
     from clray.pipelines import quiet_ray_data
 
     quiet_ray_data()
