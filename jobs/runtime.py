@@ -72,6 +72,8 @@ RAY_PRIVATE_APIS: dict[str, str] = {
     "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator": "jobs/runtime.py "
     "(pin_data_coordinator): Ray Data's detached coordinator actor, created on the driver's node so that it "
     "does not pin a worker node an autoscaler would remove",
+    "ray.data._internal.stats.get_or_create_stats_actor": "jobs/runtime.py (pin_data_coordinator): the same "
+    "for Ray Data's detached stats actor",
     "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider": "jobs/submit/simnodes.py: "
     "the simulated cluster of `clray jobs up --simulate` (what ray.cluster_utils.AutoscalingCluster uses), "
     "subclassed to give each node its own runtime_env_dir_name (a ray._private.parameter.RayParams field)",
@@ -156,19 +158,22 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
 
 
 def pin_data_coordinator() -> None:
-    """Create Ray Data's cluster-wide coordinator actor here, on the driver's node.
+    """Create Ray Data's two cluster-wide actors here, on the driver's node: its
+    autoscaling coordinator and its stats actor.
 
-    Ray Data creates it (detached, zero CPUs, pinned to a node) from the first process on
+    Ray Data creates each (detached, zero CPUs, pinned to a node) from the first process on
     the cluster that runs a dataset: with a job's trials or split coordinators on worker
     nodes, that is a worker node, which then never counts as idle, so an autoscaler never
-    removes it (found on the simulated cluster: a CPU node kept for good after a search).
-    Created first by the driver, it lives on the head, where the driver of a submitted job
-    runs."""
+    removes it (found on the simulated cluster: a CPU node kept for good after a search,
+    by one actor or the other). Created first by the driver, they live on the head, where
+    the driver of a submitted job runs."""
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
         get_or_create_autoscaling_coordinator,
     )
+    from ray.data._internal.stats import get_or_create_stats_actor
 
     get_or_create_autoscaling_coordinator()
+    get_or_create_stats_actor()
 
 
 _REAPER = """
