@@ -129,10 +129,17 @@ def _trial_times(search_dir: Path) -> dict[str, tuple[float, float]]:
     return times
 
 
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the search and the mining test: the mining job's teacher is a trial's export."""
+    return tmp_path_factory.mktemp("simulated")
+
+
 @pytest.mark.integration
 def test_a_search_grows_the_cluster_queues_what_does_not_fit_and_idle_nodes_go(
-    cluster: heads.LocalHead, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    cluster: heads.LocalHead, work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    tmp_path = work
     from clray.pipelines.quickstart import write_quickstart_corpus
 
     corpus = tmp_path / "corpus"
@@ -176,9 +183,54 @@ def test_a_search_grows_the_cluster_queues_what_does_not_fit_and_idle_nodes_go(
     # the trial that found no GPU node free waited: it trained only after another had finished
     times = _trial_times(search_dir)
     first_end = min(end for _, end in times.values())
-    late = [t for t, (start, _) in times.items() if start > first_end]
+    late = [t for t, (start, _) in times.items() if start > first_end + 5]  # a node freed, a worker started
     assert len(late) == 1, times
     with capsys.disabled():
         t0 = min(start for start, _ in times.values())
         print("trial training windows (s): " + ", ".join(
             f"{t} {s - t0:.1f}-{e - t0:.1f}" for t, (s, e) in sorted(times.items(), key=lambda kv: kv[1])))
+
+
+def _placed(cluster: heads.LocalHead) -> dict[str, set[str]]:
+    """The node groups each kind of actor ran on over the cluster's life (dead nodes and
+    actors included), by class name."""
+    import requests
+
+    from clray.jobs.submit.address import auth_headers
+    from clray.jobs.submit.simulate import cluster_nodes
+
+    groups = {n["node_id"]: n["group"] for n in cluster_nodes(cluster.address)}
+    rows = requests.get(f"{cluster.address}/api/v0/actors", params={"limit": 10000, "detail": "true"},
+                        headers=auth_headers(cluster.address, None), timeout=10).json()["data"]["result"]["result"]
+    placed: dict[str, set[str]] = {}
+    for row in rows:
+        placed.setdefault(row["class_name"], set()).add(groups.get(row.get("node_id"), "?"))
+    return placed
+
+
+@pytest.mark.integration
+def test_mining_runs_on_the_cpu_group_and_training_ran_on_the_gpu_group(
+    cluster: heads.LocalHead, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomli_w
+    import tomllib
+
+    raw = tomllib.loads((REPO / "configs" / "mine_quickstart.toml").read_text())
+    teacher = sorted((work / "runs" / "search" / "trials").glob("*/export"))[0]  # a trial's model
+    raw["data"]["train"] = str(work / "corpus" / "train")
+    raw["teacher"].update(path=str(teacher), resources={"group:cpu_workers": 1})
+    raw["mining"].update(search_actors=1, search_resources={"group:cpu_workers": 1})
+    raw["output"]["dir"] = str(work / "mined")
+    config = work / "mine.toml"
+    config.write_text(tomli_w.dumps(raw))
+    assert main(["submit", "mine", str(config), "--follow"]) == 0, capsys.readouterr().out[-3000:]
+    assert (work / "mined" / "manifest.json").is_file()
+
+    placed = _placed(cluster)
+    embedders = {k: v for k, v in placed.items() if "TeacherEmbedder" in k}
+    with capsys.disabled():
+        print(f"\nwhere each actor ran (node groups): {dict(sorted(placed.items()))}")
+    assert embedders and all(v == {"cpu_workers"} for v in embedders.values()), placed
+    searchers = {k: v for k, v in placed.items() if k.endswith("Searcher")}
+    assert searchers and all(v == {"cpu_workers"} for v in searchers.values()), placed
+    assert placed["RayTrainWorker"] == {"gpu_workers"}, placed  # the search's training workers

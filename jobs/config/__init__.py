@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from clray.jobs.config.checks import CHECKS, cross_field_problems, custom_resources, partial_problems, remine_problems
+from clray.jobs.config.checks import (
+    CHECKS,
+    cross_field_problems,
+    custom_resources,
+    partial_problems,
+    remine_problems,
+)
 from clray.jobs.config.errors import ConfigError, format_pydantic
 from clray.jobs.config.files import (
     apply_overrides,

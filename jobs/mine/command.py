@@ -20,7 +20,13 @@ def run_mining(cfg: MineConfig, *, verbose: bool = False, overwrite: bool = Fals
     import ray
 
     def ray_for_mining() -> None:
-        start_ray(mining_cpus(cfg), worker_env(use_gpu=True), verbose)
+        # a local Ray declares the custom resources the actors ask for; a cluster's nodes do
+        wanted: dict[str, float] = {}
+        for name, amount in cfg.teacher.resources.items():
+            wanted[name] = wanted.get(name, 0) + amount * cfg.teacher.num_actors
+        for name, amount in cfg.mining.search_resources.items():
+            wanted[name] = wanted.get(name, 0) + amount * (cfg.mining.search_actors or 8)
+        start_ray(mining_cpus(cfg), worker_env(use_gpu=True), verbose, resources=wanted)
 
     try:
         return mine_plans(cfg, start_ray=ray_for_mining, overwrite=overwrite, on_event=on_event)

@@ -31,7 +31,8 @@ from clray.jobs.submit.client import (
     submit,
 )
 from clray.jobs.submit.errors import SubmitError
-from clray.jobs.submit.head import start_recorded_head, stop_local_head
+from clray.jobs.submit.head import stop_local_head
+from clray.jobs.submit.simulate import start_recorded_head
 
 __all__ = [
     "SubmitError",

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from clray.jobs.runtime import free_port
-from clray.jobs.submit.after import check_before_submit
 from clray.jobs.submit.address import (
     auth_headers,
     is_loopback,
@@ -28,6 +27,7 @@ from clray.jobs.submit.address import (
     resolve_jobs_address,
     security_warning,
 )
+from clray.jobs.submit.after import check_before_submit
 from clray.jobs.submit.bundle import (
     build_entrypoint,
     build_runtime_env,

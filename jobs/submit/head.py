@@ -222,35 +222,6 @@ def ensure_local_head(num_cpus: int, say: Callable[[str], None]) -> LocalHead:
     return head
 
 
-def start_recorded_head(say: Callable[[str], None], num_cpus: float, simulate: Path | None = None,
-                        node_cpus: int = 2, max_nodes: int = 2, idle_s: float = 10.0) -> LocalHead:
-    """``clray jobs up``: start a local head (simulating ``simulate``'s cluster when given)
-    and record it, so ``clray submit`` and ``clray jobs`` use it without --address. A
-    recorded head that still runs is stopped first."""
-    config: dict[str, Any] | None = None
-    if simulate is not None:  # a file that cannot be simulated stops nothing
-        from clray.jobs.submit.simulate import simulated_config
-
-        config, head_cpus = simulated_config(simulate, node_cpus=node_cpus, max_nodes=max_nodes, idle_s=idle_s)
-    old = read_local_head()
-    if old is not None and old.alive():
-        say(f"stopping the local head recorded before, at {old.address}")
-        old.stop()
-    if config is None:
-        head = start_head(num_cpus)
-        what = f"local Ray head ({int(num_cpus)} CPUs)"
-    else:
-        head = start_head(head_cpus, autoscaling=config, simulated=str(simulate))
-        groups = ", ".join(f"{name} 0-{t['max_workers']} x {t['resources']}"
-                           for name, t in config["available_node_types"].items() if name != "ray.head.default")
-        what = f"simulated {simulate} cluster (head CPU {head_cpus:g}; {groups}; idle nodes go after {idle_s:g} s)"
-    path = local_head_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head.to_json())
-    say(f"{what} at {head.address} (recorded in {path}; `clray jobs down` stops it)")
-    return head
-
-
 def stop_local_head(say: Callable[[str], None]) -> int:
     """``clray jobs down``: stop the recorded local head (only that one) and forget it."""
     head = read_local_head()

@@ -1,4 +1,4 @@
-"""``clray jobs up --simulate cluster/aws.yaml``: an autoscaling Ray cluster on this machine,
+"""``clray jobs up`` (``start_recorded_head``), and with ``--simulate cluster/aws.yaml``: an autoscaling Ray cluster on this machine,
 shaped like a cluster launcher file, for trying searches, mining and ``--after`` chains
 without a cloud account (and for the tests that prove them).
 
@@ -24,10 +24,12 @@ How a launcher file becomes the simulated cluster:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from clray.jobs.submit.errors import SubmitError
+from clray.jobs.submit.head import LocalHead, local_head_path, read_local_head, start_head
 
 SIM_GPU = "sim_gpu"
 """The custom resource a simulated node declares for each GPU of its node type."""
@@ -144,3 +146,30 @@ def watch_nodes(address: str, until: Any, every_s: float = 1.0) -> list[tuple[fl
             timeline.append((round(time.monotonic() - started, 1), counts))
         time.sleep(every_s)
     return timeline
+
+
+def start_recorded_head(say: Callable[[str], None], num_cpus: float, simulate: Path | None = None,
+                        node_cpus: int = 2, max_nodes: int = 2, idle_s: float = 10.0) -> LocalHead:
+    """``clray jobs up``: start a local head (simulating ``simulate``'s cluster when given)
+    and record it, so ``clray submit`` and ``clray jobs`` use it without --address. A
+    recorded head that still runs is stopped first."""
+    config: dict[str, Any] | None = None
+    if simulate is not None:  # a file that cannot be simulated stops nothing
+        config, head_cpus = simulated_config(simulate, node_cpus=node_cpus, max_nodes=max_nodes, idle_s=idle_s)
+    old = read_local_head()
+    if old is not None and old.alive():
+        say(f"stopping the local head recorded before, at {old.address}")
+        old.stop()
+    if config is None:
+        head = start_head(num_cpus)
+        what = f"local Ray head ({int(num_cpus)} CPUs)"
+    else:
+        head = start_head(head_cpus, autoscaling=config, simulated=str(simulate))
+        groups = ", ".join(f"{name} 0-{t['max_workers']} x {t['resources']}"
+                           for name, t in config["available_node_types"].items() if name != "ray.head.default")
+        what = f"simulated {simulate} cluster (head CPU {head_cpus:g}; {groups}; idle nodes go after {idle_s:g} s)"
+    path = local_head_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head.to_json())
+    say(f"{what} at {head.address} (recorded in {path}; `clray jobs down` stops it)")
+    return head

@@ -43,6 +43,10 @@ class TeacherConfig(Strict):
     """CPUs each teacher actor reserves; also its torch thread count."""
     use_gpu: Literal["auto", "always", "never"] = "auto"
     """auto: one GPU per teacher actor when the Ray cluster has GPUs, else CPU."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each teacher actor asks for, to put the embedding on one node
+    group, e.g. {"group:cpu_workers" = 1} on the simulated cluster (`clray jobs up
+    --simulate`) or a resource your CPU nodes declare."""
 
 
 class MiningConfig(Strict):
@@ -95,6 +99,8 @@ class MiningConfig(Strict):
     search_actors: int = Field(default=0, ge=0)
     """Ray actors sharing the kNN queries (each holds the index once); 0: one per CPU
     Ray has, at most 8."""
+    search_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each search actor asks for (as teacher.resources)."""
     search_chunk_rows: int = Field(default=16384, ge=1)
     """Queries per search task; each finished chunk is kept, so a killed job resumes."""
     community_size: int = Field(default=0, ge=0)

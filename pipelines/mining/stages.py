@@ -99,6 +99,7 @@ def embed_corpus(
             compute=ray.data.ActorPoolStrategy(size=teacher_cfg.num_actors),  # [ray]
             num_cpus=teacher_cfg.cpus_per_actor,
             num_gpus=1 if use_gpu else 0,
+            **({"resources": dict(teacher_cfg.resources)} if teacher_cfg.resources else {}),
         )
         embedded.write_parquet(str(tmp))  # [ray]
     finally:
@@ -213,7 +214,8 @@ def search(emb: Embeddings, cfg: MiningConfig, work: Path, fingerprint: str, k: 
         searcher_cls = _searcher_class()
         index_ref = ray.put(faiss.serialize_index(index))  # [ray]
         pos_ref, anc_ref = ray.put(emb.positives), ray.put(emb.anchors)  # [ray]
-        pool = [searcher_cls.options(num_cpus=1).remote(index_ref, pos_ref, anc_ref, 1) for _ in range(actors)]  # [ray]
+        options = {"num_cpus": 1, **({"resources": dict(cfg.search_resources)} if cfg.search_resources else {})}
+        pool = [searcher_cls.options(**options).remote(index_ref, pos_ref, anc_ref, 1) for _ in range(actors)]  # [ray]
         pending = {}
         queue = list(todo)
         for actor in pool:
