@@ -202,16 +202,22 @@ def sigterm(ray_session: None, corpus: Path, runs: Path) -> Stopped:
     env = {**os.environ, RECORD_BATCHES_ENV: str(record)}
     proc = subprocess.Popen([sys.executable, "-m", "clray.jobs.cli", "train", str(QUICKSTART_CONFIG), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if record.exists() and any(json.loads(line)["step"] >= 5 for line in record.read_text().splitlines()):
-            break
-        time.sleep(0.05)
+    def wait_for_step(step: int) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if record.exists() and any(json.loads(line)["step"] >= step for line in record.read_text().splitlines()):
+                return
+            time.sleep(0.05)
+
+    # The second start as soon as the first trains (its refusal takes a second or two, in
+    # which the first trains on), then SIGTERM from step 5: mid-epoch whatever the load.
+    wait_for_step(1)
     locked = ""
     try:
         run_training(load_config(QUICKSTART_CONFIG, overrides(corpus, runs, name)))
     except RunLockedError as exc:
         locked = str(exc)
+    wait_for_step(5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     return Stopped(proc.returncode, stderr, read_batches(record), runs / name, locked)
@@ -328,3 +334,88 @@ def test_a_killed_driver_takes_its_ray_with_it() -> None:
     while still_running(ray_processes) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert still_running(ray_processes) == []
+
+
+# --------------------------------------------------------------------------- a node lost
+
+
+def _node_of(pid: int, nodes: list[Any]) -> Any:
+    """The cluster node whose raylet is an ancestor of process ``pid`` (a worker)."""
+    import psutil
+    from ray._private import ray_constants
+
+    ancestors = {p.pid for p in psutil.Process(pid).parents()}
+    for node in nodes:
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        if raylet in ancestors:
+            return node
+    raise AssertionError(f"worker {pid} runs under none of the cluster's raylets")
+
+
+@pytest.fixture(scope="module")
+def node_lost(reference: Run, corpus: Path, runs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``clray train`` (2 workers, ``train.max_failures = 3``) on a Ray cluster of a head and two worker nodes (``ray.cluster_utils.Cluster``,
+    every node on this machine, so the run directory is storage every node reaches); each
+    node has room for one worker (``slot = 1``). Once rank 1 trains step 6 its node is
+    removed, killed without warning, and 3 s later a replacement node joins, as an
+    autoscaler would add one."""
+    from ray.cluster_utils import Cluster
+
+    record = runs / "node-lost.batches.jsonl"
+    # Ray declares a node dead once it misses its health checks (by default after about 15 s
+    # and more): until then Ray Train may place the restarted workers on the lost node, and
+    # each such try costs a failure. Here the head checks every second.
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "temp_dir": str(tmp_path_factory.mktemp("cluster")),
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
+                           "health_check_timeout_ms": 2000}})
+    try:
+        workers = [cluster.add_node(num_cpus=2, resources={"slot": 1}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        cmd = [sys.executable, "-m", "clray.jobs.cli", "train", str(QUICKSTART_CONFIG)]
+        for override in overrides(corpus, runs, "node-lost", "train.max_failures=3",
+                                  "scaling.resources_per_worker={slot = 1}"):
+            cmd += ["--set", override]
+        env = {**os.environ, "RAY_ADDRESS": cluster.address, RECORD_BATCHES_ENV: str(record)}
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lost = None
+        while lost is None and proc.poll() is None and time.monotonic() - started < 300:
+            rows = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+            victim = next((r for r in rows if r["rank"] == 1 and r["step"] >= 6), None)
+            if victim is None:
+                time.sleep(0.05)
+                continue
+            node = _node_of(victim["pid"], workers)
+            cluster.remove_node(node, allow_graceful=False)
+            lost = {"step": victim["step"], "at": time.monotonic() - started}
+            time.sleep(3)
+            cluster.add_node(num_cpus=2, resources={"slot": 1})
+        out, _ = proc.communicate(timeout=600)
+        wall = time.monotonic() - started
+    finally:
+        try:
+            cluster.shutdown()
+        except AssertionError as exc:  # Ray's check that the killed node's processes are gone
+            print(f"cluster shutdown: {exc}"[:500])
+    return {"code": proc.returncode, "out": out, "lost": lost, "wall": wall,
+            "run": Run(None, runs / "node-lost", [], read_batches(record))}
+
+
+def test_a_run_survives_losing_a_node_and_matches_one_left_alone(reference: Run, node_lost: dict[str, Any]) -> None:
+    assert node_lost["lost"] is not None, node_lost["out"][-3000:]
+    assert node_lost["code"] == 0, node_lost["out"][-3000:]
+    run: Run = node_lost["run"]
+    failures, resumed = run.of("failure"), run.of("resumed")
+    assert failures and all(f["retrying"] for f in failures), failures
+    # back from a checkpoint (every 4 steps) written before the loss was noticed, on the
+    # surviving and the replacement node
+    assert resumed and all(r["step"] % 4 == 0 and node_lost["lost"]["step"] - 4 < r["step"] < STEPS
+                           for r in resumed), (node_lost["lost"], resumed)
+    print(f"\nnode lost at step {node_lost['lost']['step']} ({node_lost['lost']['at']:.0f} s in); resumed from "
+          f"step {resumed[0]['step']}; finished {STEPS} steps after {node_lost['wall']:.0f} s")
+    # the same rows per step and rank, the same loss every step, the same weights
+    assert run.ids == reference.ids
+    assert run.losses() == reference.losses()
+    got, want = weights(run.run_dir), weights(reference.run_dir)
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)

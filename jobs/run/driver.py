@@ -335,11 +335,17 @@ class _Fit:
         raise AssertionError("unreachable")
 
     def fit_once(self) -> BaseException | None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         cfg, location, stops = self.start.cfg, self.start.location, self.start.stops
-        self.spec.progress = Queue(actor_options={"num_cpus": 0})
-        self.spec.stop = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: the queues live as long as the run, and one on a worker node
+        # would go down with that node, taking the run with it instead of a restart.
+        here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)}
+        self.spec.progress = Queue(actor_options=here)
+        self.spec.stop = Queue(actor_options=dict(here))
         trainer = _trainer(cfg, self.spec, self.data, self.checked, location)
         outcome: dict[str, Any] = {}
 
