@@ -44,6 +44,11 @@ SELECTED = "clray_selected"
 evaluated state so far, else 0.0: Ray keeps the checkpoints that score highest (and the
 latest), so the best state stays on disk."""
 
+STOP_POLL_S = 0.25
+"""How often rank 0 asks the driver's stop queue (one actor call): a SIGTERM stops the
+run within about this long plus a step (once a second let a fast run train 6 more steps
+past the signal; the poll costs about a millisecond)."""
+
 RECORD_BATCHES_ENV = "CLRAY_RECORD_BATCHES"
 """Debugging aid: when this environment variable names a file, every worker appends one
 JSON line per step there: rank, its process id, step, epoch, step_in_epoch, the sorted
@@ -178,9 +183,9 @@ class Worker:
 
     def stop_requested(self) -> bool:
         """Whether every rank stops after this step: rank 0 asks the driver's stop queue
-        (at most once a second) and one all-reduced flag tells every rank the same."""
+        (at most every STOP_POLL_S) and one all-reduced flag tells every rank the same."""
         local = 0.0
-        if self.rank == 0 and self.spec.stop is not None and time.monotonic() - self.polled >= 1.0:
+        if self.rank == 0 and self.spec.stop is not None and time.monotonic() - self.polled >= STOP_POLL_S:
             self.polled = time.monotonic()
             local = 0.0 if self.spec.stop.empty() else 1.0  # [ray]
         flag = torch.tensor([local], device=self.device)
