@@ -18,7 +18,13 @@ import pytest
 
 from clray.jobs.cli import main
 from clray.jobs.submit import head as heads
-from clray.jobs.submit.simulate import alive_by_group, simulated_config, watch_nodes
+from clray.jobs.submit.simulate import (
+    alive_by_group,
+    cluster_nodes,
+    simulated_config,
+    state_rows,
+    watch_nodes,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 AWS = REPO / "cluster" / "aws.yaml"
@@ -107,16 +113,10 @@ log_every = 2
 
 def _holding(cluster: heads.LocalHead) -> list[Any]:
     """What is still alive on the cluster (actors, placement groups, tasks), for a failure message."""
-    import requests
-
-    from clray.jobs.submit.address import auth_headers
-
     held = []
     for kind in ("actors", "placement_groups", "tasks"):
-        rows = requests.get(f"{cluster.address}/api/v0/{kind}", params={"limit": 1000, "detail": "true"},
-                            headers=auth_headers(cluster.address, None), timeout=10).json()["data"]["result"]["result"]
         held += [(kind, r.get("class_name") or r.get("name"), r.get("state"), (r.get("node_id") or "")[-5:])
-                 for r in rows if r.get("state") not in ("DEAD", "REMOVED", "FINISHED", "FAILED")]
+                 for r in state_rows(cluster.address, kind) if r.get("state") not in ("DEAD", "REMOVED", "FINISHED", "FAILED")]
     return held
 
 
@@ -194,16 +194,9 @@ def test_a_search_grows_the_cluster_queues_what_does_not_fit_and_idle_nodes_go(
 def _placed(cluster: heads.LocalHead) -> dict[str, set[str]]:
     """The node groups each kind of actor ran on over the cluster's life (dead nodes and
     actors included), by class name."""
-    import requests
-
-    from clray.jobs.submit.address import auth_headers
-    from clray.jobs.submit.simulate import cluster_nodes
-
     groups = {n["node_id"]: n["group"] for n in cluster_nodes(cluster.address)}
-    rows = requests.get(f"{cluster.address}/api/v0/actors", params={"limit": 10000, "detail": "true"},
-                        headers=auth_headers(cluster.address, None), timeout=10).json()["data"]["result"]["result"]
     placed: dict[str, set[str]] = {}
-    for row in rows:
+    for row in state_rows(cluster.address, "actors", limit=10000):
         placed.setdefault(row["class_name"], set()).add(groups.get(row.get("node_id"), "?"))
     return placed
 

@@ -1,7 +1,8 @@
 """``python -m clray.jobs.submit [--after ID] [--cwd DIR] COMMAND CONFIG ...``: a submitted
 job's entrypoint when it waits for other jobs or runs on a head on the submitting machine
-(what ``bundle.build_entrypoint`` writes with ``after`` or a workdir). A program entry point, like ``clray.jobs.cli``: it dispatches to the CLI,
-and no module of the package imports it."""
+(what ``bundle.build_entrypoint`` writes with ``after`` or a workdir). A program entry
+point, like ``clray.jobs.cli``: it dispatches to the CLI, and no module of the package
+imports it."""
 
 from __future__ import annotations
 

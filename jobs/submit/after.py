@@ -28,7 +28,8 @@ AFTER_KEY = "clray_after"
 FAILED_ENDS = ("FAILED", "STOPPED")
 
 
-def _status_name(status: Any) -> str:
+def status_name(status: Any) -> str:
+    """'SUCCEEDED' from a JobStatus or its str ('JobStatus.SUCCEEDED'), for printing and comparing."""
     return str(getattr(status, "value", status)).split(".")[-1]
 
 
@@ -44,7 +45,7 @@ def check_before_submit(client: Any, address: str, ids: Sequence[str]) -> None:
                     f"--address {address}` shows the jobs there)"
                 ) from None
             raise SubmitError(f"--after {job_id}: the Jobs API at {address} answered: {str(exc).strip()}") from None
-        status = _status_name(info.status)
+        status = status_name(info.status)
         if status in FAILED_ENDS:
             raise SubmitError(
                 f"--after {job_id}: job {job_id} ended {status}"
@@ -67,7 +68,7 @@ def wait_for_jobs(client: Any, ids: Sequence[str], say: Callable[[str], None], p
     while waiting:
         for job_id in list(waiting):
             info = client.get_job_info(job_id)
-            status = _status_name(info.status)
+            status = status_name(info.status)
             if status == "SUCCEEDED":
                 say(f"clray: job {job_id} SUCCEEDED")
                 waiting.remove(job_id)

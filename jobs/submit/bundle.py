@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from clray.jobs.submit.after import AFTER_KEY
 from clray.jobs.submit.errors import SubmitError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -227,7 +228,7 @@ def job_metadata(command: str, config_path: Path, after: list[str] | None = None
     config's contents."""
     meta = {"clray_command": command, "clray_config": config_path.name}
     if after:
-        meta["clray_after"] = ",".join(after)
+        meta[AFTER_KEY] = ",".join(after)
     return meta
 
 

@@ -27,7 +27,7 @@ from clray.jobs.submit.address import (
     resolve_jobs_address,
     security_warning,
 )
-from clray.jobs.submit.after import check_before_submit
+from clray.jobs.submit.after import check_before_submit, status_name
 from clray.jobs.submit.bundle import (
     build_entrypoint,
     build_runtime_env,
@@ -201,11 +201,6 @@ def follow_logs(address: str, job_id: str, token_env: str | None, write: Callabl
         time.sleep(0.5)
         status = str(_call(address, lambda: client.get_job_status(job_id), job_id))
     return status_name(status)
-
-
-def status_name(status: Any) -> str:
-    """'SUCCEEDED' from a JobStatus or its str ('JobStatus.SUCCEEDED'), for printing and comparing."""
-    return str(getattr(status, "value", status)).split(".")[-1]
 
 
 def job_info(address: str, job_id: str, token_env: str | None) -> Any:

@@ -103,19 +103,24 @@ def _simulated(resources: dict[str, Any], cpus: float) -> dict[str, float]:
     return out
 
 
-def cluster_nodes(address: str) -> list[dict[str, Any]]:
-    """The cluster's nodes as its dashboard's state API lists them (alive and dead): node
-    id, state, node type (``ray.io/node-group`` label or the head) and resources."""
+def state_rows(address: str, kind: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """The rows of one of the cluster's state API lists (``nodes``, ``actors``,
+    ``placement_groups``, ``tasks``; dead ones included), detailed, from its dashboard."""
     import requests
 
     from clray.jobs.submit.address import auth_headers
 
-    response = requests.get(f"{address}/api/v0/nodes", params={"limit": 1000, "detail": "true"},
+    response = requests.get(f"{address}/api/v0/{kind}", params={"limit": limit, "detail": "true"},
                             headers=auth_headers(address, None), timeout=10)
     response.raise_for_status()
-    rows = response.json()["data"]["result"]["result"]
+    return response.json()["data"]["result"]["result"]
+
+
+def cluster_nodes(address: str) -> list[dict[str, Any]]:
+    """The cluster's nodes as its dashboard's state API lists them (alive and dead): node
+    id, state, node group (the ``group:NAME`` resource, or the head) and resources."""
     nodes = []
-    for row in rows:
+    for row in state_rows(address, "nodes"):
         resources = row.get("resources_total") or {}
         group = next((k[len(GROUP_PREFIX):] for k in resources if k.startswith(GROUP_PREFIX)), None)
         nodes.append({"node_id": row["node_id"], "state": row["state"], "is_head": row.get("is_head_node", False),
