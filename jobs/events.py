@@ -179,11 +179,14 @@ class ExportedEvent(Event):
 
 @dataclass(kw_only=True)
 class RemineEvent(Event):
-    """A re-mining run stopped after ``epoch`` epochs to mine a new plan."""
+    """A re-mining run stopped after ``epoch`` epochs to mine a new plan (or, with
+    ``overlap``, exported the teacher to mine with beside the training)."""
 
     kind: ClassVar[str] = "remine"
     epoch: int
     teacher: str
+    overlap: bool = False
+    """remine.overlap: the workers exported the teacher and train on; the mining runs beside."""
 
 
 @dataclass(kw_only=True)
@@ -192,12 +195,26 @@ class ReminedEvent(Event):
     epoch: int
     plan: str
     statistics: dict[str, Any]
+    overlap: bool = False
+    """remine.overlap: mined beside the training, trained from ``epoch`` on."""
+
+
+@dataclass(kw_only=True)
+class PlanEvent(Event):
+    """remine.overlap: the plan the workers train on from ``epoch`` (mined at boundary
+    ``mined_at``; None: the run's first plan), and how long they waited for it."""
+
+    kind: ClassVar[str] = "plan"
+    epoch: int
+    plan: str
+    mined_at: int | None
+    waited_s: float
 
 
 EVENTS: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (DataEvent, ResumedEvent, AdoptedEvent, TrainEvent, EvalEvent, CheckpointEvent, EndEvent,
-                FailureEvent, WarningEvent, ExportedEvent, RemineEvent, ReminedEvent)
+                FailureEvent, WarningEvent, ExportedEvent, RemineEvent, ReminedEvent, PlanEvent)
 }
 
 

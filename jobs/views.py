@@ -129,15 +129,30 @@ class ProgressView:
             self.console.print(f"step {event.step}/{self.total}  {stats}", highlight=False)
 
     def _on_remine(self, event: events.RemineEvent) -> None:
+        if event.overlap:
+            self.console.print(f"epoch {event.epoch}: mining a new plan beside the training, with the model "
+                               f"as it is now ({event.teacher})", highlight=False)
+            return
         self.stop()
         self.console.print(f"epoch {event.epoch}: mining a new plan with the current model ({event.teacher})")
 
     def _on_remined(self, event: events.ReminedEvent) -> None:
         sim = event.statistics["in_batch_negative_similarity"]
+        if event.overlap:
+            self.console.print(f"mined the plan for epoch {event.epoch} beside the training: {event.plan} (in-batch "
+                               f"negative similarity {sim['mined']:.3f} vs random {sim['random']:.3f})", highlight=False)
+            return
         self.console.print(
             f"epoch {event.epoch}: training on {event.plan} (in-batch negative similarity "
             f"{sim['mined']:.3f} vs random {sim['random']:.3f})"
         )
+
+    def _on_plan(self, event: events.PlanEvent) -> None:
+        if event.mined_at is None:
+            return
+        waited = f"; the workers waited {event.waited_s:.1f} s for it" if event.waited_s >= 0.05 else ""
+        self.console.print(f"epoch {event.epoch}: training on the plan mined at epoch {event.mined_at} "
+                           f"({event.plan}){waited}", highlight=False)
 
     def _on_eval(self, event: events.EvalEvent) -> None:
         if self.total and event.step < self.total:

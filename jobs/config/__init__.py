@@ -141,6 +141,15 @@ class RemineConfig(Strict):
     are set by the run: the local batch size and every_epochs."""
     teacher: dict[str, Any] = Field(default_factory=dict)
     """Teacher settings other than path (batch_size, num_actors, cpus_per_actor, use_gpu)."""
+    overlap: bool = False
+    """Mine beside training instead of stopping it: the worker group is never torn down.
+    At every every_epochs boundary the workers export a teacher and go on training; the
+    plan mined with it (by Ray actors on CPU resources beside the trainer, in a process of
+    its own) is trained from the next boundary. Each plan is one re-mining period later
+    than without overlap (epochs 0 to 2N-1 train on the first plan), and the plan of every
+    epoch is fixed, so a resumed run trains the same batches; when the plan is not mined
+    by its boundary the workers wait for it (the wait is logged). Needs a plan of global
+    batches (mined with mining.num_workers = scaling.num_workers)."""
 
 
 class JobConfig(Strict):

@@ -294,7 +294,8 @@ def remine_problems(cfg: JobConfig) -> list[str]:
 
     remine = cfg.remine
     if not remine.every_epochs:
-        return []
+        return ["remine.overlap needs remine.every_epochs (the epochs between two plans): set it or remove overlap"] \
+            if remine.overlap else []
     problems = []
     if cfg.data.batches != "packed":
         problems.append(
@@ -305,6 +306,13 @@ def remine_problems(cfg: JobConfig) -> list[str]:
         problems.append(
             f"remine.every_epochs = {remine.every_epochs} but train.epochs = {cfg.train.epochs}: no epoch would "
             "use a new plan; lower every_epochs or train longer"
+        )
+    elif remine.overlap and 2 * remine.every_epochs >= cfg.train.epochs:
+        problems.append(
+            f"remine.overlap with every_epochs = {remine.every_epochs} and train.epochs = {cfg.train.epochs}: an "
+            f"overlapped plan is trained from the boundary after the one it was mined at (epoch "
+            f"{2 * remine.every_epochs}), so no epoch would use one; train at least {2 * remine.every_epochs + 1} "
+            "epochs, lower every_epochs, or remove overlap"
         )
     for key in ("batch_size", "epochs"):
         if key in remine.mining:
