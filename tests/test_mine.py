@@ -345,3 +345,84 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     for epoch, batches in ((0, first), (1, second)):
         used = [tuple(r["id_keys"]) for r in records if r["epoch"] == epoch]
         assert len(used) == 2 * per_epoch and set(used) <= batches, epoch
+
+
+def test_overlapped_remining_mines_beside_one_fit(mined, tmp_path: Path, monkeypatch) -> None:
+    """remine.overlap: one fit (the worker group is never torn down); at epoch 1 the workers
+    export a teacher and train on, the driver mines a plan with it beside them, and epoch 2
+    trains on that plan's batches, epochs 0 and 1 on the first plan's two epoch plans."""
+    from clray.jobs.run.worker import RECORD_BATCHES_ENV
+    from clray.pipelines.dataset import id_keys
+
+    plan_dir, _ = mined
+    record = tmp_path / "batches.jsonl"
+    monkeypatch.setenv(RECORD_BATCHES_ENV, str(record))
+    overrides = [
+        'data.batches="packed"', f'data.train="{plan_dir}"', "data.eval=[]", f'run.output_dir="{tmp_path}"',
+        'run.name="overlap"', "train.global_batch_size=64", "train.epochs=3", "train.log_every=1",
+        "remine.every_epochs=1", "remine.overlap=true", "remine.teacher={batch_size=512}",
+    ]
+    assert main(["train", str(QUICKSTART_CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 0
+    run_dir = tmp_path / "overlap"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = json.loads((run_dir / "remine.json").read_text())
+    assert [(p["from_epoch"], p.get("mined_at")) for p in state["plans"]] == [(0, None), (2, 1)]
+    new_plan = Path(state["plan"])
+    assert new_plan == run_dir / "mined" / "epoch-0001"
+    manifest = read_manifest(new_plan)
+    teacher = run_dir / "remine" / "teacher-epoch-0001"
+    assert manifest["teacher"]["path"] == str(teacher) and manifest["teacher"]["kind"] == "clray"
+    assert manifest["num_workers"] == 2 and len(manifest["epochs"]) == 1
+    per_epoch = summary["steps_per_epoch"]
+    assert summary["steps"] == 3 * per_epoch
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [m["event"] for m in metrics]
+    assert "failure" not in kinds and "resumed" not in kinds  # one fit, never restarted
+    plans = [m for m in metrics if m["event"] == "plan"]
+    assert [(p["epoch"], p["mined_at"]) for p in plans] == [(0, None), (2, 1)]
+    remined = next(m for m in metrics if m["event"] == "remined")
+    train_steps = [m["step"] for m in metrics if m["event"] == "train"]
+    # mined beside the training: the plan was ready before the last epoch began
+    assert remined["epoch"] == 2 and train_steps == list(range(1, 3 * per_epoch + 1))
+
+    def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
+        m = read_manifest(directory)
+        table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
+        return {tuple(sorted(id_keys(ids[h : h + 32]).tolist())) for ids in table.column("id").to_pylist()
+                for h in (0, 32)}
+
+    records = [json.loads(line) for line in record.read_text().splitlines()]
+    for epoch, batches in ((0, plan_batches(plan_dir, 0)), (1, plan_batches(plan_dir, 1)), (2, plan_batches(new_plan, 0))):
+        used = [tuple(r["id_keys"]) for r in records if r["epoch"] == epoch]
+        assert len(used) == 2 * per_epoch and set(used) <= batches, epoch
+    assert len({r["pid"] for r in records if r["rank"] == 0}) == 1  # the same worker process throughout
+
+
+def test_overlap_needs_epochs_and_a_plan_of_global_batches(mined, tmp_path: Path, capsys) -> None:
+    """remine.overlap settings that could not train an overlapped plan are refused by the
+    config check, and a first plan of local batches before Ray starts, each naming the fix."""
+    import shutil
+
+    plan_dir, _ = mined
+    base = ['data.batches="packed"', f'data.train="{plan_dir}"', "data.eval=[]", f'run.output_dir="{tmp_path}"',
+            "train.global_batch_size=64"]
+
+    def train(*overrides: str) -> str:
+        capsys.readouterr()
+        assert main(["train", str(QUICKSTART_CONFIG), *[a for o in (*base, *overrides) for a in ("--set", o)]]) != 0
+        return capsys.readouterr().err
+
+    err = train("train.epochs=3", "remine.overlap=true")
+    assert "remine.overlap needs remine.every_epochs" in err and "Traceback" not in err
+    err = train("train.epochs=2", "remine.every_epochs=1", "remine.overlap=true")
+    assert "train at least 3 epochs" in err and "Traceback" not in err
+
+    local = tmp_path / "local-plan"
+    shutil.copytree(plan_dir, local)
+    manifest = json.loads((local / "manifest.json").read_text())
+    manifest.pop("num_workers")
+    (local / "manifest.json").write_text(json.dumps(manifest))
+    err = train(f'data.train="{local}"', "train.epochs=3", "remine.every_epochs=1", "remine.overlap=true")
+    assert "plan of local batches" in err and "mining.num_workers = 2" in err and "Traceback" not in err
+    assert not (tmp_path / "quickstart").exists()  # refused before the run began

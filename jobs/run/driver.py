@@ -39,6 +39,7 @@ from clray.jobs.run.worker import RECORD_BATCHES_ENV, SELECTED, WorkerSpec, trai
 from clray.jobs.runtime import describe_failure, start_ray, training_cpus, worker_env
 
 if TYPE_CHECKING:
+    from clray.jobs.run.overlap import OverlapMiner
     from clray.pipelines.spec import DataSpec
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -56,8 +57,19 @@ def run_worker_env(cfg: JobConfig) -> dict[str, str]:
 
 
 def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
-    start_ray(training_cpus(cfg), run_worker_env(cfg), verbose,
-              resources={k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources_per_worker.items()})
+    """A local Ray for the run (or the cluster of RAY_ADDRESS): the training's CPUs and
+    custom resources, and with remine.overlap those of the mining beside it."""
+    from clray.jobs.run.overlap import mining_cpus
+
+    resources = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources_per_worker.items()}
+    cpus = training_cpus(cfg)
+    if cfg.remine.every_epochs and cfg.remine.overlap:
+        cpus += mining_cpus(cfg)
+        for key, value in cfg.remine.teacher.get("resources", {}).items():
+            resources[key] = resources.get(key, 0) + value * cfg.remine.teacher.get("num_actors", 1)
+        for key, value in cfg.remine.mining.get("search_resources", {}).items():
+            resources[key] = resources.get(key, 0) + value
+    start_ray(cpus, run_worker_env(cfg), verbose, resources=resources)
 
 
 def run_training(
@@ -69,6 +81,7 @@ def run_training(
     start_from: str | None = None,
     adopt_config: bool = False,
     lock: bool = True,
+    overlap: OverlapMiner | None = None,
 ) -> TrainSummary:
     """Validate data, start Ray, train on N workers, evaluate, export; returns the summary.
 
@@ -88,6 +101,8 @@ def run_training(
     the same run is refused while this one runs; a search's trials, which Tune alone
     starts, go without.
 
+    ``overlap``: re-mine beside this fit (``jobs.run.overlap``; remine.overlap).
+
     Raises ``RunStopped`` when Ctrl-C or SIGTERM stopped the run (with a checkpoint where
     it stopped), ``TrainingError`` when it failed, and another ``RunError`` when it cannot
     start (the run directory, its lock, a checkpoint this config cannot resume).
@@ -100,11 +115,13 @@ def run_training(
     run_lock = RunLock(location.uri, cfg.storage).acquire() if lock else None
     try:
         with StopRequests() as stops:
-            start = _Start(cfg, location, stops, on_event, started)
+            start = _Start(cfg, location, stops, on_event, started, overlap)
             if run_lock is not None and run_lock.warning:
                 start.warn(run_lock.warning)
             return start.run(checked, verbose, stop_epoch, start_from, adopt_config)
     finally:
+        if overlap is not None:
+            overlap.close()
         if run_lock is not None:
             run_lock.release()
         location.close()
@@ -114,8 +131,9 @@ class _Start:
     """One start of a run on the driver: what it tells the user and writes, in order."""
 
     def __init__(self, cfg: JobConfig, location: RunLocation, stops: StopRequests, on_event: OnEvent | None,
-                 started: float) -> None:
+                 started: float, overlap: OverlapMiner | None = None) -> None:
         self.cfg = cfg
+        self.overlap = overlap
         self.location = location
         self.stops = stops
         self.on_event = on_event
@@ -183,6 +201,8 @@ class _Start:
         spec = WorkerSpec(job=for_workers(cfg), schedule=schedule, has_eval="eval" in data.datasets,
                           export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
                           packed=data.packed_spec)
+        if self.overlap is not None:
+            spec.board = self.overlap.start(checked, schedule.steps_per_epoch)
         records = _Fit(self, spec, data, checked).run()
         self.write_config()
         end = next((e for e in map(events.parse, reversed(records)) if isinstance(e, events.EndEvent)), None)
@@ -346,6 +366,9 @@ class _Fit:
             ray.get_runtime_context().get_node_id(), soft=False)}
         self.spec.progress = Queue(actor_options=here)
         self.spec.stop = Queue(actor_options=dict(here))
+        overlap = self.start.overlap
+        if overlap is not None:
+            overlap.post = self.spec.progress.put
         trainer = _trainer(cfg, self.spec, self.data, self.checked, location)
         outcome: dict[str, Any] = {}
 
@@ -386,6 +409,8 @@ class _Fit:
         self.metrics_file.flush()
         if item.get("event") in ("checkpoint", "end"):
             self.start.write_config()
+        if self.start.overlap is not None:
+            self.start.overlap.on_event(item)
         self.start.emit(item)
 
     def fail(self, exc: BaseException) -> None:

@@ -9,6 +9,9 @@ and mining jobs (``pipelines.mining.job``) between them. ``run_dir/remine.json``
 records which plan is current from which epoch, so a killed run started again continues
 where it stopped: mid-phase training resumes from its checkpoint; an interrupted mining
 job resumes its own work.
+
+With ``remine.overlap`` the run is one fit instead and the mining runs beside it
+(``jobs.run.overlap``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from clray.pipelines.mining.config import MineConfig
 STATE_FILE = "remine.json"
 
 
-def _mine_config(cfg: JobConfig, first_manifest: dict[str, Any], teacher_dir: Path, epoch: int,
+def mine_config(cfg: JobConfig, first_manifest: dict[str, Any], teacher_dir: Path, epoch: int,
                  out_dir: Path) -> MineConfig:
     from clray.pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
 
@@ -58,6 +61,10 @@ def run_with_remining(cfg: JobConfig, *, verbose: bool = False, on_event: OnEven
 
     if not cfg.remine.every_epochs:
         raise ValueError("run_with_remining needs remine.every_epochs; call run_training")
+    if cfg.remine.overlap:
+        from clray.jobs.run.overlap import OverlapMiner
+
+        return run_training(cfg, verbose=verbose, on_event=on_event, overlap=OverlapMiner(cfg, verbose=verbose))
     every, epochs = cfg.remine.every_epochs, cfg.train.epochs
     run_dir = cfg.run_dir
     first_plan = normalize(cfg.data.train[0])  # a local path or an s3:// plan
@@ -75,7 +82,7 @@ def run_with_remining(cfg: JobConfig, *, verbose: bool = False, on_event: OnEven
             return summary
         if on_event:
             on_event(events.RemineEvent(epoch=stop, teacher=str(run_dir / "export")).record())
-        mine_cfg = _mine_config(cfg, first_manifest, run_dir / "export", stop, run_dir / "mined" / f"epoch-{stop:04d}")
+        mine_cfg = mine_config(cfg, first_manifest, run_dir / "export", stop, run_dir / "mined" / f"epoch-{stop:04d}")
         try:
             mined = mine_plans(mine_cfg, start_ray=lambda: init_ray(cfg, verbose), overwrite=True)
         except ray.exceptions.RayError as exc:

@@ -1,0 +1,289 @@
+"""Re-mining beside training (``remine.overlap = true``): the worker group is never torn
+down for a new plan.
+
+With ``remine.every_epochs = N`` the boundaries N, 2N, ... (the starts of those epochs)
+are where the workers export a teacher (the model as it is there) and go on training;
+the driver mines a plan with it in a process of its own (``clray.jobs.run.overlap``'s
+``main``, joined to the run's Ray, its actors on CPU resources beside the trainer), and
+the workers train on that plan from the next boundary. So the plan of every epoch is a
+function of the epoch alone (``plan_source``): epochs 0 to 2N-1 train on the first
+plan, epochs kN to (k+1)N-1 (k >= 2) on the plan mined at boundary (k-1)N. A resumed or
+restarted run trains the same batches; when a plan is not mined by the boundary it is
+needed at, the workers wait for it and say how long (``events.PlanEvent``).
+
+Without overlap (``jobs.run.remine``) every plan is one period fresher, but training
+stops for the teacher export, the fit's teardown, the mining and a new fit each time.
+
+The driver's side is ``OverlapMiner``: it hears the workers' ``remine`` events, runs one
+mining job at a time, checks each plan as the run's own data check would, and hands it
+to the workers through a ``PlanBoard`` actor on the driver's node (which outlives a
+restart of the worker group). ``run_dir/remine.json`` lists the plans ready so far, so a
+run started again does not mine them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clray.jobs import events
+from clray.jobs.config import JobConfig
+
+if TYPE_CHECKING:
+    from clray.pipelines.spec import DataSpec
+
+STATE_FILE = "remine.json"
+
+def mining_boundaries(every: int, epochs: int) -> list[int]:
+    """The boundaries (epochs) where the workers export a teacher to mine with: those
+    whose plan some later epoch trains on."""
+    return [b for b in range(every, epochs, every) if b + every < epochs]
+
+
+def plan_source(epoch: int, every: int) -> int | None:
+    """The boundary whose mined plan ``epoch`` trains on; None: the run's first plan."""
+    period = epoch // every
+    return (period - 1) * every if period >= 2 else None
+
+
+def plan_index(epoch: int, every: int, num_plans: int) -> int:
+    """The epoch plan of its plan that ``epoch`` reads: a mined plan holds every_epochs
+    epoch plans, the first from the boundary after the one it was mined at; the run's
+    first plan is cycled through from epoch 0."""
+    source = plan_source(epoch, every)
+    first = 0 if source is None else source + every
+    return (epoch - first) % num_plans
+
+
+def teacher_dir(run_dir: Path | str, boundary: int) -> Path:
+    return Path(run_dir) / "remine" / f"teacher-epoch-{boundary:04d}"
+
+
+def mined_dir(run_dir: Path | str, boundary: int) -> Path:
+    return Path(run_dir) / "mined" / f"epoch-{boundary:04d}"
+
+
+def mining_cpus(cfg: JobConfig) -> float:
+    """Logical CPUs a local Ray adds for the mining beside the training: the teacher's
+    actors, one search actor and the reading tasks (on a cluster, the mining goes where
+    teacher.resources and mining.search_resources put it)."""
+    teacher = cfg.remine.teacher
+    return float(teacher.get("num_actors", 1)) * float(teacher.get("cpus_per_actor", 1.0)) + 1.5
+
+
+class PlanBoard:
+    """A Ray actor on the driver's node: the plans mined so far, by boundary, as checked
+    ``DataSpec``s every rank reads its part of each batch from; or why one failed."""
+
+    def __init__(self) -> None:
+        self.plans: dict[int, tuple[str, Any]] = {}
+
+    def put(self, boundary: int, spec: Any) -> None:
+        self.plans[boundary] = ("ready", spec)
+
+    def fail(self, boundary: int, message: str) -> None:
+        self.plans[boundary] = ("failed", message)
+
+    def get(self, boundary: int) -> tuple[str, Any] | None:
+        return self.plans.get(boundary)
+
+
+class OverlapMiner:
+    """The driver's side: mines a plan for every teacher the workers export, one job at a
+    time, and publishes each to the board once checked."""
+
+    def __init__(self, cfg: JobConfig, *, verbose: bool = False) -> None:
+        from clray.pipelines.plan_format import read_manifest
+        from clray.pipelines.storage import normalize
+
+        self.cfg = cfg
+        self.verbose = verbose
+        self.run_dir = Path(cfg.run_dir)
+        self.first_plan = normalize(cfg.data.train[0])
+        self.first_manifest = read_manifest(self.first_plan, cfg.storage)
+        if self.first_manifest.get("num_workers") is None:
+            from clray.pipelines.errors import DataError
+
+            raise DataError(
+                f"remine.overlap needs a plan of global batches, mined for the run's {cfg.scaling.num_workers} "
+                f"workers: data.train = {self.first_plan} is a plan of local batches (its manifest has no "
+                f"num_workers); mine it again with mining.num_workers = {cfg.scaling.num_workers}, or remove "
+                "remine.overlap"
+            )
+        self.every = cfg.remine.every_epochs
+        self.wanted = set(mining_boundaries(self.every, cfg.train.epochs))
+        self.state_path = self.run_dir / STATE_FILE
+        self.state = self._read_state()
+        self.requests: list[tuple[int, str]] = []
+        self.requested: set[int] = set()
+        self.lock = threading.Condition()
+        self.closed = False
+        self.process: subprocess.Popen[bytes] | None = None
+        self.board: Any = None
+        self.steps_per_epoch = 0
+        self.post: Callable[[dict[str, Any]], None] | None = None
+        """Puts an event into the current fit's progress queue (set by the fit)."""
+        self.thread: threading.Thread | None = None
+
+    def _read_state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            state = json.loads(self.state_path.read_text())
+            if state.get("overlap"):
+                return state
+        return {"overlap": True, "every_epochs": self.every, "plan": self.first_plan, "from_epoch": 0,
+                "plans": [{"plan": self.first_plan, "from_epoch": 0}]}
+
+    def start(self, checked: DataSpec, steps_per_epoch: int) -> Any:
+        """Once Ray is up: the board (on this node), the plans already mined published on
+        it, and the mining thread. Returns the board for the workers."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.steps_per_epoch = steps_per_epoch
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(PlanBoard).options(num_cpus=0, scheduling_strategy=here).remote()
+        for entry in self.state["plans"][1:]:
+            boundary = entry["mined_at"]
+            self.requested.add(boundary)
+            ray.get(self.board.put.remote(boundary, self._check(Path(entry["plan"]))))
+        for boundary in sorted(self.wanted - self.requested):
+            # exported by an earlier start of this run, which stopped before its plan was mined
+            if teacher_dir(self.run_dir, boundary).is_dir():
+                self.on_event(events.RemineEvent(epoch=boundary, teacher=str(teacher_dir(self.run_dir, boundary)),
+                                                  overlap=True).record())
+        self.thread = threading.Thread(target=self._serve, name="clray-overlap-miner", daemon=True)
+        self.thread.start()
+        return self.board
+
+    def on_event(self, record: dict[str, Any]) -> None:
+        """Every event the driver relays: a teacher exported at a boundary is a request."""
+        if record.get("event") != events.RemineEvent.kind:
+            return
+        boundary = int(record["epoch"])
+        with self.lock:
+            if boundary in self.wanted and boundary not in self.requested:
+                self.requested.add(boundary)
+                self.requests.append((boundary, record["teacher"]))
+                self.lock.notify_all()
+
+    def close(self) -> None:
+        """The fit is over: a mining job still running is of no use to it any more."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _serve(self) -> None:
+        while True:
+            with self.lock:
+                while not self.requests and not self.closed:
+                    self.lock.wait()
+                if self.closed:
+                    return
+                boundary, teacher = self.requests.pop(0)
+            self._mine(boundary, teacher)
+
+    def _mine(self, boundary: int, teacher: str) -> None:
+        import ray
+
+        from clray.jobs.run.remine import mine_config
+
+        out = mined_dir(self.run_dir, boundary)
+        cfg = mine_config(self.cfg, self.first_manifest, Path(teacher), boundary, out)
+        request = out.parent / f"epoch-{boundary:04d}.request.json"
+        result = out.parent / f"epoch-{boundary:04d}.result.json"
+        log = out.parent / f"epoch-{boundary:04d}.log"
+        request.parent.mkdir(parents=True, exist_ok=True)
+        result.unlink(missing_ok=True)
+        request.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "result": str(result)}))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        started = time.time()
+        with log.open("wb") as fh:
+            with self.lock:
+                if self.closed:
+                    return
+                self.process = subprocess.Popen([sys.executable, "-m", "clray.jobs.run.overlap", str(request)],
+                                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+            code = self.process.wait()
+        with self.lock:
+            self.process = None
+            if self.closed:
+                return
+        if code != 0 or not result.is_file():
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            self._fail(boundary, f"re-mining at epoch {boundary} failed (exit code {code}): "
+                       f"{' / '.join(tail) or 'no output'}\n  details: {log}")
+            return
+        try:
+            spec = self._check(out)
+        except Exception as exc:  # noqa: BLE001 - a bad plan fails the run on the workers, with its reason
+            self._fail(boundary, f"the plan re-mined at epoch {boundary} ({out}) cannot be trained: {exc}")
+            return
+        summary = json.loads(result.read_text())
+        from_epoch = boundary + self.every
+        self.state["plans"].append({"plan": str(out), "from_epoch": from_epoch, "mined_at": boundary,
+                                    "seconds": round(time.time() - started, 1)})
+        self.state.update(plan=str(out), from_epoch=from_epoch)
+        from clray.pipelines.plan_format import write_json_atomic
+
+        write_json_atomic(self.state_path, self.state)
+        ray.get(self.board.put.remote(boundary, spec))
+        self._post(events.ReminedEvent(epoch=from_epoch, plan=str(out), statistics=summary["statistics"],
+                                        overlap=True).record())
+
+    def _check(self, plan: Path) -> DataSpec:
+        """The plan checked as the run's own data is (``check_data``), and fit for the run's
+        schedule: global batches for its workers, as many per epoch as the first plan."""
+        from clray.jobs.run.data import check_data
+
+        phase = self.cfg.model_copy(update={"data": self.cfg.data.model_copy(update={"train": [str(plan)]})})
+        spec = check_data(phase)
+        assert spec.plan is not None
+        counts = {e.num_batches for e in spec.plan.epochs}
+        if not spec.plan.global_batches or counts != {self.steps_per_epoch}:
+            raise ValueError(f"it holds {sorted(counts)} batches per epoch (global batches: "
+                             f"{spec.plan.global_batches}); the run trains {self.steps_per_epoch} global batches per epoch")
+        return spec
+
+    def _fail(self, boundary: int, message: str) -> None:
+        ray_board = self.board
+        ray_board.fail.remote(boundary, message)
+        self._post(events.WarningEvent(message=message).record())
+
+    def _post(self, record: dict[str, Any]) -> None:
+        if self.post is not None:
+            try:
+                self.post(record)
+            except Exception:  # noqa: BLE001 - events are best-effort; the plan is on the board
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The mining job of one boundary, in its own process joined to the run's Ray
+    (RAY_ADDRESS): ``python -m clray.jobs.run.overlap REQUEST.json``."""
+    from clray.jobs.runtime import start_ray, worker_env
+    from clray.pipelines.mining.config import MineConfig
+    from clray.pipelines.mining.job import mine_plans
+
+    request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    cfg = MineConfig.model_validate(request["config"])
+    mined = mine_plans(cfg, start_ray=lambda: start_ray(0, worker_env(cfg.teacher.use_gpu)), overwrite=True)
+    Path(request["result"]).write_text(json.dumps({"plan": mined.out_dir, "statistics": mined.statistics},
+                                                  default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
