@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3")
+ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3", "remine_overlap")
 """Scripts that train with clray (run_training, run_mining, run_tune). Their --tiny runs
 (``.venv/bin/python benchmarks/NAME.py --tiny``) take 1-2 minutes each here, about 6 in
 all, which the 30-minute suite has no room for yet: they are run by hand, not in CI."""
