@@ -105,16 +105,15 @@ def boundaries(run_dir: Path, every: int) -> dict[str, Any]:
         if r["event"] == "train":
             steps.setdefault(r["step"], (r["epoch"], r["time"]))  # a resumed fit does not repeat steps
     ordered = [steps[s] for s in sorted(steps)]
-    gaps = [b[1] - a[1] for a, b in zip(ordered, ordered[1:])]
-    within = [g for (a, b), g in zip(zip(ordered, ordered[1:]), gaps) if a[0] == b[0]]
-    typical = statistics.median(within)
-    idle = {b[0]: max(0.0, g - typical) for (a, b), g in zip(zip(ordered, ordered[1:]), gaps) if a[0] != b[0]}
+    pairs = list(zip(ordered, ordered[1:], strict=False))  # consecutive steps: (epoch, time) of each
+    typical = statistics.median(b[1] - a[1] for a, b in pairs if a[0] == b[0])
+    idle = {b[0]: max(0.0, b[1] - a[1] - typical) for a, b in pairs if a[0] != b[0]}
     return {
         "steps": len(ordered),
         "train_s": ordered[-1][1] - ordered[0][1],
         "step_s": typical,
         "idle": idle,
-        "mined": [r["epoch"] for r in records if r["event"] == "remined"],
+        "mined": sorted(p.name for p in (run_dir / "mined").glob("epoch-*") if (p / "manifest.json").is_file()),
         "waits": {r["epoch"]: r["waited_s"] for r in records if r["event"] == "plan" and r["mined_at"] is not None},
         "plans": {r["epoch"]: r["mined_at"] for r in records if r["event"] == "plan"},
     }

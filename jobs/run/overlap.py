@@ -186,6 +186,8 @@ class OverlapMiner:
             self.thread.join(timeout=30)
 
     def _serve(self) -> None:
+        if self.wanted - self.requested or self.requests:
+            self._spawn()  # warm (imports, Ray) while the first epochs train
         while True:
             with self.lock:
                 while not self.requests and not self.closed:
@@ -194,6 +196,28 @@ class OverlapMiner:
                     return
                 boundary, teacher = self.requests.pop(0)
             self._mine(boundary, teacher)
+
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        """The miner process (``main --serve``), joined to the run's Ray; one per fit, kept
+        for every boundary (started again if it died)."""
+        import ray
+
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        gpu = ["--use-gpu"] if self.cfg.remine.teacher.get("use_gpu") else []
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            if self.closed:
+                return None
+            if self.process is None or self.process.poll() is not None:
+                with self.log.open("ab") as fh:
+                    self.process = subprocess.Popen([sys.executable, "-m", "clray.jobs.run.overlap", "--serve", *gpu],
+                                                    stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT,
+                                                    env=env)
+            return self.process
+
+    @property
+    def log(self) -> Path:
+        return mined_dir(self.run_dir, 0).parent / "miner.log"
 
     def _mine(self, boundary: int, teacher: str) -> None:
         import ray
@@ -204,34 +228,36 @@ class OverlapMiner:
         cfg = mine_config(self.cfg, self.first_manifest, Path(teacher), boundary, out)
         request = out.parent / f"epoch-{boundary:04d}.request.json"
         result = out.parent / f"epoch-{boundary:04d}.result.json"
-        log = out.parent / f"epoch-{boundary:04d}.log"
         request.parent.mkdir(parents=True, exist_ok=True)
         result.unlink(missing_ok=True)
         request.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "result": str(result)}))
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         started = time.time()
-        with log.open("wb") as fh:
-            with self.lock:
-                if self.closed:
-                    return
-                self.process = subprocess.Popen([sys.executable, "-m", "clray.jobs.run.overlap", str(request)],
-                                                stdout=fh, stderr=subprocess.STDOUT, env=env)
-            code = self.process.wait()
-        with self.lock:
-            self.process = None
-            if self.closed:
-                return
-        if code != 0 or not result.is_file():
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            self._fail(boundary, f"re-mining at epoch {boundary} failed (exit code {code}): "
-                       f"{' / '.join(tail) or 'no output'}\n  details: {log}")
+        process = self._spawn()
+        if process is None:
+            return
+        try:
+            assert process.stdin is not None
+            process.stdin.write(f"{request}\n".encode())
+            process.stdin.flush()
+        except OSError:
+            pass  # it died: said below
+        while not result.is_file() and process.poll() is None and not self.closed:
+            time.sleep(0.2)
+        if self.closed:
+            return
+        outcome = json.loads(result.read_text()) if result.is_file() else None
+        if outcome is None or "error" in outcome:
+            why = outcome["error"] if outcome else (
+                f"the miner process ended (exit code {process.poll()}): "
+                + " / ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:]))
+            self._fail(boundary, f"re-mining at epoch {boundary} failed: {why} (details: {self.log})")
             return
         try:
             spec = self._check(out)
         except Exception as exc:  # noqa: BLE001 - a bad plan fails the run on the workers, with its reason
             self._fail(boundary, f"the plan re-mined at epoch {boundary} ({out}) cannot be trained: {exc}")
             return
-        summary = json.loads(result.read_text())
+        summary = outcome
         from_epoch = boundary + self.every
         self.state["plans"].append({"plan": str(out), "from_epoch": from_epoch, "mined_at": boundary,
                                     "seconds": round(time.time() - started, 1)})
@@ -258,6 +284,7 @@ class OverlapMiner:
         return spec
 
     def _fail(self, boundary: int, message: str) -> None:
+        message = " / ".join(line.strip() for line in message.splitlines() if line.strip())  # one line to report
         ray_board = self.board
         ray_board.fail.remote(boundary, message)
         self._post(events.WarningEvent(message=message).record())
@@ -271,17 +298,36 @@ class OverlapMiner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The mining job of one boundary, in its own process joined to the run's Ray
-    (RAY_ADDRESS): ``python -m clray.jobs.run.overlap REQUEST.json``."""
+    """The miner process, joined to the run's Ray (RAY_ADDRESS): ``python -m
+    clray.jobs.run.overlap --serve [--use-gpu]`` mines one request (a JSON file: the mining config and
+    where to write the result) per line of its stdin, until it closes;
+    ``python -m clray.jobs.run.overlap REQUEST.json`` mines one."""
+    import traceback
+
     from clray.jobs.runtime import start_ray, worker_env
+    from clray.pipelines.mining import stages  # noqa: F401 - imported once, before the first request
     from clray.pipelines.mining.config import MineConfig
     from clray.pipelines.mining.job import mine_plans
+    from clray.pipelines.plan_format import write_json_atomic
 
-    request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    cfg = MineConfig.model_validate(request["config"])
-    mined = mine_plans(cfg, start_ray=lambda: start_ray(0, worker_env(cfg.teacher.use_gpu)), overwrite=True)
-    Path(request["result"]).write_text(json.dumps({"plan": mined.out_dir, "statistics": mined.statistics},
-                                                  default=str))
+    args = argv if argv is not None else sys.argv[1:]
+    start_ray(0, worker_env("--use-gpu" in args))
+    paths = [a for a in args if not a.startswith("--")]
+    requests = (line.strip() for line in sys.stdin) if "--serve" in args else iter(paths[:1])
+    for path in requests:
+        if not path:
+            continue
+        request = json.loads(Path(path).read_text())
+        print(f"== {time.strftime('%H:%M:%S')} mining {path}", flush=True)
+        try:
+            cfg = MineConfig.model_validate(request["config"])
+            mined = mine_plans(cfg, start_ray=lambda: None, overwrite=True)
+            outcome: dict[str, Any] = {"plan": mined.out_dir, "statistics": mined.statistics}
+        except Exception as exc:  # noqa: BLE001 - told to the run, which fails with it; the process serves on
+            traceback.print_exc()
+            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+        write_json_atomic(Path(request["result"]), json.loads(json.dumps(outcome, default=str)))
+        print(f"== {time.strftime('%H:%M:%S')} done", flush=True)
     return 0
 
 

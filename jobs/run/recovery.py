@@ -5,8 +5,8 @@ and (through the workers' ``resumed`` event) the step training resumed at.
 ``FailureRelay`` runs in Ray Train's controller (a ``ray.train.UserCallback``). It sends
 each failure to the driver through the run's progress queue, and it stops Ray from
 retrying what a retry cannot fix: a failure while the workers set up (building the
-model, restoring) that no lost worker explains, or the same error from the same rank
-twice in a row. Those end the run at once with the worker's own error instead of after
+model, restoring) that no lost worker explains, an error of a kind a retry would only
+repeat (``FINAL``), or the same error from the same rank twice in a row. Those end the run at once with the worker's own error instead of after
 ``max_failures`` identical attempts.
 """
 
@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - Ray Train V1 has none; clray pins V2
     UserCallback = object  # type: ignore[assignment,misc]
 
 SETUP_FAILED = "SetupError"
+FINAL = ("RemineFailedError",)
+"""Errors a retry cannot fix, by class name (``worker.RemineFailedError``: the plan the
+next epoch needs failed to mine; a restarted group would wait for the same failure)."""
 
 
 class SetupError(RuntimeError):
@@ -100,6 +103,10 @@ def summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}".strip()
 
 
+def _is_final(error: BaseException) -> bool:
+    return any(cls.__name__ in FINAL for cls in type(error).__mro__) or any(f"{n}:" in str(error) for n in FINAL)
+
+
 def _is_setup_failure(error: BaseException) -> bool:
     return any(cls.__name__ == SETUP_FAILED for cls in type(error).__mro__) or f"{SETUP_FAILED}:" in str(error)
 
@@ -121,6 +128,8 @@ class FailureRelay(UserCallback):
         line = summary(error)
         if not died(error) and _is_setup_failure(error) and not any(died(e) for e in worker_exceptions.values()):
             raise GaveUp(f"worker rank {rank} failed while setting up: {line}", dict(worker_exceptions))
+        if not died(error) and _is_final(error):
+            raise GaveUp(f"worker rank {rank} cannot go on: {line}", dict(worker_exceptions))
         if not died(error) and self.last == (rank, line):
             raise GaveUp(f"worker rank {rank} failed twice in a row with the same error: {line}",
                          dict(worker_exceptions))

@@ -241,10 +241,9 @@ class Worker:
         a part of another step's batch."""
         import ray.data
 
+        from clray.jobs.run.overlap import plan_index as overlapped_index
         from clray.pipelines.collate import training_collate
         from clray.pipelines.unpack import rank_dataset
-
-        from clray.jobs.run.overlap import plan_index as overlapped_index
 
         spec = self.epoch_plan
         workers = self.cfg.scaling.num_workers
