@@ -59,7 +59,7 @@ def run_worker_env(cfg: JobConfig) -> dict[str, str]:
 def init_ray(cfg: JobConfig, verbose: bool = False) -> None:
     """A local Ray for the run (or the cluster of RAY_ADDRESS): the training's CPUs and
     custom resources, and with remine.overlap those of the mining beside it."""
-    from clray.jobs.run.overlap import mining_cpus
+    from clray.jobs.run.replan import mining_cpus
 
     resources = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.resources_per_worker.items()}
     cpus = training_cpus(cfg)

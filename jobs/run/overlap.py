@@ -3,10 +3,10 @@ down for a new plan.
 
 With ``remine.every_epochs = N`` the boundaries N, 2N, ... (the starts of those epochs)
 are where the workers export a teacher (the model as it is there) and go on training;
-the driver mines a plan with it in a process of its own (``clray.jobs.run.overlap``'s
-``main``, joined to the run's Ray, its actors on CPU resources beside the trainer), and
-the workers train on that plan from the next boundary. So the plan of every epoch is a
-function of the epoch alone (``plan_source``): epochs 0 to 2N-1 train on the first
+the driver mines a plan with it in a miner process (``main --serve``, one per fit, joined
+to the run's Ray, its actors on CPU resources beside the trainer), and the workers train
+on that plan from the next boundary. So the plan of every epoch is a function of the
+epoch alone (``replan.plan_source``; the workers' side is ``replan.EpochPlans``): epochs 0 to 2N-1 train on the first
 plan, epochs kN to (k+1)N-1 (k >= 2) on the plan mined at boundary (k-1)N. A resumed or
 restarted run trains the same batches; when a plan is not mined by the boundary it is
 needed at, the workers wait for it and say how long (``events.PlanEvent``).
@@ -35,47 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
+from clray.jobs.run.replan import mine_config, mined_dir, mining_boundaries, teacher_dir
 
 if TYPE_CHECKING:
     from clray.pipelines.spec import DataSpec
 
 STATE_FILE = "remine.json"
-
-def mining_boundaries(every: int, epochs: int) -> list[int]:
-    """The boundaries (epochs) where the workers export a teacher to mine with: those
-    whose plan some later epoch trains on."""
-    return [b for b in range(every, epochs, every) if b + every < epochs]
-
-
-def plan_source(epoch: int, every: int) -> int | None:
-    """The boundary whose mined plan ``epoch`` trains on; None: the run's first plan."""
-    period = epoch // every
-    return (period - 1) * every if period >= 2 else None
-
-
-def plan_index(epoch: int, every: int, num_plans: int) -> int:
-    """The epoch plan of its plan that ``epoch`` reads: a mined plan holds every_epochs
-    epoch plans, the first from the boundary after the one it was mined at; the run's
-    first plan is cycled through from epoch 0."""
-    source = plan_source(epoch, every)
-    first = 0 if source is None else source + every
-    return (epoch - first) % num_plans
-
-
-def teacher_dir(run_dir: Path | str, boundary: int) -> Path:
-    return Path(run_dir) / "remine" / f"teacher-epoch-{boundary:04d}"
-
-
-def mined_dir(run_dir: Path | str, boundary: int) -> Path:
-    return Path(run_dir) / "mined" / f"epoch-{boundary:04d}"
-
-
-def mining_cpus(cfg: JobConfig) -> float:
-    """Logical CPUs a local Ray adds for the mining beside the training: the teacher's
-    actors, one search actor and the reading tasks (on a cluster, the mining goes where
-    teacher.resources and mining.search_resources put it)."""
-    teacher = cfg.remine.teacher
-    return float(teacher.get("num_actors", 1)) * float(teacher.get("cpus_per_actor", 1.0)) + 1.5
 
 
 class PlanBoard:
@@ -221,8 +186,6 @@ class OverlapMiner:
 
     def _mine(self, boundary: int, teacher: str) -> None:
         import ray
-
-        from clray.jobs.run.remine import mine_config
 
         out = mined_dir(self.run_dir, boundary)
         cfg = mine_config(self.cfg, self.first_manifest, Path(teacher), boundary, out)

@@ -17,36 +17,13 @@ With ``remine.overlap`` the run is one fit instead and the mining runs beside it
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
 from clray.jobs.run.driver import OnEvent, TrainSummary, init_ray, run_training
-from clray.pipelines.mining.config import MineConfig
+from clray.jobs.run.replan import mine_config
 
 STATE_FILE = "remine.json"
-
-
-def mine_config(cfg: JobConfig, first_manifest: dict[str, Any], teacher_dir: Path, epoch: int,
-                 out_dir: Path) -> MineConfig:
-    from clray.pipelines.mining.config import MiningConfig, OutputConfig, TeacherConfig
-
-    data = cfg.data.without_negatives().model_copy(
-        update={"train": list(first_manifest["corpus"]["files"]), "batches": "examples", "eval": []}
-    )
-    parameters = {k: v for k, v in first_manifest["parameters"].items() if k in MiningConfig.model_fields}
-    parameters.update(cfg.remine.mining)
-    # A mined batch is the global batch, split over the run's workers in one step.
-    parameters.update(batch_size=cfg.train.global_batch_size, num_workers=cfg.scaling.num_workers,
-                      epochs=cfg.remine.every_epochs, seed=cfg.run.seed + epoch)
-    return MineConfig(
-        data=data,
-        teacher=TeacherConfig(path=str(teacher_dir), **cfg.remine.teacher),
-        mining=MiningConfig.model_validate(parameters),
-        output=OutputConfig(dir=str(out_dir)),
-        storage=cfg.storage,  # the corpus may be on S3
-    )
 
 
 def run_with_remining(cfg: JobConfig, *, verbose: bool = False, on_event: OnEvent | None = None) -> TrainSummary:

@@ -35,6 +35,7 @@ from clray.jobs.run.engine import (
 from clray.jobs.run.errors import CheckpointDamagedError
 from clray.jobs.run.ingest import RESUME, reads_remainder
 from clray.jobs.run.recovery import SetupError, peer_processes, watching_peers
+from clray.jobs.run.replan import EpochPlans
 from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
 from clray.jobs.run.window import MetricWindow
@@ -43,9 +44,6 @@ SELECTED = "clray_selected"
 """With train.select_by, each checkpoint's report carries 1.0 when it holds the best
 evaluated state so far, else 0.0: Ray keeps the checkpoints that score highest (and the
 latest), so the best state stays on disk."""
-
-POLL_WAIT_S = 0.5
-"""remine.overlap: how often the workers waiting for an epoch's plan ask the board again."""
 
 STOP_POLL_S = 0.25
 """How often rank 0 asks the driver's stop queue (one actor call): a SIGTERM stops the
@@ -127,11 +125,8 @@ class Worker:
         self.carried = np.zeros(0, dtype=np.int64)
         """Rank 0: the epoch's rows trained before the checkpoint this start restored."""
         self.polled = 0.0
-        self.epoch_plan: Any = spec.packed
-        """Global batches: the checked plan the current epoch reads (remine.overlap: the one
-        ``overlap.plan_source`` names for it, from the board)."""
-        self.plan_source: int | None = -1
-        """remine.overlap: the boundary the current plan was mined at (None: the first plan)."""
+        self.plans = EpochPlans(self)
+        """The plan each epoch reads (global batches; re-mined beside the run with remine.overlap)."""
         self.saved_step: int | None = None
         """The step of the newest checkpoint of this run (saved or restored by this start)."""
 
@@ -241,15 +236,12 @@ class Worker:
         a part of another step's batch."""
         import ray.data
 
-        from clray.jobs.run.overlap import plan_index as overlapped_index
         from clray.pipelines.collate import training_collate
         from clray.pipelines.unpack import rank_dataset
 
-        spec = self.epoch_plan
+        spec = self.plans.current
         workers = self.cfg.scaling.num_workers
-        plan_index = state.epoch % spec.plan.num_plans
-        if self.spec.board is not None:
-            plan_index = overlapped_index(state.epoch, self.cfg.remine.every_epochs, spec.plan.num_plans)
+        plan_index = self.plans.index(state.epoch)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
         dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
         rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
@@ -393,76 +385,6 @@ class Worker:
         self.saved_step = state.step
         self.publish(events.CheckpointEvent(step=state.step))
 
-    def begin_epoch(self, engine: Any, state: TrainState) -> bool:
-        """remine.overlap, before each epoch's first batch (or a resumed epoch's next): at a
-        mining boundary export the teacher and tell the driver; then take the epoch's plan
-        from the board, waiting for it when it is not mined yet. False: a stop was asked
-        for while waiting."""
-        from clray.jobs.run.overlap import mining_boundaries, plan_source
-
-        if self.spec.board is None:
-            return True
-        every = self.cfg.remine.every_epochs
-        if state.step_in_epoch == 0 and state.epoch in mining_boundaries(every, self.cfg.train.epochs):
-            self.export_teacher(engine, state)
-        source = plan_source(state.epoch, every)
-        if source == self.plan_source:
-            return True
-        waited = 0.0
-        if source is None:
-            self.epoch_plan = self.spec.packed
-        else:
-            started = time.monotonic()
-            plan = self.wait_for_plan(source)
-            if plan is None:
-                return False
-            self.epoch_plan, waited = plan, time.monotonic() - started
-        self.plan_source = source
-        self.publish(events.PlanEvent(epoch=state.epoch, plan=str(self.epoch_plan.plan.directory), mined_at=source,
-                                      waited_s=round(waited, 2)))
-        return True
-
-    def export_teacher(self, engine: Any, state: TrainState) -> None:
-        """The model at this boundary, exported for the mining beside the run (kept when an
-        earlier start of the run exported it: the same state, and a miner may be reading it)."""
-        from clray.jobs.run.overlap import teacher_dir
-
-        final = teacher_dir(self.cfg.run_dir, state.epoch)
-        exists = torch.tensor([float(self.rank == 0 and final.is_dir())], device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(exists, op=dist.ReduceOp.MAX)  # every rank exports (a collective) or none
-        if not exists.item():
-            partial = final.with_name(final.name + ".partial")
-            export(engine, self.cfg, str(partial), self.rank,
-                   card={"run_name": self.cfg.run.name, "steps": state.step, "epochs": state.epoch})
-            if self.rank == 0:
-                partial.rename(final)
-        self.publish(events.RemineEvent(epoch=state.epoch, teacher=str(final), overlap=True))
-
-    def wait_for_plan(self, boundary: int) -> Any:
-        """The checked plan mined at ``boundary``, once the board has it; every rank agrees
-        each poll on what rank 0 saw (ready, failed, a stop request), so no rank trains or
-        checkpoints alone. None: stop."""
-        import ray
-
-        while True:
-            flags = torch.zeros(3, device=self.device)
-            if self.rank == 0:
-                entry = ray.get(self.spec.board.get.remote(boundary))  # [ray]
-                flags[0] = float(entry is not None and entry[0] == "ready")
-                flags[1] = float(entry is not None and entry[0] == "failed")
-                flags[2] = float(self.spec.stop is not None and not self.spec.stop.empty())  # [ray]
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0] > 0 or flags[1] > 0:
-                status, value = ray.get(self.spec.board.get.remote(boundary))  # [ray]
-                if status == "failed":
-                    raise RemineFailedError(value)
-                return value
-            if flags[2] > 0:
-                return None
-            time.sleep(POLL_WAIT_S)
-
     def finish(self, engine: Any, state: TrainState, cadence: Cadence, stopped: bool = False) -> None:
         """The end of this start: the end event, a final evaluation when the run is
         complete, the export, and the last report to Ray. A start stopped on request has
@@ -486,10 +408,6 @@ class Worker:
 
 class ShardExhaustedError(RuntimeError):
     pass
-
-
-class RemineFailedError(RuntimeError):
-    """remine.overlap: the plan an epoch needs could not be mined (the driver says why)."""
 
 
 class PlanOrderError(RuntimeError):
@@ -526,7 +444,7 @@ def _train(worker: Worker, engine: Any, loss_fn: Any, state: TrainState, cadence
     gradcache_chunk = cfg.loss.chunk_size if cfg.loss.gradcache else None
     stopped = False
     while state.step < schedule.end_step and not stopped:
-        if not worker.begin_epoch(engine, state):
+        if not worker.plans.begin(engine, state):
             # stopped while waiting for the epoch's plan: checkpoint here (unless this step has one)
             if worker.saved_step != state.step:
                 worker.checkpoint(engine, state)
