@@ -168,7 +168,8 @@ class OverlapMiner:
         import ray
 
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-        gpu = ["--use-gpu"] if self.cfg.remine.teacher.get("use_gpu") else []
+        # the environment the run's own processes get (DS_ACCELERATOR=cpu on a CPU run), as the sequential mining has
+        gpu = ["--use-gpu"] if self.cfg.scaling.use_gpu or self.cfg.remine.teacher.get("use_gpu") is True else []
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
             if self.closed:
