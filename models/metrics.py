@@ -389,8 +389,11 @@ def embedding_geometry(
     n = anchor_emb.shape[0]
     if n < 2:
         raise ValueError(f"embedding_geometry needs at least two pairs, got {n}")
-    anchor = torch.nn.functional.normalize(anchor_emb.detach().float(), dim=1)
-    positive = torch.nn.functional.normalize(positive_emb.detach().float().to(anchor.device), dim=1)
+    # float64 throughout: a float32 product of a chunk of rows need not round as the same
+    # rows of the whole product do (BLAS picks kernels by shape and CPU), and the figures
+    # must not depend on the chunking; an n x n similarity pass is cheap next to encoding
+    anchor = torch.nn.functional.normalize(anchor_emb.detach().double(), dim=1)
+    positive = torch.nn.functional.normalize(positive_emb.detach().double().to(anchor.device), dim=1)
     anchor_ids = _group(anchor_keys, n, "anchor_keys").ids.to(anchor.device)
     positive_ids = _group(positive_keys, n, "positive_keys").ids.to(anchor.device)
 
