@@ -297,12 +297,22 @@ def test_hf_teacher_matches_sentence_transformers() -> None:
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
 
 
+def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
+    """The rank batches of a 2-worker plan's epoch plan, as sorted id keys: each rank trains
+    its half (32 rows) of a mined global batch of 64."""
+    from clray.pipelines.dataset import id_keys
+
+    m = read_manifest(directory)
+    table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
+    return {tuple(sorted(id_keys(ids[h : h + 32]).tolist())) for ids in table.column("id").to_pylist()
+            for h in (0, 32)}
+
+
 def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path, tmp_path: Path, monkeypatch) -> None:
     """`clray train` with remine.every_epochs = 1: epoch 0 trains on the given plan (with its
     mined hard negatives as loss columns), then the run's export mines a new plan, and
     epoch 1 trains on that plan's whole batches."""
     from clray.jobs.run.worker import RECORD_BATCHES_ENV
-    from clray.pipelines.dataset import id_keys
 
     plan_dir, _ = mined
     record = tmp_path / "batches.jsonl"
@@ -332,13 +342,6 @@ def test_training_remines_between_epochs_with_its_own_model(mined, corpus: Path,
     assert summary["steps"] == 2 * per_epoch
     assert 32 < summary["final_train"]["candidates"] <= 64 + 64 * 3  # hard negatives joined the candidates
 
-    def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
-        m = read_manifest(directory)
-        table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
-        # each rank trains its half of a mined global batch
-        return {tuple(sorted(id_keys(ids[h : h + 32]).tolist())) for ids in table.column("id").to_pylist()
-                for h in (0, 32)}
-
     records = [json.loads(line) for line in record.read_text().splitlines()]
     first, second = plan_batches(plan_dir, 0), plan_batches(new_plan, 0)
     assert first != second
@@ -356,7 +359,6 @@ def test_overlapped_remining_mines_beside_one_fit(mined, tmp_path: Path, monkeyp
     keep as an earlier start's): its mining fails while epochs 0-2 train undisturbed, and
     the run fails at epoch 3, which needs that plan, saying why and where the log is."""
     from clray.jobs.run.worker import RECORD_BATCHES_ENV
-    from clray.pipelines.dataset import id_keys
 
     plan_dir, _ = mined
     record = tmp_path / "batches.jsonl"
@@ -393,12 +395,6 @@ def test_overlapped_remining_mines_beside_one_fit(mined, tmp_path: Path, monkeyp
     per_epoch = sum(1 for m in train if m["epoch"] == 0)
     # epochs 0-2 trained to their end, then the run stopped for want of epoch 3's plan
     assert [m["step"] for m in train] == list(range(1, 3 * per_epoch + 1)) and per_epoch > 0
-
-    def plan_batches(directory: Path, epoch: int) -> set[tuple[int, ...]]:
-        m = read_manifest(directory)
-        table = pa.concat_tables([pq.read_table(directory / f) for f in m["epochs"][epoch]["files"]])
-        return {tuple(sorted(id_keys(ids[h : h + 32]).tolist())) for ids in table.column("id").to_pylist()
-                for h in (0, 32)}
 
     records = [json.loads(line) for line in record.read_text().splitlines()]
     for epoch, batches in ((0, plan_batches(plan_dir, 0)), (1, plan_batches(plan_dir, 1)), (2, plan_batches(new_plan, 0))):
