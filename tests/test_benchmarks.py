@@ -17,8 +17,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3", "remine_overlap")
 """Scripts that train with clray (run_training, run_mining, run_tune). Their --tiny runs
-(``.venv/bin/python benchmarks/NAME.py --tiny``) take 1-2 minutes each here, about 6 in
-all, which the 30-minute suite has no room for yet: they are run by hand, not in CI."""
+(``.venv/bin/python benchmarks/NAME.py --tiny``) take 1-2 minutes each here (remine_overlap,
+four fits and four mining jobs, about 4), about 10 in all, which the 30-minute suite has
+no room for yet: they are run by hand, not in CI."""
 STANDALONE = ("gradcache", "losses", "mining", "siglip_ring")
 
 
