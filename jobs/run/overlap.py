@@ -35,13 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
-from clray.jobs.run.replan import mine_config, mined_dir, mining_boundaries, teacher_dir
+from clray.jobs.run.replan import STATE_FILE, mine_config, mined_dir, mining_boundaries, teacher_dir
 
 if TYPE_CHECKING:
     from clray.pipelines.spec import DataSpec
-
-STATE_FILE = "remine.json"
-
 
 class PlanBoard:
     """A Ray actor on the driver's node: the plans mined so far, by boundary, as checked
@@ -221,7 +218,6 @@ class OverlapMiner:
         except Exception as exc:  # noqa: BLE001 - a bad plan fails the run on the workers, with its reason
             self._fail(boundary, f"the plan re-mined at epoch {boundary} ({out}) cannot be trained: {exc}")
             return
-        summary = outcome
         from_epoch = boundary + self.every
         self.state["plans"].append({"plan": str(out), "from_epoch": from_epoch, "mined_at": boundary,
                                     "seconds": round(time.time() - started, 1)})
@@ -230,7 +226,7 @@ class OverlapMiner:
 
         write_json_atomic(self.state_path, self.state)
         ray.get(self.board.put.remote(boundary, spec))
-        self._post(events.ReminedEvent(epoch=from_epoch, plan=str(out), statistics=summary["statistics"],
+        self._post(events.ReminedEvent(epoch=from_epoch, plan=str(out), statistics=outcome["statistics"],
                                         overlap=True).record())
 
     def _check(self, plan: Path) -> DataSpec:

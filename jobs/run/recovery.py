@@ -6,8 +6,9 @@ and (through the workers' ``resumed`` event) the step training resumed at.
 each failure to the driver through the run's progress queue, and it stops Ray from
 retrying what a retry cannot fix: a failure while the workers set up (building the
 model, restoring) that no lost worker explains, an error of a kind a retry would only
-repeat (``FINAL``), or the same error from the same rank twice in a row. Those end the run at once with the worker's own error instead of after
-``max_failures`` identical attempts.
+repeat (``FINAL``), or the same error from the same rank twice in a row. Those end the
+run at once with the worker's own error instead of after ``max_failures`` identical
+attempts.
 """
 
 from __future__ import annotations
@@ -103,12 +104,17 @@ def summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}".strip()
 
 
+def _raised(error: BaseException, names: tuple[str, ...]) -> bool:
+    """Whether ``error`` is (or, shipped across processes by Ray, names) one of the classes ``names``."""
+    return any(cls.__name__ in names for cls in type(error).__mro__) or any(f"{n}:" in str(error) for n in names)
+
+
 def _is_final(error: BaseException) -> bool:
-    return any(cls.__name__ in FINAL for cls in type(error).__mro__) or any(f"{n}:" in str(error) for n in FINAL)
+    return _raised(error, FINAL)
 
 
 def _is_setup_failure(error: BaseException) -> bool:
-    return any(cls.__name__ == SETUP_FAILED for cls in type(error).__mro__) or f"{SETUP_FAILED}:" in str(error)
+    return _raised(error, (SETUP_FAILED,))
 
 
 class FailureRelay(UserCallback):

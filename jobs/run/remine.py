@@ -21,9 +21,7 @@ import json
 from clray.jobs import events
 from clray.jobs.config import JobConfig
 from clray.jobs.run.driver import OnEvent, TrainSummary, init_ray, run_training
-from clray.jobs.run.replan import mine_config
-
-STATE_FILE = "remine.json"
+from clray.jobs.run.replan import STATE_FILE, mine_config, mined_dir
 
 
 def run_with_remining(cfg: JobConfig, *, verbose: bool = False, on_event: OnEvent | None = None) -> TrainSummary:
@@ -59,7 +57,7 @@ def run_with_remining(cfg: JobConfig, *, verbose: bool = False, on_event: OnEven
             return summary
         if on_event:
             on_event(events.RemineEvent(epoch=stop, teacher=str(run_dir / "export")).record())
-        mine_cfg = mine_config(cfg, first_manifest, run_dir / "export", stop, run_dir / "mined" / f"epoch-{stop:04d}")
+        mine_cfg = mine_config(cfg, first_manifest, run_dir / "export", stop, mined_dir(run_dir, stop))
         try:
             mined = mine_plans(mine_cfg, start_ray=lambda: init_ray(cfg, verbose), overwrite=True)
         except ray.exceptions.RayError as exc:

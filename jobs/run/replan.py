@@ -26,6 +26,10 @@ from clray.jobs.run.schedule import TrainState
 if TYPE_CHECKING:
     from clray.pipelines.mining.config import MineConfig
 
+STATE_FILE = "remine.json"
+"""In the run directory: which plan is current from which epoch (sequential re-mining),
+or the plans mined so far (overlapped)."""
+
 POLL_WAIT_S = 0.5
 """How often the workers waiting for an epoch's plan ask the board again."""
 
