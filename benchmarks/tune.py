@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"                   asha {[round(r['metric_last'], 4) for r in asha_summary.trials]} "
           f"steps {[r['steps'] for r in asha_summary.trials]}")
     met = step_ratio <= 0.5 and gap <= 0.01
-    print("goal met" if met else "goal NOT met")
+    print("goal met" if met else "goal NOT met" + (" (a --tiny run's figures judge nothing)" if args.tiny else ""))
 
     key = "model.logit_scale.init_temperature"
     curves = {row[key]: dict(json.loads(row["curve"])) for row in grid_summary.trials}
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             gaps = np.array([grid_summary.best_value - b for _, b in runs])
             print(f"{grace:>6} {rf:>4g} {ratios.mean():>17.3f} {np.mean(ratios <= 0.5):>14.3f} "
                   f"{np.mean(gaps <= 0.01):>13.3f} {np.mean((ratios <= 0.5) & (gaps <= 0.01)):>8.3f}")
-    return 0 if met else 1
+    return 0 if met or args.tiny else 1  # --tiny is a smoke test of the code paths, not of the goal
 
 
 def replay_asha(curves: dict[float, dict[int, float]], order: list[float], grace: int, rf: float,

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
+OWN_RAY = "test_benchmark_on_ray_runs_tiny"
+"""Tests that run a command starting a local Ray of its own; see pytest_collection_modifyitems."""
+
 FAKE_AWS_ACCESS_KEY_ID = "clray-test-access-key"
 FAKE_AWS_SECRET_ACCESS_KEY = "clray-test-secret-key"
 """Credentials of the tests' own S3 (moto on loopback): distinctive, so a test can prove
@@ -56,7 +59,10 @@ def ray_session(aws_test_env: None) -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that needs Ray is an integration test (`-m "not integration"` skips them)."""
+    """Every test that needs Ray is an integration test (`-m "not integration"` skips them).
+    The benchmarks that start a Ray of their own run first, while ``ray_session``'s Ray
+    does not exist yet (tests/test_benchmarks.py)."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.name.startswith(OWN_RAY):
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: not item.name.startswith(OWN_RAY))  # stable: the rest keep their order
