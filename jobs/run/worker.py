@@ -24,6 +24,7 @@ from clray.jobs import events
 from clray.jobs.config import JobConfig
 from clray.jobs.run.cadence import Cadence, Selection, StepActions
 from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
+from clray.jobs.run.early import EarlyStart
 from clray.jobs.run.engine import (
     adopt_config,
     build_engine,
@@ -129,6 +130,11 @@ class Worker:
         """The plan each epoch reads (global batches; re-mined beside the run with remine.overlap)."""
         self.saved_step: int | None = None
         """The step of the newest checkpoint of this run (saved or restored by this start)."""
+        self.initial = TrainState()
+        """A fresh start's state (``restore`` returns it when there is no checkpoint), known
+        before the engine is built, so the first epoch's data can start during the build."""
+        self.early: EarlyStart | None = None
+        """The first epoch's batches, started ahead (``start_early``)."""
 
     def publish(self, event: events.Event) -> None:
         if self.rank == 0 and self.spec.progress is not None:
@@ -154,7 +160,7 @@ class Worker:
         run's newest complete one, or the one the driver named, ``start_from``), or a
         fresh start."""
         point = self.point
-        state = TrainState()
+        state = self.initial
         if point is not None:
             state, carried = restore_checkpoint(engine, point, self.rank, self.cfg)
             self.saved_step = state.step
@@ -202,6 +208,23 @@ class Worker:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+    def start_early(self, state: TrainState) -> None:
+        """Start the epoch ``state`` is in now, on a thread: the first ``next`` of an epoch
+        waits for Ray Data's split to start (its coordinator, the first blocks read and
+        preprocessed, the first batch collated), 3-4 s on a 2-core machine, which then
+        overlaps the engine's build and the baseline evaluation instead of following
+        them. Not with remine.overlap, whose epoch plan is chosen at the epoch's start."""
+        if self.spec.board is None and self.early is None and state.step < self.schedule.end_step:
+            self.early = EarlyStart(self.epoch_batches(state), state)
+
+    def batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """``epoch_batches``, taking the ones ``start_early`` started when they are this
+        epoch's (a started iterator is never re-read: the shard's epoch is one pass)."""
+        early, self.early = self.early, None
+        if early is not None and early.state is state:
+            return iter(early)
+        return self.epoch_batches(state)
 
     def epoch_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
@@ -417,8 +440,11 @@ class PlanOrderError(RuntimeError):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         worker = Worker(WorkerSpec.decode(config))
+        if worker.point is None:
+            worker.start_early(worker.initial)  # a fresh start: its first epoch is known now
         engine, loss_fn = worker.build()
         state = worker.restore(engine)
+        worker.start_early(state)  # a resumed start: its epoch is known once restored
     except CheckpointDamagedError:
         raise  # worth a retry: the next attempt restores the checkpoint before
     except Exception as exc:
@@ -451,7 +477,7 @@ def _train(worker: Worker, engine: Any, loss_fn: Any, state: TrainState, cadence
             return True
         window.reset()
         t0 = time.perf_counter()
-        for batch in worker.epoch_batches(state):
+        for batch in worker.batches(state):
             t1 = time.perf_counter()
             worker.record_batch(state, batch)
             worker.note_trained(batch)
