@@ -9,7 +9,10 @@ time goes (``time/<phase>``).
 Reference: one process, the same model, loss, optimizer (fused AdamW where torch has it,
 as clray), global batch and steps, on tensors preprocessed up front (no data loading at
 all), each batch cut to its longest caption as clray's collate does, using every core
-(torch threads = cores); its samples/s is likewise all samples over all steps' time. The
+(torch threads = cores); its samples/s is likewise all samples over all steps' time.
+Ceiling: the same plain loop on one worker's share of the batch and one thread, times
+the worker count: what N workers would reach with no data loading, communication or
+framework cost at all (each timed alone; side by side they also share memory bandwidth). The
 ratio says what the distributed machinery costs (or wins) on this machine; on one 2-core
 box the reference has the advantage of zero communication and zero data wait.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +42,8 @@ from clray.jobs.config import JobConfig, load_config  # noqa: E402
 from clray.jobs.run.engine import warmup_cosine, warmup_steps  # noqa: E402
 
 
-def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
+def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = None,
+               batch_size: int | None = None) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from clray.jobs.run.engine import fused_adamw_supported
@@ -46,7 +51,7 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
     from clray.models.losses import apply_loss, build_loss
     from clray.models.preprocess import preprocess_view, trim_padding
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     rows = pq.read_table(sorted((corpus / "train").glob("*.parquet"))).to_pylist()
     rows = [r for r in rows if not r["id"].startswith("bad-")]
     inputs = {
@@ -62,7 +67,7 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int) -> dict[str, float]:
                                   fused=fused_adamw_supported("cpu") or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps, warmup_steps(cfg, steps), cfg.optim.min_lr_ratio))
-    batch_size = cfg.train.global_batch_size
+    batch_size = batch_size or cfg.train.global_batch_size
     n = len(rows)
 
     def step() -> None:
@@ -97,6 +102,10 @@ def clray_loop(cfg: JobConfig) -> dict[str, Any]:
         "samples_per_s": cfg.train.global_batch_size * steps / seconds,
         "seconds": seconds,
         "phases": {p: sum(e["window_steps"] * e[f"time/{p}"] for e in train) / steps for p in PHASES},
+        # where the total goes beyond the steady state: the first logged window's data wait
+        # (the epoch's Ray Data split starting) and the median window's rate
+        "first_window_data_s": train[0]["window_steps"] * train[0]["time/data"],
+        "median_window_samples_per_s": cfg.train.global_batch_size / statistics.median(e["time/wall"] for e in train),
         "steps": summary.steps,
         "wall_seconds": summary.wall_seconds,
         "zero_shot_accuracy": summary.eval.get("eval/zero_shot_accuracy", float("nan")),
@@ -128,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_config(REPO / "configs" / "quickstart.toml", overrides)
         clray = clray_loop(cfg)
         plain = plain_loop(cfg, corpus, clray["steps"])
+        # One worker's share on one thread, as each clray worker computes it, with nothing
+        # else to pay: N of these side by side are the best any N-worker trainer could do.
+        share = plain_loop(cfg, corpus, clray["steps"], threads=1,
+                           batch_size=cfg.train.global_batch_size // args.workers)
+        torch.set_num_threads(os.cpu_count() or 1)
 
     print()
     print(f"quickstart step loop, global batch {cfg.train.global_batch_size}, {clray['steps']} steps, "
@@ -138,10 +152,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{label:40}{clray['samples_per_s']:>12.0f}{clray['seconds']:>9.1f}")
     print(f"ratio clray / reference (total samples over total loop time): "
           f"{clray['samples_per_s'] / plain['samples_per_s']:.2f}x")
+    bound = args.workers * share["samples_per_s"] / plain["samples_per_s"]
+    print(f"ceiling: plain torch on one worker's {cfg.train.global_batch_size // args.workers} rows and one thread "
+          f"{share['samples_per_s']:.0f} samples/s; {args.workers} such workers with no overhead at all would be "
+          f"{bound:.2f}x the reference")
     print("clray step time, ms/step: " + "  ".join(f"{p} {1000 * v:.1f}" for p, v in clray["phases"].items()))
+    print(f"clray's first logged window waited {clray['first_window_data_s']:.1f} s for data; its median window ran "
+          f"at {clray['median_window_samples_per_s']:.0f} samples/s "
+          f"({clray['median_window_samples_per_s'] / plain['samples_per_s']:.2f}x the reference)")
     print(f"clray wall time incl. Ray start, data validation, eval, export: {clray['wall_seconds']:.1f} s "
           f"(zero-shot accuracy {clray['zero_shot_accuracy']:.3f})")
-    return {"clray": clray, "plain": plain}
+    return {"clray": clray, "plain": plain, "share": share, "bound": bound}
 
 
 if __name__ == "__main__":

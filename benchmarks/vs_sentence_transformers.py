@@ -22,13 +22,19 @@ measured with sentence-transformers' ``InformationRetrievalEvaluator`` on each e
 model. The second setting, ``short``, cuts ``code`` to its first line (the function's
 signature) with ``max_length`` 64: short texts on both sides.
 
+Ceiling (each setting, ``--no-ceiling`` skips it): plain torch's forward and backward of
+one worker's share of a global batch on one thread (the slower share) against the whole
+batch on every core, both alone on the machine: how much any data-parallel trainer with
+no overhead at all could gain over one process on this machine and these texts.
+
 Teacher: texts/s of ``clray mine``'s embedding (its Ray Data actor class,
 ``TeacherEmbedder``, called on blocks of the same rows, no Ray) against
 ``SentenceTransformer.encode`` on the same texts (the pairs' queries and code), both with
 every core as torch threads and max_length 128.
 
     .venv/bin/python benchmarks/vs_sentence_transformers.py [--rows 8000]
-        [--settings [default] [short]] [--teacher/--no-teacher] [--json OUT] [--tiny]
+        [--settings [default] [short]] [--teacher/--no-teacher] [--ceiling/--no-ceiling]
+        [--json OUT] [--tiny]
 
 Needs ``sentence-transformers``, ``datasets`` and ``accelerate`` (the test extras).
 ``--settings`` with no name runs the teacher comparison alone. ``--tiny`` runs every part
@@ -256,7 +262,54 @@ def run_setting(name: str, args: argparse.Namespace) -> dict[str, Any]:
         results[label] = row
         print(f"   {label}: {json.dumps({k: v for k, v in row.items() if k != 'export'})}", flush=True)
     print_setting(results)
+    if args.ceiling:
+        results["ceiling"] = ceiling(pairs["train"], args, max_length)
     return results
+
+
+def ceiling(pairs: dict[str, list[str]], args: argparse.Namespace, max_length: int) -> dict[str, float]:
+    """The most any data-parallel trainer could gain here: plain torch forward and backward
+    (MiniLM, mean pooling, in-batch InfoNCE; no optimizer, no communication, no framework)
+    of one worker's share of a global batch on one thread, the slower share of each step,
+    against the whole batch on every core in one process (what sentence-transformers does).
+    Each is timed alone on the machine; two workers at once share memory bandwidth, so the
+    real bound is lower still."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(minilm()), AutoModel.from_pretrained(minilm())
+    model.train()
+
+    def step(queries: list[str], code: list[str]) -> float:
+        def embed(texts: list[str]) -> torch.Tensor:
+            inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            mask = inputs["attention_mask"].unsqueeze(-1).float()
+            pooled = (model(**inputs).last_hidden_state * mask).sum(1) / mask.sum(1)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        started = time.perf_counter()
+        anchors, positives = embed(queries), embed(code)
+        torch.nn.functional.cross_entropy(anchors @ positives.T * 20.0, torch.arange(len(queries))).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    steps = 2 if args.tiny else 8
+    batches = [(pairs["query"][i:i + args.batch], pairs["code"][i:i + args.batch])
+               for i in range(args.batch, (steps + 1) * args.batch, args.batch)]  # the first is a warm-up
+    share = args.batch // args.workers
+    torch.set_num_threads(os.cpu_count() or 1)
+    step(*batches[0])
+    whole = sum(step(q, c) for q, c in batches[1:]) / (len(batches) - 1)
+    torch.set_num_threads(1)
+    step(batches[0][0][:share], batches[0][1][:share])
+    worker = sum(max(step(q[r * share:(r + 1) * share], c[r * share:(r + 1) * share]) for r in range(args.workers))
+                 for q, c in batches[1:]) / (len(batches) - 1)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {"whole_batch_s": whole, "worker_share_s": worker, "bound": whole / worker}
+    print(f"data-parallel ceiling: forward+backward of the global batch on {os.cpu_count()} threads {whole:.3f} s; "
+          f"of one worker's {share} rows on 1 thread {worker:.3f} s (slower of {args.workers}): no {args.workers}-worker "
+          f"trainer can beat one process by more than {out['bound']:.2f}x here (load {load()})", flush=True)
+    return out
 
 
 def print_setting(results: dict[str, Any]) -> None:
@@ -334,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--contenders", nargs="+",
                         default=["sentence-transformers", "clray", "clray group_by_length"])
     parser.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                        help="time plain torch's forward and backward of a worker's share on one thread vs the "
+                             "global batch on every core: the best ratio any data-parallel trainer could reach")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     parser.add_argument("--tiny", action="store_true", help="a few dozen rows, one setting: a smoke test")
