@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -430,7 +431,11 @@ def test_pbt_copies_a_strong_trial_and_adopts_its_own_perturbed_config(
     import pyarrow.parquet as pq
 
     config = _write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, PBT, steps=16))
+    pointers = set(Path(tempfile.gettempdir()).glob("clray-tune-ptr-*"))
     assert main(["tune", str(config)]) == 0
+    # Each checkpoint's pointer is staged in /tmp for Tune to persist, then removed; PBT
+    # below restores from the persisted copy.
+    assert set(Path(tempfile.gettempdir()).glob("clray-tune-ptr-*")) <= pointers
     search_dir = tmp_path / "runs" / "search"
     rows = pq.read_table(search_dir / "results.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["COMPLETE", "COMPLETE"] and all(r["steps"] == 16 for r in rows)

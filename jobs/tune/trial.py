@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,11 @@ class TrialReporter:
                   "run_name": self.run_name, **({"done": True} if done else {})}
         if step in self.checkpointed:
             path = storage.join(self.run_uri, checkpoint_name(step))
-            tune.report(result, checkpoint=_pointer(self.run_name, self.trial_id, path, step))
+            pointer = _pointer(self.run_name, self.trial_id, path, step)
+            try:
+                tune.report(result, checkpoint=pointer)
+            finally:
+                shutil.rmtree(pointer.path, ignore_errors=True)  # report persisted a copy in the trial's storage
         else:
             tune.report(result)
 
