@@ -30,19 +30,24 @@ def test_every_benchmark_is_classified_and_has_a_tiny_mode() -> None:
         assert "--tiny" in (BENCHMARKS / f"{name}.py").read_text(), f"benchmarks/{name}.py has no --tiny mode"
 
 
-def run_tiny(name: str, timeout: int) -> None:
-    """``benchmarks/NAME.py --tiny`` as its own command: it must exit 0 and print its figures."""
-    out = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--tiny"], capture_output=True,
-                         text=True, timeout=timeout)
+def run_tiny(name: str, timeout: int, workdir: Path) -> None:
+    """``benchmarks/NAME.py --tiny`` as its own command: it must exit 0 and print its figures.
+    A script that keeps its work directory (``--workdir``; it defaults to a new one under
+    /tmp) gets the test's own, so the suite leaves nothing behind."""
+    script = BENCHMARKS / f"{name}.py"
+    command = [sys.executable, str(script), "--tiny"]
+    if '"--workdir"' in script.read_text():
+        command += ["--workdir", str(workdir)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.strip(), f"benchmarks/{name}.py --tiny printed nothing"
 
 
 @pytest.mark.parametrize("name", STANDALONE)
-def test_standalone_benchmark_runs_tiny(name: str) -> None:
-    run_tiny(name, timeout=600)
+def test_standalone_benchmark_runs_tiny(name: str, tmp_path: Path) -> None:
+    run_tiny(name, 600, tmp_path)
 
 
 @pytest.mark.parametrize("name", ON_RAY)
-def test_benchmark_on_ray_runs_tiny(name: str) -> None:
-    run_tiny(name, timeout=900)
+def test_benchmark_on_ray_runs_tiny(name: str, tmp_path: Path) -> None:
+    run_tiny(name, 900, tmp_path)
