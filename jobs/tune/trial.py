@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,18 @@ def _count_rows(files: list[str], cfg: JobConfig) -> int:
     return sum(pq.read_metadata(p, filesystem=fs).num_rows for p in paths)
 
 
-def _pointer(run_name: str, trial_id: str, checkpoint: str, step: int) -> Any:
-    """Tune's checkpoint for a trial: where its Train checkpoint is, not a copy of it."""
+@contextmanager
+def _pointer(run_name: str, trial_id: str, checkpoint: str, step: int) -> Iterator[Any]:
+    """Tune's checkpoint for a trial: where its Train checkpoint is, not a copy of it. Its
+    directory lasts while the block runs: ``tune.report`` persists a copy in the trial's
+    storage before it returns (as ``jobs.run.checkpoint`` does for Train's checkpoints)."""
     from ray import tune
 
-    directory = tempfile.mkdtemp(prefix="clray-tune-ptr-")
-    Path(directory, "pointer.json").write_text(json.dumps(
-        {"run_name": run_name, "trial_id": trial_id, "checkpoint": checkpoint, "step": step}
-    ))
-    return tune.Checkpoint.from_directory(directory)
+    with tempfile.TemporaryDirectory(prefix="clray-tune-ptr-") as directory:
+        Path(directory, "pointer.json").write_text(json.dumps(
+            {"run_name": run_name, "trial_id": trial_id, "checkpoint": checkpoint, "step": step}
+        ))
+        yield tune.Checkpoint.from_directory(directory)
 
 
 def _read_pointer(checkpoint: Any) -> dict[str, Any] | None:
@@ -118,11 +122,8 @@ class TrialReporter:
                   "run_name": self.run_name, **({"done": True} if done else {})}
         if step in self.checkpointed:
             path = storage.join(self.run_uri, checkpoint_name(step))
-            pointer = _pointer(self.run_name, self.trial_id, path, step)
-            try:
+            with _pointer(self.run_name, self.trial_id, path, step) as pointer:
                 tune.report(result, checkpoint=pointer)
-            finally:
-                shutil.rmtree(pointer.path, ignore_errors=True)  # report persisted a copy in the trial's storage
         else:
             tune.report(result)
 
