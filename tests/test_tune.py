@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -286,6 +288,44 @@ def test_adopt_config_sets_lr_and_temperature_through_zero2_master_weights(tmp_p
     assert adopted["log_scale"] == pytest.approx(math.log(2.0), abs=1e-6)
     # Teeth: writing only the model parameter is undone by the optimizer's master copy.
     assert result["fill_only"]["log_scale"] == pytest.approx(math.log(1 / 0.07), abs=1e-5)
+
+
+def test_asha_rungs_survive_a_killed_driver(tmp_path: Path, corpus: Path) -> None:
+    """Tune saves its trials but not its scheduler: a resumed ASHA would judge the trials
+    left only against each other. clray's ASHA keeps its rungs in the search directory."""
+    from ray import cloudpickle
+    from ray.tune.schedulers import TrialScheduler
+
+    from clray.jobs.tune.driver import RUNGS_FILE, _scheduler
+
+    job = load_tune_config(_write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, GOOD)))
+    first = _scheduler(job, 24)
+    first.set_search_properties("eval/zero_shot_accuracy", "max")
+    saved = cloudpickle.dumps(first)  # what Tune's tuner.pkl holds: the scheduler before any result
+
+    def trial(name: str) -> Any:
+        return SimpleNamespace(trial_id=name)
+
+    def result(step: int, accuracy: float) -> dict:
+        return {"step": step, "eval/zero_shot_accuracy": accuracy}
+
+    for name, accuracy in (("good", 0.27), ("strong", 0.35)):
+        first.on_trial_add(None, trial(name))
+        assert first.on_trial_result(None, trial(name), result(8, accuracy)) == TrialScheduler.CONTINUE
+        first.on_trial_complete(None, trial(name), result(24, accuracy))
+    # The driver dies here; a resumed one unpickles the scheduler Tune saved at the start.
+    resumed = cloudpickle.loads(saved)
+    resumed.on_trial_add(None, trial("weak"))
+    assert resumed.on_trial_result(None, trial("weak"), result(8, 0.10)) == TrialScheduler.STOP
+    # Killed again before Tune saved the stop: a second resume restarts the trial, and stops it again.
+    again = cloudpickle.loads(saved)
+    again.on_trial_add(None, trial("weak"))
+    assert again.on_trial_result(None, trial("weak"), result(4, 0.10)) == TrialScheduler.STOP
+    # Without the file, the resumed scheduler would let the weak trial go on (Tune's own ASHA).
+    (job.search_dir / RUNGS_FILE).unlink()
+    forgetful = cloudpickle.loads(saved)
+    forgetful.on_trial_add(None, trial("weak"))
+    assert forgetful.on_trial_result(None, trial("weak"), result(8, 0.10)) == TrialScheduler.CONTINUE
 
 
 # ------------------------------------------- one ASHA search, killed half-way and resumed
