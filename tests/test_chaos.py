@@ -102,15 +102,20 @@ def train(corpus: Path, runs: Path, name: str, *extra: str, kill: tuple[int, int
     record = runs / f"{name}.batches.jsonl"
     seen: list[dict[str, Any]] = []
     done = threading.Event()
+    killed: list[dict[str, Any]] = []
 
     def killer() -> None:
         assert kill is not None
         while not done.is_set():
             if record.exists():
                 for line in record.read_text().splitlines():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # the last line, still being written
+                        break
                     if row["rank"] == kill[0] and row["step"] >= kill[1]:
                         os.kill(row["pid"], signal.SIGKILL)
+                        killed.append(row)
                         return
             time.sleep(0.02)
 
@@ -123,6 +128,8 @@ def train(corpus: Path, runs: Path, name: str, *extra: str, kill: tuple[int, int
     finally:
         done.set()
         del os.environ[RECORD_BATCHES_ENV]
+    # A kill that never happened would make the checks on the restart meaningless.
+    assert not kill or killed, f"the killer never found rank {kill[0]} at step {kill[1]} in {record}"
     return Run(summary, runs / name, seen, read_batches(record))
 
 
@@ -139,7 +146,8 @@ def worker_killed(ray_session: None, corpus: Path, runs: Path) -> Run:
 def test_a_killed_worker_is_restarted_and_the_run_matches_one_left_alone(reference: Run, worker_killed: Run) -> None:
     failures = [e for e in worker_killed.events if e["event"] == "failure"]
     resumed = [e for e in worker_killed.events if e["event"] == "resumed"]
-    assert len(failures) == 1 and failures[0]["retrying"] and failures[0]["rank"] == 1, failures
+    assert len(failures) == 1 and failures[0]["retrying"] and failures[0]["rank"] == 1, \
+        (failures, [e["event"] for e in worker_killed.events])
     assert len(resumed) == 1 and resumed[0]["step"] in (4, 8) and resumed[0]["step_in_epoch"] == resumed[0]["step"]
     assert resumed[0]["checkpoint"] == checkpoint_name(resumed[0]["step"])
     # The same rows per step and rank, the same loss every step, the same end.
