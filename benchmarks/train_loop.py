@@ -10,6 +10,10 @@ Reference: one process, the same model, loss, optimizer (fused AdamW where torch
 as clray), global batch and steps, on tensors preprocessed up front (no data loading at
 all), each batch cut to its longest caption as clray's collate does, using every core
 (torch threads = cores); its samples/s is likewise all samples over all steps' time.
+Plain DDP: PyTorch's own data parallelism, N processes of one thread each on their share of
+the batch, gradients all-reduced over gloo: what the communication alone costs with no
+framework, data loading or Ray around it (negatives stay local to each process).
+The references run after clray's fit, with its Ray shut down.
 Ceiling: the same plain loop on one worker's share of the batch and one thread, times
 the worker count: what N workers would reach with no data loading, communication or
 framework cost at all (each timed alone; side by side they also share memory bandwidth). The
@@ -42,8 +46,10 @@ from clray.jobs.config import JobConfig, load_config  # noqa: E402
 from clray.jobs.run.engine import warmup_cosine, warmup_steps  # noqa: E402
 
 
-def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = None,
-               batch_size: int | None = None) -> dict[str, float]:
+def _plain_setup(cfg: JobConfig, corpus: Path, steps: int, batch_size: int,
+                 wrap: Any = None) -> Any:
+    """One plain training step of the quickstart model (``wrap``: e.g. DDP around it), on
+    tensors preprocessed up front; returns the step function."""
     import pyarrow.parquet as pq
 
     from clray.jobs.run.engine import fused_adamw_supported
@@ -51,7 +57,6 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = N
     from clray.models.losses import apply_loss, build_loss
     from clray.models.preprocess import preprocess_view, trim_padding
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     rows = pq.read_table(sorted((corpus / "train").glob("*.parquet"))).to_pylist()
     rows = [r for r in rows if not r["id"].startswith("bad-")]
     inputs = {
@@ -61,13 +66,13 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = N
     tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
     torch.manual_seed(cfg.run.seed)
     model = DualEncoder(cfg.model)
+    groups = model.param_groups(cfg.optim.weight_decay)
+    model = wrap(model) if wrap else model
     loss_fn = build_loss(cfg.loss)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps,
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=fused_adamw_supported("cpu") or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps, warmup_steps(cfg, steps), cfg.optim.min_lr_ratio))
-    batch_size = batch_size or cfg.train.global_batch_size
     n = len(rows)
 
     def step() -> None:
@@ -80,11 +85,61 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = N
         optimizer.step()
         schedule.step()
 
+    return step
+
+
+def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = None,
+               batch_size: int | None = None) -> dict[str, float]:
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    batch_size = batch_size or cfg.train.global_batch_size
+    step = _plain_setup(cfg, corpus, steps, batch_size)
     started = time.perf_counter()
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - started
     return {"samples_per_s": batch_size * steps / elapsed, "steps": steps, "seconds": elapsed}
+
+
+def _ddp_rank(rank: int, world: int, port: int, cfg: JobConfig, corpus: Path, steps: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    step = _plain_setup(cfg, corpus, steps, cfg.train.global_batch_size // world,
+                        wrap=torch.nn.parallel.DistributedDataParallel)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dist.barrier()
+    if rank == 0:
+        out.put(time.perf_counter() - started)
+    dist.destroy_process_group()
+
+
+def ddp_loop(cfg: JobConfig, corpus: Path, steps: int, workers: int) -> dict[str, float]:
+    """Plain PyTorch data parallelism: ``workers`` processes of one thread each, each on its
+    share of the global batch, gradients all-reduced by DDP over gloo. Negatives stay local
+    to each process (clray gathers them across workers; that loss is a small part of a step)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, workers, port, cfg, corpus, steps, out)) for r in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise SystemExit(f"the DDP reference failed: exit codes {[proc.exitcode for proc in procs]}")
+    elapsed = out.get(timeout=10)
+    return {"samples_per_s": cfg.train.global_batch_size * steps / elapsed, "steps": steps, "seconds": elapsed}
 
 
 PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
@@ -136,7 +191,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             overrides += ["train.max_steps=3", "data.eval=[]"]
         cfg = load_config(REPO / "configs" / "quickstart.toml", overrides)
         clray = clray_loop(cfg)
+        import ray
+
+        ray.shutdown()  # the references get the machine to themselves, as they would without clray
         plain = plain_loop(cfg, corpus, clray["steps"])
+        ddp = ddp_loop(cfg, corpus, clray["steps"], args.workers)
         # One worker's share on one thread, as each clray worker computes it, with nothing
         # else to pay: N of these side by side are the best any N-worker trainer could do.
         share = plain_loop(cfg, corpus, clray["steps"], threads=1,
@@ -148,10 +207,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})")
     print(f"{'':40}{'samples/s':>12}{'loop s':>9}")
     print(f"{'plain torch, 1 process (reference)':40}{plain['samples_per_s']:>12.0f}{plain['seconds']:>9.1f}")
+    label = f"plain DDP, {args.workers} processes x 1 thread"
+    print(f"{label:40}{ddp['samples_per_s']:>12.0f}{ddp['seconds']:>9.1f}")
     label = f"clray, {args.workers} Ray Train workers + ZeRO-{cfg.train.zero_stage}"
     print(f"{label:40}{clray['samples_per_s']:>12.0f}{clray['seconds']:>9.1f}")
     print(f"ratio clray / reference (total samples over total loop time): "
-          f"{clray['samples_per_s'] / plain['samples_per_s']:.2f}x")
+          f"{clray['samples_per_s'] / plain['samples_per_s']:.2f}x; plain DDP / reference "
+          f"{ddp['samples_per_s'] / plain['samples_per_s']:.2f}x; clray / plain DDP "
+          f"{clray['samples_per_s'] / ddp['samples_per_s']:.2f}x")
     bound = args.workers * share["samples_per_s"] / plain["samples_per_s"]
     print(f"ceiling: plain torch on one worker's {cfg.train.global_batch_size // args.workers} rows and one thread "
           f"{share['samples_per_s']:.0f} samples/s; {args.workers} such workers with no overhead at all would be "
@@ -162,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"({clray['median_window_samples_per_s'] / plain['samples_per_s']:.2f}x the reference)")
     print(f"clray wall time incl. Ray start, data validation, eval, export: {clray['wall_seconds']:.1f} s "
           f"(zero-shot accuracy {clray['zero_shot_accuracy']:.3f})")
-    return {"clray": clray, "plain": plain, "share": share, "bound": bound}
+    return {"clray": clray, "plain": plain, "ddp": ddp, "share": share, "bound": bound}
 
 
 if __name__ == "__main__":
