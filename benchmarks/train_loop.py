@@ -46,16 +46,11 @@ from clray.jobs.config import JobConfig, load_config  # noqa: E402
 from clray.jobs.run.engine import warmup_cosine, warmup_steps  # noqa: E402
 
 
-def _plain_setup(cfg: JobConfig, corpus: Path, steps: int, batch_size: int,
-                 wrap: Any = None) -> Any:
-    """One plain training step of the quickstart model (``wrap``: e.g. DDP around it), on
-    tensors preprocessed up front; returns the step function."""
+def plain_inputs(cfg: JobConfig, corpus: Path) -> dict[str, torch.Tensor]:
+    """The corpus's training rows preprocessed up front, once for every reference."""
     import pyarrow.parquet as pq
 
-    from clray.jobs.run.engine import fused_adamw_supported
-    from clray.models.dual_encoder import DualEncoder
-    from clray.models.losses import apply_loss, build_loss
-    from clray.models.preprocess import preprocess_view, trim_padding
+    from clray.models.preprocess import preprocess_view
 
     rows = pq.read_table(sorted((corpus / "train").glob("*.parquet"))).to_pylist()
     rows = [r for r in rows if not r["id"].startswith("bad-")]
@@ -63,7 +58,18 @@ def _plain_setup(cfg: JobConfig, corpus: Path, steps: int, batch_size: int,
         **preprocess_view(cfg.model.anchor, [r[cfg.data.anchor.column] for r in rows], "anchor"),
         **preprocess_view(cfg.model.positive_tower, [r[cfg.data.positive.column] for r in rows], "positive"),
     }
-    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    return {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+
+def _plain_setup(cfg: JobConfig, tensors: dict[str, torch.Tensor], steps: int, batch_size: int,
+                 wrap: Any = None) -> Any:
+    """One plain training step of the quickstart model (``wrap``: e.g. DDP around it) on
+    batches drawn from ``tensors``; returns the step function."""
+    from clray.jobs.run.engine import fused_adamw_supported
+    from clray.models.dual_encoder import DualEncoder
+    from clray.models.losses import apply_loss, build_loss
+    from clray.models.preprocess import trim_padding
+
     torch.manual_seed(cfg.run.seed)
     model = DualEncoder(cfg.model)
     groups = model.param_groups(cfg.optim.weight_decay)
@@ -73,7 +79,7 @@ def _plain_setup(cfg: JobConfig, corpus: Path, steps: int, batch_size: int,
                                   fused=fused_adamw_supported("cpu") or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps, warmup_steps(cfg, steps), cfg.optim.min_lr_ratio))
-    n = len(rows)
+    n = len(next(iter(tensors.values())))
 
     def step() -> None:
         idx = torch.randint(0, n, (batch_size,))
@@ -88,11 +94,11 @@ def _plain_setup(cfg: JobConfig, corpus: Path, steps: int, batch_size: int,
     return step
 
 
-def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = None,
+def plain_loop(cfg: JobConfig, tensors: dict[str, torch.Tensor], steps: int, threads: int | None = None,
                batch_size: int | None = None) -> dict[str, float]:
     torch.set_num_threads(threads or os.cpu_count() or 1)
     batch_size = batch_size or cfg.train.global_batch_size
-    step = _plain_setup(cfg, corpus, steps, batch_size)
+    step = _plain_setup(cfg, tensors, steps, batch_size)
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -100,13 +106,14 @@ def plain_loop(cfg: JobConfig, corpus: Path, steps: int, threads: int | None = N
     return {"samples_per_s": batch_size * steps / elapsed, "steps": steps, "seconds": elapsed}
 
 
-def _ddp_rank(rank: int, world: int, port: int, cfg: JobConfig, corpus: Path, steps: int, out: Any) -> None:
+def _ddp_rank(rank: int, world: int, port: int, cfg: JobConfig, tensors: dict[str, torch.Tensor], steps: int,
+              out: Any) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    step = _plain_setup(cfg, corpus, steps, cfg.train.global_batch_size // world,
+    step = _plain_setup(cfg, tensors, steps, cfg.train.global_batch_size // world,
                         wrap=torch.nn.parallel.DistributedDataParallel)
     dist.barrier()
     started = time.perf_counter()
@@ -118,20 +125,18 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: JobConfig, corpus: Path, st
     dist.destroy_process_group()
 
 
-def ddp_loop(cfg: JobConfig, corpus: Path, steps: int, workers: int) -> dict[str, float]:
+def ddp_loop(cfg: JobConfig, tensors: dict[str, torch.Tensor], steps: int, workers: int) -> dict[str, float]:
     """Plain PyTorch data parallelism: ``workers`` processes of one thread each, each on its
     share of the global batch, gradients all-reduced by DDP over gloo. Negatives stay local
     to each process (clray gathers them across workers; that loss is a small part of a step)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from clray.jobs.runtime import free_port
+
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, workers, port, cfg, corpus, steps, out)) for r in range(workers)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, workers, port, cfg, tensors, steps, out)) for r in range(workers)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -194,11 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import ray
 
         ray.shutdown()  # the references get the machine to themselves, as they would without clray
-        plain = plain_loop(cfg, corpus, clray["steps"])
-        ddp = ddp_loop(cfg, corpus, clray["steps"], args.workers)
+        tensors = plain_inputs(cfg, corpus)
+        plain = plain_loop(cfg, tensors, clray["steps"])
+        ddp = ddp_loop(cfg, tensors, clray["steps"], args.workers)
         # One worker's share on one thread, as each clray worker computes it, with nothing
         # else to pay: N of these side by side are the best any N-worker trainer could do.
-        share = plain_loop(cfg, corpus, clray["steps"], threads=1,
+        share = plain_loop(cfg, tensors, clray["steps"], threads=1,
                            batch_size=cfg.train.global_batch_size // args.workers)
         torch.set_num_threads(os.cpu_count() or 1)
 
