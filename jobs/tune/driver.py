@@ -127,6 +127,8 @@ class _ResumableASHA:
                 self.job = job
                 self.restored = False  # pickled False into the saved search: a resumed driver reads the file
                 self.stopped: set[str] = set()
+                self.saved_brackets: dict[str, int] = {}  # trial -> bracket, as read back on a resume
+                self.written = ""  # the file's content as last written: unchanged results write nothing
 
             def _restore(self) -> None:
                 if self.restored:
@@ -143,16 +145,18 @@ class _ResumableASHA:
                 self.stopped = set(saved["stopped"])
 
             def _save(self) -> None:
-                state = {"rungs": [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets],
-                         "trials": {t: self._brackets.index(b) for t, b in self._trial_info.items()},
-                         "stopped": sorted(self.stopped)}
-                (self.job.search_dir / RUNGS_FILE).write_text(json.dumps(state))
-                self.job.staging.publish(RUNGS_FILE)
+                text = json.dumps({"rungs": [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets],
+                                   "trials": {t: self._brackets.index(b) for t, b in self._trial_info.items()},
+                                   "stopped": sorted(self.stopped)})
+                if text != self.written:  # most results reach no rung (on S3, each write is an upload)
+                    (self.job.search_dir / RUNGS_FILE).write_text(text)
+                    self.job.staging.publish(RUNGS_FILE)
+                    self.written = text
 
             def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
                 self._restore()
                 super().on_trial_add(tune_controller, trial)
-                index = getattr(self, "saved_brackets", {}).get(trial.trial_id)
+                index = self.saved_brackets.get(trial.trial_id)
                 if index is not None:  # a trial from before the resume stays in its bracket
                     self._trial_info[trial.trial_id] = self._brackets[index]
 
