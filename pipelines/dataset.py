@@ -207,6 +207,9 @@ class PreparedData:
     num_eval_rows: int = 0
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
+    cached: ray.data.Dataset | None = None
+    """With data.cache: the materialised training set, unshuffled (``train`` is it with the
+    epoch's shuffle applied), which workers may read block by block (``pipelines.cached``)."""
 
 
 def _view_bytes(tower: Tower) -> int:
@@ -321,13 +324,14 @@ def build_datasets(
     previous = context.execution_options.preserve_order
     context.execution_options.preserve_order = previous or split.data.deterministic
     try:
-        train = _train_dataset(spec, split, report, seed, seed_config, include_ids)
+        train, cached = _train_dataset(spec, split, report, seed, seed_config, include_ids)
     finally:
         context.execution_options.preserve_order = previous
 
     eval_ds, eval_report = build_eval_dataset(spec, quarantine_path=quarantine_path, include_ids=include_ids)
     return PreparedData(
         train=train,
+        cached=cached,
         eval=eval_ds,
         report=report,
         num_train_rows=report.valid_rows,
@@ -339,24 +343,25 @@ def build_datasets(
 
 
 def _train_dataset(spec: DataSpec, split: SplitSpec, report: ValidationReport, seed: int, seed_config: Any,
-                   include_ids: bool) -> ray.data.Dataset:
-    """The training dataset with data.shuffle applied (see build_datasets)."""
+                   include_ids: bool) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
+    """The training dataset with data.shuffle applied (see build_datasets), and the
+    materialised set under it when data.cache holds it (else None)."""
     data_cfg, task_cpus = split.data, spec.task_cpus
     drop = report.drop_hashes  # duplicate-id rows, named by Ray's row hash
     if should_cache(data_cfg, report.valid_rows * preprocessed_row_bytes(spec.towers, data_cfg)):
         # Preprocess once; each epoch then only reorders blocks held in memory.
-        train = model_inputs(read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop)), spec, split,
-                             include_ids=include_ids, drop_hashes=drop).materialize()
+        cached = model_inputs(read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop)), spec, split,
+                              include_ids=include_ids, drop_hashes=drop).materialize()
+        train = cached
         if data_cfg.shuffle == "global":
-            train = train.random_shuffle(seed=seed_config, num_cpus=task_cpus)
+            train = cached.random_shuffle(seed=seed_config, num_cpus=task_cpus)
         elif data_cfg.shuffle == "local":
-            train = train.randomize_block_order(seed=seed_config)
+            train = cached.randomize_block_order(seed=seed_config)
+        return train, cached
+    if data_cfg.shuffle == "local":
+        train_raw = read_shards(split, shuffle_files_seed=seed, num_cpus=task_cpus, include_row_hash=bool(drop))
     else:
-        if data_cfg.shuffle == "local":
-            train_raw = read_shards(split, shuffle_files_seed=seed, num_cpus=task_cpus, include_row_hash=bool(drop))
-        else:
-            train_raw = read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop))
-        if data_cfg.shuffle == "global":
-            train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
-        train = model_inputs(train_raw, spec, split, include_ids=include_ids, drop_hashes=drop)
-    return train
+        train_raw = read_shards(split, num_cpus=task_cpus, include_row_hash=bool(drop))
+    if data_cfg.shuffle == "global":
+        train_raw = train_raw.random_shuffle(seed=seed_config, num_cpus=task_cpus)
+    return model_inputs(train_raw, spec, split, include_ids=include_ids, drop_hashes=drop), None

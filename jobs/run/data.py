@@ -46,6 +46,9 @@ class RunData:
     packed_spec: Any = None
     """Packed plans of global batches: the checked ``DataSpec`` every rank builds its own
     datasets from (``pipelines.unpack.rank_dataset``)."""
+    cached: Any = None
+    """Examples mode with data.cache: the cached training set's blocks
+    (``pipelines.cached.CachedSet``), which every rank reads itself, no split."""
 
 
 def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunData:
@@ -53,6 +56,7 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
     ``spec`` (``check_data``). A Ray Data failure surfaces as the user's error, not Ray's."""
     from clray.jobs.runtime import describe_failure
     from clray.pipelines import DataError, build_datasets, steps_per_epoch
+    from clray.pipelines.cached import cached_set
     from clray.pipelines.unpack import build_packed_datasets
 
     plan = spec.plan
@@ -74,6 +78,8 @@ def build_run_data(cfg: JobConfig, spec: DataSpec, quarantine_path: str) -> RunD
             prepared = build_datasets(spec, quarantine_path=quarantine_path, seed=cfg.run.seed)
             out = RunData({"train": prepared.train}, steps_per_epoch(prepared.num_train_rows, cfg.train.global_batch_size),
                           prepared.num_train_rows, prepared.report, prepared.eval is not None)
+            if prepared.cached is not None:
+                out.cached = cached_set(prepared.cached)
             eval_ds = prepared.eval
     except DataError:
         raise
@@ -114,6 +120,7 @@ def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Sche
         global_batches=data.packed_spec is not None,
         stop_step=stop_step,
         remainder_rows=0 if packed else data.num_rows - per_epoch * cfg.train.global_batch_size,
+        cached_train=data.cached is not None,
     )
     if packed:
         # More epochs than plans: epoch e trains on plan e % num_plans.

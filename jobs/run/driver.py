@@ -200,7 +200,7 @@ class _Start:
         self.emit(_data_event(data, schedule, location).record())
         spec = WorkerSpec(job=for_workers(cfg), schedule=schedule, has_eval="eval" in data.datasets,
                           export_dir=location.path("export"), start_from=start_from, adopt_config=adopt_config,
-                          packed=data.packed_spec)
+                          packed=data.packed_spec, cached=data.cached)
         if self.overlap is not None:
             spec.board = self.overlap.start(checked, schedule.steps_per_epoch)
         records = _Fit(self, spec, data, checked).run()
@@ -319,7 +319,10 @@ def _datasets(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec
     source = ResumableTrain.of(datasets[TRAIN], run_uri=cfg.run_uri, start_from=spec.start_from,
                                storage=cfg.storage, world_size=cfg.scaling.num_workers,
                                deterministic=cfg.data.deterministic, task_cpus=checked.task_cpus)
-    datasets[TRAIN] = TrainData(source)
+    if spec.cached is None:
+        datasets[TRAIN] = TrainData(source)
+    else:
+        del datasets[TRAIN]  # every rank reads the cached set itself (pipelines.cached)
     datasets[RESUME] = RemainderData(source)
     return datasets
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,13 +21,13 @@ import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
+from clray.jobs.run.batches import EpochBatches
 from clray.jobs.run.cadence import Cadence, Selection, StepActions
 from clray.jobs.run.checkpoint import export, restore_checkpoint, save_checkpoint, seed_everything
 from clray.jobs.run.early import EarlyStart
 from clray.jobs.run.engine import (
     adopt_config,
     build_engine,
-    cast_batch,
     train_step,
     use_bf16,
     watch_reduction,
@@ -80,11 +79,15 @@ class WorkerSpec:
     board: Any = None
     """remine.overlap: the driver's ``overlap.PlanBoard`` actor, where the plans mined
     beside the run appear (None otherwise)."""
+    cached: Any = None
+    """Examples mode with data.cache: the cached training set's blocks
+    (``pipelines.cached.CachedSet``), which every rank reads itself instead of a split."""
 
     def encode(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "plan": asdict(self.schedule), "progress": self.progress,
                 "has_eval": self.has_eval, "export_dir": self.export_dir, "start_from": self.start_from,
-                "adopt_config": self.adopt_config, "stop": self.stop, "packed": self.packed, "board": self.board}
+                "adopt_config": self.adopt_config, "stop": self.stop, "packed": self.packed, "board": self.board,
+                "cached": self.cached}
 
     @classmethod
     def decode(cls, config: dict[str, Any]) -> WorkerSpec:
@@ -92,10 +95,10 @@ class WorkerSpec:
                    has_eval=bool(config.get("has_eval")), export_dir=config.get("export_dir"),
                    start_from=config.get("start_from"), adopt_config=bool(config.get("adopt_config")),
                    progress=config.get("progress"), stop=config.get("stop"), packed=config.get("packed"),
-                   board=config.get("board"))
+                   board=config.get("board"), cached=config.get("cached"))
 
 
-class Worker:
+class Worker(EpochBatches):
     """One rank's view of the run: its config, schedule, device and event channel."""
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -135,6 +138,8 @@ class Worker:
         before the engine is built, so the first epoch's data can start during the build."""
         self.early: EarlyStart | None = None
         """The first epoch's batches, started ahead (``start_early``)."""
+        self.cached: Any = None
+        """The cached training set's rows (``pipelines.cached.CachedEpochs``), loaded at first use."""
 
     def publish(self, event: events.Event) -> None:
         if self.rank == 0 and self.spec.progress is not None:
@@ -208,133 +213,6 @@ class Worker:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
-
-    def start_early(self, state: TrainState) -> None:
-        """Start the epoch ``state`` is in now, on a thread: the first ``next`` of an epoch
-        waits for Ray Data's split to start (its coordinator, the first blocks read and
-        preprocessed, the first batch collated), 3-4 s on a 2-core machine, which then
-        overlaps the engine's build and the baseline evaluation instead of following
-        them. Not with remine.overlap, whose epoch plan is chosen at the epoch's start."""
-        if self.spec.board is None and self.early is None and state.step < self.schedule.end_step:
-            self.early = EarlyStart(self.epoch_batches(state), state)
-
-    def batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
-        """``epoch_batches``, taking the ones ``start_early`` started when they are this
-        epoch's (a started iterator is never re-read: the shard's epoch is one pass)."""
-        early, self.early = self.early, None
-        if early is not None and early.state is state:
-            return iter(early)
-        return self.epoch_batches(state)
-
-    def epoch_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
-        """This epoch's remaining local batches, exactly ``steps_per_epoch - step_in_epoch``
-        of them; after the last, the shard's remainder (under one batch) is drained so
-        the next epoch starts clean."""
-        if self.spec.packed is not None:
-            yield from self._global_batches(state)
-            return
-        remainder = state.epoch == self.remainder_epoch
-        self.remainder_epoch = None
-        name = RESUME if remainder else self.schedule.train_dataset(state.epoch)
-        if name not in self.shards:
-            import ray.train
-
-            self.shards[name] = ray.train.get_dataset_shard(name)  # [ray]
-        batches = self._iterate(self.shards[name], state.epoch)
-        # A mid-epoch resume: the epoch's first batches were trained. The remainder dataset
-        # holds only the rows they did not take; the full one replays the same order
-        # (data.deterministic) and skips them.
-        for _ in range(0 if remainder else state.step_in_epoch):
-            self._next(batches, state)
-        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
-            yield cast_batch(self._next(batches, state), self.bf16)
-        if state.step_in_epoch >= self.schedule.steps_per_epoch:
-            for _ in batches:
-                pass
-
-    def _global_batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's part of each remaining global batch of the epoch's plan, in step
-        order: read from ``step_in_epoch`` on (a mid-epoch resume reads no trained batch),
-        and each batch's plan index checked against the step, so a rank can never train
-        a part of another step's batch."""
-        import ray.data
-
-        from clray.pipelines.collate import training_collate
-        from clray.pipelines.unpack import rank_dataset
-
-        spec = self.plans.current
-        workers = self.cfg.scaling.num_workers
-        plan_index = self.plans.index(state.epoch)
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # [ray]
-        dataset = rank_dataset(spec, plan_index, self.rank, workers, start_step=state.step_in_epoch)
-        rows = dataset.iter_torch_batches(batch_size=1, prefetch_batches=self.cfg.data.prefetch_batches,
-                                          device=self.device, collate_fn=training_collate(self.cfg.data))  # [ray]
-        batches = ({key: value[0] for key, value in batch.items()} for batch in rows)
-        while state.step_in_epoch < self.schedule.steps_per_epoch and state.step < self.schedule.end_step:
-            batch = self._next(batches, state)
-            index = int(batch.pop("plan_batch"))
-            if index != state.step_in_epoch:
-                raise PlanOrderError(
-                    f"rank {self.rank}: step {state.step_in_epoch} of epoch {state.epoch} got batch {index} of plan "
-                    f"{plan_index} ({spec.plan.directory}); every rank must train part {self.rank} of batch "
-                    f"{state.step_in_epoch} in this step. The plan's files are out of batch order: mine again"
-                )
-            yield cast_batch(batch, self.bf16)
-
-    def _iterate(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        from clray.pipelines.collate import training_collate  # imports Ray Data
-
-        data = self.cfg.data
-        if self.schedule.packed:
-            # One row per mined batch: taken whole, never re-batched or shuffled here; each
-            # torch batch is [1, B, ...], the 1 dropped.
-            rows = shard.iter_torch_batches(batch_size=1, drop_last=True, prefetch_batches=data.prefetch_batches,
-                                            device=self.device, collate_fn=training_collate(data))  # [ray]
-            return ({key: value[0] for key, value in batch.items()} for batch in rows)
-        if data.group_by_length:
-            return self._length_grouped(shard, epoch)
-        return iter(shard.iter_torch_batches(  # [ray]
-            batch_size=self.cfg.local_batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
-            # data.deterministic: the same buffer order every run, a new one each epoch
-            local_shuffle_seed=(self.cfg.run.seed * 100_003 + epoch * 101 + self.rank) if data.deterministic else None,
-            prefetch_batches=data.prefetch_batches,
-            device=self.device,
-            collate_fn=training_collate(data),  # dynamic padding: each batch cut to its longest row
-        ))
-
-    def _length_grouped(self, shard: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """data.group_by_length: whole shuffle windows (data.shuffle_buffer rows, shuffled
-        as usual) are taken from Ray and cut into batches of similar-length rows here
-        (``pipelines.length_groups``), then padded to each batch's longest row."""
-        from clray.pipelines.collate import training_collate
-        from clray.pipelines.length_groups import length_grouped_batches
-
-        data, size = self.cfg.data, self.cfg.local_batch_size
-        window = max(size, data.shuffle_buffer // size * size)
-        seed = self.cfg.run.seed * 100_003 + epoch * 101 + self.rank
-        windows = shard.iter_batches(  # [ray]
-            batch_size=window, batch_format="numpy", drop_last=False,
-            local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
-            local_shuffle_seed=seed if data.deterministic else None,
-            prefetch_batches=1,
-        )
-        collate = training_collate(data)
-        rng = np.random.default_rng(seed if data.deterministic else None)
-        for batch in length_grouped_batches(windows, size, rng):
-            yield {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                   for key, value in collate(batch).items()}
-
-    def _next(self, batches: Iterator[dict[str, torch.Tensor]], state: TrainState) -> dict[str, torch.Tensor]:
-        try:
-            return next(batches)
-        except StopIteration:
-            raise ShardExhaustedError(
-                f"rank {self.rank}: the data shard ran out after {state.step_in_epoch} of "
-                f"{self.schedule.steps_per_epoch} batches in epoch {state.epoch}; the corpus changed since "
-                "the driver counted it, or rows were lost in preprocessing"
-            ) from None
 
     def record_batch(self, state: TrainState, batch: dict[str, Any]) -> None:
         if not self.record_path:
@@ -427,14 +305,6 @@ class Worker:
         if not cadence.selects or state.best_step is None:
             self.export(engine, state, final)
         ray.train.report({**final, "final": complete})  # [ray]
-
-
-class ShardExhaustedError(RuntimeError):
-    pass
-
-
-class PlanOrderError(RuntimeError):
-    """A rank's packed batch is not the step's global batch: training it would mix batches."""
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
