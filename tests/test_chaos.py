@@ -38,7 +38,9 @@ pytestmark = pytest.mark.integration
 
 STEPS = 16  # an epoch is 11 steps: every interrupted run resumes inside epoch 0 and crosses into epoch 1
 COMMON = ["data.deterministic=true", f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.log_every=1",
-          "train.keep_checkpoints=3"]
+          "train.keep_checkpoints=3", "train.zero_stage=2"]
+"""ZeRO-2 (not the CPU default, 0): its partitioned checkpoints are what the restarts, the
+elastic resume (through DeepSpeed's universal form) and the integrity checks must handle."""
 
 
 @dataclass

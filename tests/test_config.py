@@ -68,7 +68,9 @@ def test_shipped_configs_exist() -> None:
 
 def test_defaults_fill_in() -> None:
     cfg = validate(minimal())
-    assert cfg.train.zero_stage == 2
+    assert cfg.train.zero_stage == 0  # "auto" on CPU workers
+    assert validate({**minimal(), "scaling": {"use_gpu": True}}).train.zero_stage == 2  # "auto" on GPUs
+    assert validate({**minimal(), "train": {"zero_stage": 2}}).train.zero_stage == 2
     assert cfg.model.logit_scale.init_temperature == pytest.approx(0.07)
     assert cfg.model.logit_scale.max_scale == 100
     assert cfg.data.train == ["shards/"]
@@ -156,7 +158,7 @@ def test_config_show_prints_resolved_defaults(capsys: pytest.CaptureFixture[str]
     assert main(["config", "show", str(quickstart), "--set", "optim.lr=3e-4"]) == 0
     out = capsys.readouterr().out
     assert "lr = 0.0003" in out
-    assert "zero_stage = 2" in out  # defaults are shown, not only what the file sets
+    assert "zero_stage = 0" in out  # "auto" is shown as the stage it settles to on CPU workers
     assert "prefetch_batches = 2" in out
 
 

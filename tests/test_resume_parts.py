@@ -133,13 +133,17 @@ def test_a_config_the_checkpoint_cannot_resume_is_refused_before_ray(tmp_path: P
     fake_checkpoint(tmp_path, 8)
     point = resume_point(str(tmp_path), None)
     assert point is not None
-    cfg = load_config(QUICKSTART_CONFIG)
+    stage2 = "train.zero_stage=2"  # the stage the fake checkpoint was written with
+    cfg = load_config(QUICKSTART_CONFIG, [stage2])
     assert check_resumable(cfg, point) is False
-    assert check_resumable(load_config(QUICKSTART_CONFIG, ["scaling.num_workers=1"]), point) is True
+    assert check_resumable(load_config(QUICKSTART_CONFIG, ["scaling.num_workers=1", stage2]), point) is True
     with pytest.raises(ResumeError, match=r"train.zero_stage = 2, this config has 3: set train.zero_stage = 2"):
         check_resumable(load_config(QUICKSTART_CONFIG, ["train.zero_stage=3"]), point)
+    # "auto" settles to 0 on CPU: a run written at 2 (the default before "auto") says how to resume it.
+    with pytest.raises(ResumeError, match=r"train.zero_stage = 2, this config has 0: set train.zero_stage = 2"):
+        check_resumable(load_config(QUICKSTART_CONFIG), point)
     with pytest.raises(ResumeError, match=r"global_batch_size = 128, this config has 64"):
-        check_resumable(load_config(QUICKSTART_CONFIG, ["train.global_batch_size=64"]), point)
+        check_resumable(load_config(QUICKSTART_CONFIG, ["train.global_batch_size=64", stage2]), point)
 
 
 def test_a_damaged_ray_registry_is_moved_aside_with_a_warning(tmp_path: Path) -> None:

@@ -257,7 +257,7 @@ def _adopt_worker(rank: int, port: int, out_dir: str) -> None:
     from clray.jobs.run.engine import adopt_config, build_engine
     from clray.models.dual_encoder import DualEncoder
 
-    cfg = load_config(REPO / "configs" / "quickstart.toml", ["scaling.num_workers=1", "optim.lr=1e-3"])
+    cfg = load_config(REPO / "configs" / "quickstart.toml", ["scaling.num_workers=1", "optim.lr=1e-3", "train.zero_stage=2"])
     results = {}
     for how in ("adopt", "fill_only"):
         torch.manual_seed(0)

@@ -105,8 +105,12 @@ class TrainConfig(Strict):
     worker fails while training (a killed or lost process, an error in a step); -1: no
     limit, 0: the first failure ends the run. A failure while the workers set up (building
     the model, restoring), or the same error twice in a row, ends the run at once."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage."""
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage. auto: 0 on CPU workers (fastest there: no all-gather of
+    parameter partitions over gloo after every step, and the full optimizer state is
+    memory a CPU host has), 2 on GPUs (optimizer state and gradients partitioned, NCCL's
+    all-gather is cheap). Settled when the config loads, so every later reader sees a
+    number."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     eval_batch_size: int = Field(default=256, ge=1)
@@ -174,6 +178,13 @@ class JobConfig(Strict):
                 self.model.logit_bias = LogitBiasConfig()
             if "init_temperature" not in self.model.logit_scale.model_fields_set:
                 self.model.logit_scale.init_temperature = 0.1
+        return self
+
+    @model_validator(mode="after")
+    def _zero_stage(self) -> JobConfig:
+        """train.zero_stage = "auto": 2 with scaling.use_gpu, else 0 (see TrainConfig)."""
+        if self.train.zero_stage == "auto":
+            self.train.zero_stage = 2 if self.scaling.use_gpu else 0
         return self
 
     @model_validator(mode="after")
