@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -73,18 +72,15 @@ def _rank(rank: int, world: int, port: int, mode: str, local_batch: int, block: 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(mode: str, world: int, local_batch: int, block: int) -> dict[str, float]:
     """Max over ranks of per-rank peak memory growth and step time."""
     import torch.multiprocessing as mp
 
+    sys.path.insert(0, str(REPO))
+    from clray.jobs.runtime import free_port
+
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank, args=(world, _free_port(), mode, local_batch, block, out_dir), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, free_port(), mode, local_batch, block, out_dir), nprocs=world, join=True)
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     return {
         "peak_bytes": max(r["peak_bytes"] for r in ranks),

@@ -9,7 +9,6 @@ the rank's traceback if one raises, and kills them if a collective hangs.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,11 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from clray.jobs.runtime import free_port as free_port
 
 
 def init_gloo(rank: int, world: int, port: int) -> None:

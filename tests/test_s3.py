@@ -7,7 +7,6 @@ train packed from the S3 plan. No secret ever lands in what a run writes."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from conftest import FAKE_AWS_ACCESS_KEY_ID, FAKE_AWS_SECRET_ACCESS_KEY
 
 from clray.jobs.cli import QUICKSTART_CONFIG
 from clray.jobs.config import ConfigError, load_config
+from clray.jobs.runtime import free_port
 from clray.pipelines import storage
 from clray.pipelines.errors import DataError
 from clray.pipelines.sources import resolve_shards
@@ -27,18 +27,12 @@ from clray.pipelines.storage import StorageConfig
 BUCKET = "clray-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(aws_test_env: None) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1, one bucket; reachable from Ray's worker processes."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -139,7 +133,7 @@ def test_schema_problem_names_the_s3_object(s3_corpus: str, storage_cfg: Storage
 
 
 def test_unreachable_endpoint_fails_fast_and_says_so() -> None:
-    dead = StorageConfig(endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    dead = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(DataError) as err:
         resolve_shards(["s3://bucket/train"], "data.train", dead)
     assert "data.train" in str(err.value) and "s3://bucket/train" in str(err.value)
