@@ -12,68 +12,16 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 from process_group import free_port, init_gloo, spawn_ranks
+from tune_configs import GOOD, PBT, REPO, TEMPERATURE, _search_toml, _write
 
 from clray.jobs.cli import main
 from clray.jobs.config import ConfigError, load_config
 from clray.jobs.tune import CRASH_ENV, check_tune_config, load_tune_config
 from clray.pipelines.quickstart import write_quickstart_corpus
-
-REPO = Path(__file__).resolve().parent.parent
-TEMPERATURE = "model.logit_scale.init_temperature"
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def _search_toml(corpus: Path, out: Path, search: str, extra: str = "", steps: int = 24) -> str:
-    base = os.path.relpath(REPO / "configs" / "quickstart.toml", out)
-    return f"""
-[search]
-base = "{base}"
-{search}
-
-[run]
-name = "search"
-output_dir = "{out / 'runs'}"
-
-[data]
-train = "{corpus / 'train'}"
-eval = "{corpus / 'eval'}"
-
-[model.logit_scale]
-mode = "fixed"
-
-[train]
-global_batch_size = 64
-max_steps = {steps}
-epochs = 2
-eval_every = 8
-checkpoint_every = 8
-log_every = 4
-{extra}
-"""
-
-
-GOOD = f"""
-metric = "eval/zero_shot_accuracy"
-mode = "max"
-max_concurrent = 2
-scheduler = "asha"
-algorithm = "grid"
-[search.space]
-"{TEMPERATURE}" = {{ grid = [1.0, 3.0, 0.05, 0.1] }}
-[search.resources]
-num_workers = 1
-[search.asha]
-grace_period = 8
-"""
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +164,6 @@ def test_a_trial_that_ran_its_own_steps_is_complete_though_raw_rows_promise_more
     quarantine: at 96 rows a batch that is 15 against 14 steps an epoch. A trial that ran
     all 28 of its steps is COMPLETE (results, summary, live table), one ASHA ended at
     step 8 is STOPPED; the raw-row count (30) only bounds ASHA's max_t."""
-    from types import SimpleNamespace
 
     import pandas as pd
     import pyarrow.parquet as pq
@@ -288,44 +235,6 @@ def test_adopt_config_sets_lr_and_temperature_through_zero2_master_weights(tmp_p
     assert adopted["log_scale"] == pytest.approx(math.log(2.0), abs=1e-6)
     # Teeth: writing only the model parameter is undone by the optimizer's master copy.
     assert result["fill_only"]["log_scale"] == pytest.approx(math.log(1 / 0.07), abs=1e-5)
-
-
-def test_asha_rungs_survive_a_killed_driver(tmp_path: Path, corpus: Path) -> None:
-    """Tune saves its trials but not its scheduler: a resumed ASHA would judge the trials
-    left only against each other. clray's ASHA keeps its rungs in the search directory."""
-    from ray import cloudpickle
-    from ray.tune.schedulers import TrialScheduler
-
-    from clray.jobs.tune.driver import RUNGS_FILE, _scheduler
-
-    job = load_tune_config(_write(tmp_path / "tune.toml", _search_toml(corpus, tmp_path, GOOD)))
-    first = _scheduler(job, 24)
-    first.set_search_properties("eval/zero_shot_accuracy", "max")
-    saved = cloudpickle.dumps(first)  # what Tune's tuner.pkl holds: the scheduler before any result
-
-    def trial(name: str) -> Any:
-        return SimpleNamespace(trial_id=name)
-
-    def result(step: int, accuracy: float) -> dict:
-        return {"step": step, "eval/zero_shot_accuracy": accuracy}
-
-    for name, accuracy in (("good", 0.27), ("strong", 0.35)):
-        first.on_trial_add(None, trial(name))
-        assert first.on_trial_result(None, trial(name), result(8, accuracy)) == TrialScheduler.CONTINUE
-        first.on_trial_complete(None, trial(name), result(24, accuracy))
-    # The driver dies here; a resumed one unpickles the scheduler Tune saved at the start.
-    resumed = cloudpickle.loads(saved)
-    resumed.on_trial_add(None, trial("weak"))
-    assert resumed.on_trial_result(None, trial("weak"), result(8, 0.10)) == TrialScheduler.STOP
-    # Killed again before Tune saved the stop: a second resume restarts the trial, and stops it again.
-    again = cloudpickle.loads(saved)
-    again.on_trial_add(None, trial("weak"))
-    assert again.on_trial_result(None, trial("weak"), result(4, 0.10)) == TrialScheduler.STOP
-    # Without the file, the resumed scheduler would let the weak trial go on (Tune's own ASHA).
-    (job.search_dir / RUNGS_FILE).unlink()
-    forgetful = cloudpickle.loads(saved)
-    forgetful.on_trial_add(None, trial("weak"))
-    assert forgetful.on_trial_result(None, trial("weak"), result(8, 0.10)) == TrialScheduler.CONTINUE
 
 
 # ------------------------------------------- one ASHA search, killed half-way and resumed
@@ -430,7 +339,6 @@ def test_resumed_search_reruns_no_finished_trial(search: dict) -> None:
 def test_checkpoint_step_is_read_from_the_directory_name() -> None:
     """How a resumed trial tells whether the checkpoint Tune holds is newer than the last
     one Ray Train registered for the run (jobs.worker restores the newer)."""
-    from types import SimpleNamespace
 
     from clray.jobs.run.location import checkpoint_step as _checkpoint_step
 
@@ -439,24 +347,6 @@ def test_checkpoint_step_is_read_from_the_directory_name() -> None:
     assert _checkpoint_step("s3://bucket/runs/s/trials/t/checkpoint_00000032/") == 32
     assert _checkpoint_step(SimpleNamespace(path="/runs/t/checkpoint_00000008")) == 8
     assert _checkpoint_step("/runs/t/export") == -1
-
-
-PBT = f"""
-metric = "eval/zero_shot_accuracy"
-mode = "max"
-num_trials = 2
-max_concurrent = 2
-scheduler = "pbt"
-seed = 0
-[search.space]
-"{TEMPERATURE}" = {{ loguniform = [0.05, 1.0] }}
-"optim.lr" = {{ loguniform = [5e-4, 5e-3] }}
-[search.resources]
-num_workers = 1
-[search.pbt]
-perturbation_interval = 8
-synch = true
-"""
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ Layout of a search directory (``run.output_dir/run.name``):
     trials/ID/       one clray run per trial (checkpoints, metrics.jsonl, export, summary)
     trial_starts.jsonl  one line per start of a trial (what a resumed search reran)
     asha_rungs.json  ASHA's results per rung (Tune does not save them; a resume needs them)
+    pbt_state.json   PBT's per-trial state (likewise)
     best.toml        the best trial's config, ready for `clray train`
     results.parquet, results.csv   one row per trial
     plots/           the metric against each searched key, and per-trial curves
@@ -27,14 +28,12 @@ from typing import Any
 from clray.jobs.config import ConfigError, validate
 from clray.jobs.config.search import PBT_MUTABLE, TuneJob
 from clray.jobs.tune.report import TuneSummary, print_final, print_trials, published, write_outputs
+from clray.jobs.tune.schedulers import PBT_FILE, RUNGS_FILE, resumable_asha, resumable_pbt
 from clray.jobs.tune.trial import run_trial, trial_steps_bound
 
 CRASH_ENV = "CLRAY_TUNE_CRASH_AFTER"
 """Fault injection for tests: the driver exits hard (no clean-up) once this many trials
 have finished and Tune has saved its state since, as a killed driver would."""
-
-RUNGS_FILE = "asha_rungs.json"
-"""ASHA's recorded results per rung, which Tune does not save (``_ResumableASHA``)."""
 
 SEARCH_FILES = ("summary.json", "results.parquet", "results.csv", "best.toml", "plots", "trial_starts.jsonl")
 """What the driver publishes when the search ends."""
@@ -107,86 +106,15 @@ class _LiveTable:
         return LiveTable(*args, **kwargs)
 
 
-class _ResumableASHA:
-    """Tune's ASHA, whose rungs outlive the driver.
-
-    Tune saves its trials for ``--resume`` but not its scheduler: a restored ASHA starts
-    with empty rungs, so trials that reach a rung after a resume are judged only against
-    each other, and the results recorded before the kill no longer count (two equally weak
-    trials then both go on). This one writes every rung's recorded results and each
-    trial's bracket to ``RUNGS_FILE`` after each result, and reads them back in a resumed
-    driver before its first decision; a trial it stopped that the resume starts again is
-    stopped again at its first result."""
-
-    def __new__(cls, job: TuneJob, **kwargs: Any) -> Any:
-        from ray.tune.schedulers import ASHAScheduler
-
-        class ResumableASHA(ASHAScheduler):
-            def __init__(self, job: TuneJob, **kwargs: Any) -> None:
-                super().__init__(**kwargs)
-                self.job = job
-                self.restored = False  # pickled False into the saved search: a resumed driver reads the file
-                self.stopped: set[str] = set()
-                self.saved_brackets: dict[str, int] = {}  # trial -> bracket, as read back on a resume
-                self.written = ""  # the file's content as last written: unchanged results write nothing
-
-            def _restore(self) -> None:
-                if self.restored:
-                    return
-                self.restored = True
-                if not self.job.staging.pull(RUNGS_FILE):
-                    return
-                saved = json.loads((self.job.search_dir / RUNGS_FILE).read_text())
-                for bracket, rungs in zip(self._brackets, saved["rungs"], strict=True):  # the same config: pickled
-                    by_milestone = {milestone: values for milestone, values in rungs}
-                    for milestone, recorded in bracket._rungs:
-                        recorded.update(by_milestone.get(milestone, {}))
-                self.saved_brackets = saved["trials"]
-                self.stopped = set(saved["stopped"])
-
-            def _save(self) -> None:
-                text = json.dumps({"rungs": [[[m, dict(r)] for m, r in b._rungs] for b in self._brackets],
-                                   "trials": {t: self._brackets.index(b) for t, b in self._trial_info.items()},
-                                   "stopped": sorted(self.stopped)})
-                if text != self.written:  # most results reach no rung (on S3, each write is an upload)
-                    (self.job.search_dir / RUNGS_FILE).write_text(text)
-                    self.job.staging.publish(RUNGS_FILE)
-                    self.written = text
-
-            def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-                self._restore()
-                super().on_trial_add(tune_controller, trial)
-                index = self.saved_brackets.get(trial.trial_id)
-                if index is not None:  # a trial from before the resume stays in its bracket
-                    self._trial_info[trial.trial_id] = self._brackets[index]
-
-            def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-                self._restore()
-                if trial.trial_id in self.stopped:  # stopped before the kill, restarted by the resume
-                    return self.STOP
-                decision = super().on_trial_result(tune_controller, trial, result)
-                if decision == self.STOP:
-                    self.stopped.add(trial.trial_id)
-                self._save()
-                return decision
-
-            def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-                self._restore()
-                super().on_trial_complete(tune_controller, trial, result)
-                self._save()
-
-        return ResumableASHA(job, **kwargs)
-
-
 def _scheduler(job: TuneJob, max_t: int | None) -> Any:
     """ASHA, PBT or FIFO. ``max_t``: the raw-row upper bound on a trial's steps
     (``trial_steps_bound``); ASHA only needs a bound, never a trial's real length."""
-    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import FIFOScheduler
 
     search, train = job.search, job.base.train
     if search.scheduler == "asha":
         grace = search.asha.grace_period or train.eval_every or train.log_every
-        return _ResumableASHA(
+        return resumable_asha(
             job,
             time_attr="step",
             grace_period=grace,
@@ -200,7 +128,8 @@ def _scheduler(job: TuneJob, max_t: int | None) -> Any:
         if search.seed is not None:
             # PBT draws its exploit partners and perturbations from Python's global random.
             random.seed(search.seed)
-        return PopulationBasedTraining(
+        return resumable_pbt(
+            job,
             time_attr="step",
             perturbation_interval=search.pbt.perturbation_interval or train.eval_every,
             hyperparam_mutations=mutations,
@@ -247,8 +176,9 @@ def _stage_search_files(job: TuneJob, resume: bool) -> None:
     table appends to."""
     if resume:
         job.staging.pull("trial_starts.jsonl")
-    else:  # nothing of an earlier search's ASHA rungs may reach this one
-        (job.search_dir / RUNGS_FILE).unlink(missing_ok=True)
+    else:  # nothing of an earlier search's scheduler state may reach this one
+        for name in (RUNGS_FILE, PBT_FILE):
+            (job.search_dir / name).unlink(missing_ok=True)
     (job.search_dir / "search.json").write_text(json.dumps(
         {"source": job.source, "base": job.raw_base, "search": job.search.model_dump(mode="json")},
         indent=2, default=str,
