@@ -85,6 +85,12 @@ class FakeDataset:
     def limit(self, count: int) -> FakeDataset:
         return self
 
+    def count(self) -> int:
+        return 1000
+
+    def to_arrow_refs(self) -> list[Any]:
+        return []  # a cached set's blocks, which the workers read themselves (pipelines.cached)
+
 
 @pytest.fixture
 def ray_data_log(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
@@ -120,6 +126,7 @@ def test_examples_run_derives_each_fact_once(
     data = build_run_data(cfg, data_spec, str(tmp_path / "quarantine.parquet"))
     assert derived == {"required_columns": 2, "filesystem_for": 2, "check_towers": 1, "data_task_cpus": 1}
     assert set(data.datasets) == {"train", "eval"} and data.steps_per_epoch == 1000 // 128
+    assert data.cached is not None and data.cached.num_rows == 1000  # small enough for data.cache
 
     reads = [e for e in ray_data_log if e["op"] == "read_parquet"]
     assert len(reads) == 4  # quarantine + dataset, per split
