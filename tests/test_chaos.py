@@ -161,6 +161,22 @@ def test_a_killed_worker_is_restarted_and_the_run_matches_one_left_alone(referen
     assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
 
 
+def test_clray_eval_consolidates_a_zero2_checkpoint_into_the_weights_the_run_exported(reference: Run,
+                                                                                        tmp_path: Path) -> None:
+    """`clray eval RUN` merges a ZeRO-2 checkpoint's shards into fp32 weights (the CPU
+    default, ZeRO-0, has no shards and takes the other path: tests/test_train.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clray.jobs.eval import checkpoint_export
+
+    out, name = checkpoint_export(reference.run_dir, None, tmp_path / "export")
+    assert name == f"checkpoint_{STEPS:08d}"  # the last step's, so the state the run exported
+    got, want = load_file(str(out / "model.safetensors")), weights(reference.run_dir)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[key], want[key]) for key in want)
+
+
 @pytest.fixture(scope="module")
 def damaged(worker_killed: Run, corpus: Path, runs: Path) -> Run:
     run_dir = worker_killed.run_dir

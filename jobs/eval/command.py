@@ -68,7 +68,14 @@ def checkpoint_export(run_dir: Path, name: str | None, out: Path) -> tuple[Path,
         raise DataError(f"{run_dir}: no checkpoint {name or ''} to evaluate (the run has: {names})")
     cfg = load_config(run_dir / "config.toml")
     model = DualEncoder(cfg.model)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(chosen), tag=CHECKPOINT_TAG)
+    state_dir = chosen / CHECKPOINT_TAG
+    if any(state_dir.glob("*optim_states.pt")):  # ZeRO 1-3 (or bf16): fp32 weights from the shards
+        state = get_fp32_state_dict_from_zero_checkpoint(str(chosen), tag=CHECKPOINT_TAG)
+    else:  # ZeRO-0 in fp32: no shards; the whole module is in the model states file
+        import torch
+
+        saved = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = {key: value.float() if value.is_floating_point() else value for key, value in saved["module"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
         raise EvalError(f"{chosen} does not fit the run's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
