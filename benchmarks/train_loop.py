@@ -20,7 +20,7 @@ framework cost at all (each timed alone; side by side they also share memory ban
 ratio says what the distributed machinery costs (or wins) on this machine; on one 2-core
 box the reference has the advantage of zero communication and zero data wait.
 
-    .venv/bin/python benchmarks/train_loop.py [--epochs 6] [--workers 2] [--tiny]
+    .venv/bin/python benchmarks/train_loop.py [--epochs 6] [--workers 2] [--repeats 3] [--tiny]
 
 ``--tiny`` runs a few steps (tests/test_benchmarks.py): for catching API changes only.
 """
@@ -147,6 +147,15 @@ def ddp_loop(cfg: JobConfig, tensors: dict[str, torch.Tensor], steps: int, worke
     return {"samples_per_s": cfg.train.global_batch_size * steps / elapsed, "steps": steps, "seconds": elapsed}
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    return sorted(runs, key=lambda run: run["samples_per_s"])[len(runs) // 2]
+
+
+def spread(runs: list[dict[str, float]]) -> str:
+    rates = sorted(run["samples_per_s"] for run in runs)
+    return f"{len(runs)} runs ({rates[0]:.0f}-{rates[-1]:.0f})"
+
+
 PHASES = ("data", "forward", "backward", "reduce", "optimizer", "other")
 
 
@@ -178,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--zero-stage", type=int, default=None, help="default: the quickstart config's")
     parser.add_argument("--tiny", action="store_true", help="3 steps, no evaluation: a smoke test")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each reference; the median counts")
     args = parser.parse_args(argv)
 
     from clray.pipelines.quickstart import write_quickstart_corpus
@@ -200,8 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         ray.shutdown()  # the references get the machine to themselves, as they would without clray
         tensors = plain_inputs(cfg, corpus)
-        plain = plain_loop(cfg, tensors, clray["steps"])
-        ddp = ddp_loop(cfg, tensors, clray["steps"], args.workers)
+        # The references alternate, each run --repeats times, and the median counts: on a
+        # 2-core machine one 5-second plain loop moved by a third between runs.
+        plains, ddps = [], []
+        for _ in range(1 if args.tiny else args.repeats):
+            plains.append(plain_loop(cfg, tensors, clray["steps"]))
+            ddps.append(ddp_loop(cfg, tensors, clray["steps"], args.workers))
+        plain, ddp = median_run(plains), median_run(ddps)
         # One worker's share on one thread, as each clray worker computes it, with nothing
         # else to pay: N of these side by side are the best any N-worker trainer could do.
         share = plain_loop(cfg, tensors, clray["steps"], threads=1,
@@ -212,9 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"quickstart step loop, global batch {cfg.train.global_batch_size}, {clray['steps']} steps, "
           f"{os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})")
     print(f"{'':40}{'samples/s':>12}{'loop s':>9}")
-    print(f"{'plain torch, 1 process (reference)':40}{plain['samples_per_s']:>12.0f}{plain['seconds']:>9.1f}")
+    print(f"{'plain torch, 1 process (reference)':40}{plain['samples_per_s']:>12.0f}{plain['seconds']:>9.1f}"
+          f"   median of {spread(plains)}")
     label = f"plain DDP, {args.workers} processes x 1 thread"
-    print(f"{label:40}{ddp['samples_per_s']:>12.0f}{ddp['seconds']:>9.1f}")
+    print(f"{label:40}{ddp['samples_per_s']:>12.0f}{ddp['seconds']:>9.1f}   median of {spread(ddps)}")
     label = f"clray, {args.workers} Ray Train workers + ZeRO-{cfg.train.zero_stage}"
     print(f"{label:40}{clray['samples_per_s']:>12.0f}{clray['seconds']:>9.1f}")
     print(f"ratio clray / reference (total samples over total loop time): "
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"({clray['median_window_samples_per_s'] / plain['samples_per_s']:.2f}x the reference)")
     print(f"clray wall time incl. Ray start, data validation, eval, export: {clray['wall_seconds']:.1f} s "
           f"(zero-shot accuracy {clray['zero_shot_accuracy']:.3f})")
-    return {"clray": clray, "plain": plain, "ddp": ddp, "share": share, "bound": bound}
+    return {"clray": clray, "plain": plain, "ddp": ddp, "share": share, "bound": bound, "plains": plains, "ddps": ddps}
 
 
 if __name__ == "__main__":
