@@ -120,7 +120,6 @@ def make_schedule(cfg: JobConfig, data: RunData, stop_epoch: int | None) -> Sche
         global_batches=data.packed_spec is not None,
         stop_step=stop_step,
         remainder_rows=0 if packed else data.num_rows - per_epoch * cfg.train.global_batch_size,
-        cached_train=data.cached is not None,
     )
     if packed:
         # More epochs than plans: epoch e trains on plan e % num_plans.

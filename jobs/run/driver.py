@@ -272,6 +272,7 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    datasets = _datasets(cfg, spec, data, checked)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.encode(),
@@ -281,8 +282,9 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {}),
                                   **cfg.scaling.resources_per_worker},
         ),
-        datasets=_datasets(cfg, spec, data, checked),
-        dataset_config=ingest_config(cfg, _split_names(spec)),
+        datasets=datasets,
+        # Every training dataset is split between the ranks; each rank reads all of "eval".
+        dataset_config=ingest_config(cfg, [name for name in datasets if name != "eval"]),
         run_config=RunConfig(
             name=cfg.run.name,
             **location.run_config_storage(),
@@ -292,10 +294,6 @@ def _trainer(cfg: JobConfig, spec: WorkerSpec, data: RunData, checked: DataSpec,
             worker_runtime_env={"env_vars": run_worker_env(cfg)},
         ),
     )
-
-
-def _split_names(spec: WorkerSpec) -> list[str]:
-    return spec.schedule.dataset_names + ([] if spec.schedule.packed else [RESUME])
 
 
 def _checkpoint_config(cfg: JobConfig) -> Any:

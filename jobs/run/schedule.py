@@ -31,18 +31,6 @@ class Schedule:
     later start with the same run name; None: run to total_steps."""
     remainder_rows: int = 0
     """Examples: valid rows beyond the last full global batch, left out of each epoch."""
-    cached_train: bool = False
-    """Examples with data.cache: every rank reads its rows of each epoch from the cached
-    set's blocks itself (``pipelines.cached``), so the trainer splits no training dataset."""
-
-    @property
-    def dataset_names(self) -> list[str]:
-        """The trainer's training datasets (split between the ranks): "train", or
-        "train_0", "train_1", ... per plan of local batches; none for global batches or a
-        cached set."""
-        if self.global_batches or self.cached_train:
-            return []
-        return [f"train_{i}" for i in range(self.num_plans)] if self.packed else ["train"]
 
     def train_dataset(self, epoch: int) -> str:
         """The name of the data epoch ``epoch`` reads (packed plans are cycled through)."""
