@@ -138,7 +138,7 @@ class EpochBatches:
             drop_last=True,
             local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
             # data.deterministic: the same buffer order every run, a new one each epoch
-            local_shuffle_seed=(self.cfg.run.seed * 100_003 + epoch * 101 + self.rank) if data.deterministic else None,
+            local_shuffle_seed=self._epoch_seed(epoch) if data.deterministic else None,
             prefetch_batches=data.prefetch_batches,
             device=self.device,
             collate_fn=training_collate(data),  # dynamic padding: each batch cut to its longest row
@@ -163,6 +163,10 @@ class EpochBatches:
         batches = self.cached.batches(state.epoch, collate, start_step=state.step_in_epoch)
         return (self._to_device(batch) for batch in batches), 0
 
+    def _epoch_seed(self, epoch: int) -> int:
+        """This rank's seed for epoch ``epoch``: its shuffle buffer and length groups."""
+        return self.cfg.run.seed * 100_003 + epoch * 101 + self.rank
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
@@ -175,11 +179,10 @@ class EpochBatches:
         as usual) are taken from Ray and cut into batches of similar-length rows here
         (``pipelines.length_groups``), then padded to each batch's longest row."""
         data = self.cfg.data
-        seed = self.cfg.run.seed * 100_003 + epoch * 101 + self.rank
         windows = shard.iter_batches(  # [ray]
             batch_size=self._group_window(), batch_format="numpy", drop_last=False,
             local_shuffle_buffer_size=self.schedule.local_shuffle_buffer,
-            local_shuffle_seed=seed if data.deterministic else None,
+            local_shuffle_seed=self._epoch_seed(epoch) if data.deterministic else None,
             prefetch_batches=1,
         )
         return self._grouped(windows, epoch, deterministic=data.deterministic)
@@ -189,9 +192,8 @@ class EpochBatches:
         from clray.pipelines.collate import training_collate
         from clray.pipelines.length_groups import length_grouped_batches
 
-        seed = self.cfg.run.seed * 100_003 + epoch * 101 + self.rank
         collate = training_collate(self.cfg.data)
-        rng = np.random.default_rng(seed if deterministic else None)
+        rng = np.random.default_rng(self._epoch_seed(epoch) if deterministic else None)
         for batch in length_grouped_batches(windows, self.cfg.local_batch_size, rng):
             yield self._to_device(collate(batch))
 
