@@ -57,6 +57,7 @@ def checkpoint_export(run_dir: Path, name: str | None, out: Path) -> tuple[Path,
 
     from clray.jobs.config import load_config
     from clray.jobs.run.checkpoint import CHECKPOINT_TAG
+    from clray.jobs.run.commit import PARTITION_SUFFIX
     from clray.jobs.run.location import checkpoint_step
     from clray.models.dual_encoder import DualEncoder
     from clray.models.export import export_model
@@ -69,7 +70,7 @@ def checkpoint_export(run_dir: Path, name: str | None, out: Path) -> tuple[Path,
     cfg = load_config(run_dir / "config.toml")
     model = DualEncoder(cfg.model)
     state_dir = chosen / CHECKPOINT_TAG
-    if any(state_dir.glob("*optim_states.pt")):  # ZeRO 1-3 (or bf16): fp32 weights from the shards
+    if any(state_dir.glob(f"*{PARTITION_SUFFIX}")):  # ZeRO 1-3 (or bf16): fp32 weights from the shards
         state = get_fp32_state_dict_from_zero_checkpoint(str(chosen), tag=CHECKPOINT_TAG)
     else:  # ZeRO-0 in fp32: no shards; the whole module is in the model states file
         import torch

@@ -31,6 +31,8 @@ MARKER = "clray-commit.json"
 DAMAGED = "clray-commit.damaged.json"
 """A marker set aside because the checkpoint failed its check when it was restored."""
 FORMAT = 1
+PARTITION_SUFFIX = "optim_states.pt"
+"""How DeepSpeed names the files of optimizer state split by rank (ZeRO 1-3, bf16)."""
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Commit:
     def partitioned(self) -> bool:
         """Whether its optimizer state is split by rank (ZeRO 1-3, and bf16 at ZeRO-0),
         so another worker count must load its universal form."""
-        return any(name.endswith("optim_states.pt") for name in self.files)
+        return any(name.endswith(PARTITION_SUFFIX) for name in self.files)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
