@@ -172,3 +172,64 @@ def test_the_baseline_and_the_selection_are_decided_from_the_step_and_the_figure
     assert lower.consider(fresh, {"eval/alignment": 0.5})
     assert not lower.consider(fresh, {"eval/alignment": 0.6})
     assert lower.consider(fresh, {"eval/alignment": 0.4})
+
+
+class _StopQueue:
+    """The driver's stop queue as rank 0's watcher sees it: a request is pending once the
+    file exists (rank 0's loop writes it at a chosen step)."""
+
+    def __init__(self, flag_file: str) -> None:
+        self.flag_file = flag_file
+
+    def empty(self) -> bool:
+        import os
+
+        return not os.path.exists(self.flag_file)
+
+
+def _stop_worker(rank: int, port: int, out_dir: str) -> None:
+    import time
+    from pathlib import Path
+
+    import torch
+    from process_group import init_gloo
+
+    from clray.jobs.run.stop import StopAgreement
+
+    init_gloo(rank, 2, port)
+    flag_file = str(Path(out_dir) / "stop-requested")
+    stops = StopAgreement(_StopQueue(flag_file), rank, torch.device("cpu"), poll_s=0.005)  # only rank 0 watches it
+    answers = []
+    for step in range(1, 200):
+        time.sleep(0.01 if rank == 0 else 0.003)  # unequal steps: the ranks drift apart
+        if rank == 0 and step == 5:
+            Path(flag_file).touch()
+            while not stops._seen.is_set():  # the watcher saw it (within a poll or two)
+                time.sleep(0.001)
+            seen_at = step
+        answers.append(stops.after_step())
+        if answers[-1]:
+            break
+    stops.close()
+    torch.save({"answers": answers, "seen_at": seen_at if rank == 0 else None}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_every_rank_stops_at_the_same_step_one_after_rank_0_saw_the_request(tmp_path) -> None:  # noqa: ANN001
+    """The stop flag is all-reduced without waiting (jobs.run.stop.StopAgreement): the flag
+    started after step s is read after step s + 1, so rank 0's request stops every rank
+    at the same step, one step later, and a step never waits for the queue."""
+    from process_group import free_port, spawn_ranks
+
+    rank0, rank1 = spawn_ranks(_stop_worker, (free_port(), str(tmp_path)), 2, tmp_path, timeout_s=120)
+    seen = rank0["seen_at"]
+    assert rank0["answers"] == rank1["answers"] == [False] * seen + [True]
+
+
+def test_without_a_stop_queue_no_rank_stops_or_all_reduces() -> None:
+    import torch
+
+    from clray.jobs.run.stop import StopAgreement
+
+    stops = StopAgreement(None, 0, torch.device("cpu"), poll_s=0.01)
+    assert [stops.after_step() for _ in range(3)] == [False] * 3 and stops._pending is None
+    stops.close()

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from clray.jobs import events
 from clray.jobs.config import JobConfig
@@ -38,6 +37,7 @@ from clray.jobs.run.recovery import SetupError, peer_processes, watching_peers
 from clray.jobs.run.replan import EpochPlans
 from clray.jobs.run.resume import ResumePoint, resume_point
 from clray.jobs.run.schedule import Schedule, TrainState
+from clray.jobs.run.stop import StopAgreement
 from clray.jobs.run.window import MetricWindow
 
 SELECTED = "clray_selected"
@@ -128,7 +128,8 @@ class Worker(EpochBatches):
         """The id keys this rank trained in the current epoch (saved with each checkpoint)."""
         self.carried = np.zeros(0, dtype=np.int64)
         """Rank 0: the epoch's rows trained before the checkpoint this start restored."""
-        self.polled = 0.0
+        self.stops = StopAgreement(spec.stop, self.rank, self.device, poll_s=STOP_POLL_S)
+        """Whether every rank stops after a step (a stop request from the driver, jobs.run.stop)."""
         self.plans = EpochPlans(self)
         """The plan each epoch reads (global batches; re-mined beside the run with remine.overlap)."""
         self.saved_step: int | None = None
@@ -201,18 +202,6 @@ class Worker(EpochBatches):
     def note_trained(self, batch: dict[str, Any]) -> None:
         if "id_key" in batch:
             self.trained.append(batch["id_key"].reshape(-1).cpu().numpy().astype(np.int64))
-
-    def stop_requested(self) -> bool:
-        """Whether every rank stops after this step: rank 0 asks the driver's stop queue
-        (at most every STOP_POLL_S) and one all-reduced flag tells every rank the same."""
-        local = 0.0
-        if self.rank == 0 and self.spec.stop is not None and time.monotonic() - self.polled >= STOP_POLL_S:
-            self.polled = time.monotonic()
-            local = 0.0 if self.spec.stop.empty() else 1.0  # [ray]
-        flag = torch.tensor([local], device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
 
     def record_batch(self, state: TrainState, batch: dict[str, Any]) -> None:
         if not self.record_path:
@@ -330,6 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     watch_reduction(engine, window.times)
     with watching_peers(worker.peers, worker.rank):
         stopped = _train(worker, engine, loss_fn, state, cadence, selection, window)
+    worker.stops.close()
     worker.finish(engine, state, cadence, stopped=stopped)
 
 
@@ -357,7 +347,7 @@ def _train(worker: Worker, engine: Any, loss_fn: Any, state: TrainState, cadence
             state.advance(cfg.train.global_batch_size)
             window.add({"loss": out.loss.detach().float().item(), **out.metrics}, t1 - t0, t2 - t0)
             with window.times.phase("other"):
-                actions = cadence.after(state.step, stop=worker.stop_requested())
+                actions = cadence.after(state.step, stop=worker.stops.after_step())
                 worker.after_step(actions, engine, state, window, scale, bias, selection)
             if actions.stop and state.step < schedule.end_step:
                 stopped = True
