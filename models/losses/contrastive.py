@@ -46,6 +46,10 @@ from clray.models.losses.blockwise import (
     full_aggregates,
 )
 from clray.models.losses.columns import (
+    DROP,
+    ID,
+    LABEL,
+    ROW,
     MaskSpec,
     in_batch_drop,
     negative_columns,
@@ -186,9 +190,12 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         target = scale * target_cos
         if bias is not None:
             target = target + bias
-        per_row, stats = self._direction(anchor, queries_meta, cands, cands_meta, target, scale, bias, spec, distributed)
+        a2p_cands, p2a_cands = (cands, cands_meta), (anchor, pairs_meta)
+        if distributed and self.mode != "ring":
+            a2p_cands, p2a_cands = self._gather(cands, cands_meta, anchor, spec)
+        per_row, stats = self._direction(anchor, queries_meta, *a2p_cands, target, scale, bias, spec, distributed)
         if self.symmetric:
-            p2a, _ = self._direction(positive, queries_meta, anchor, pairs_meta, target, scale, bias, spec, distributed)
+            p2a, _ = self._direction(positive, queries_meta, *p2a_cands, target, scale, bias, spec, distributed)
             per_row = (per_row + p2a) / 2
         return LossOutput(loss=per_row.mean(), metrics=_metrics(target_cos.detach(), stats))
 
@@ -206,19 +213,53 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
             scores, own = scores[:, start : start + rows], 0
         return in_batch_drop(scores.to(device), own, float(self.in_batch_margin))
 
+    def _gather(
+        self, cands: Tensor, cands_meta: Tensor, anchor: Tensor, spec: MaskSpec
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Every rank's candidates of both directions, (columns, metadata) each: a2p's (its
+        positives, then its hard negatives, rank after rank) and p2a's (its anchors).
+
+        One all-gather carries both directions' columns (and one all-reduce their
+        gradients back in backward); the metadata takes a second one only when a mask
+        reads ids, labels or teacher flags (``_all_meta``). So a step waits for the other
+        ranks at one or two collectives instead of six (a gather and a metadata gather
+        per direction, an all-reduce per direction in backward). p2a's metadata is a2p's
+        in-batch part, which leads each rank's block."""
+        world, n, rows = world_size(), cands.shape[0], anchor.shape[0]
+        local = torch.cat([cands, anchor]) if self.symmetric else cands
+        columns = gather_with_grad(local).view(world, local.shape[0], -1)
+        meta = self._all_meta(cands_meta, rows, spec).view(world, n, -1)
+        a2p = (columns[:, :n].reshape(world * n, -1), meta.reshape(world * n, -1))
+        p2a = (columns[:, n:].reshape(world * rows, -1), meta[:, :rows].reshape(world * rows, -1))
+        return a2p, p2a
+
+    @staticmethod
+    def _all_meta(cands_meta: Tensor, rows: int, spec: MaskSpec) -> Tensor:
+        """Every rank's column metadata. Unless a mask reads ids, labels or teacher flags,
+        only ``ROW`` and ``HARD`` matter, and another rank's block is this rank's with its
+        pair indices shifted by whole local batches (every rank has ``rows`` pairs and the
+        same hard negatives per pair): built here, not sent."""
+        if spec.same_id or spec.same_label or spec.label_positives or spec.teacher:
+            return all_gather_no_grad(cands_meta)
+        own = cands_meta.clone()
+        own[:, ID], own[:, LABEL], own[:, DROP] = 0, -1, 0  # unread: the values of rows without ids or labels
+        shifts = (torch.arange(world_size(), device=own.device) - rank()) * rows
+        blocks = own.unsqueeze(0).repeat(world_size(), 1, 1)
+        blocks[:, :, ROW] += shifts[:, None]
+        return blocks.reshape(-1, own.shape[1])
+
     def _direction(
         self, queries: Tensor, queries_meta: Tensor, cands: Tensor, cands_meta: Tensor, target: Tensor,
         scale: Tensor, bias: Tensor | None, spec: MaskSpec, distributed: bool,
     ) -> tuple[Tensor, Tensor]:
-        """Per-row losses of one direction and its [rows, 3] metric statistics."""
+        """Per-row losses of one direction and its [rows, 3] metric statistics; outside
+        ring mode, ``cands`` are already every rank's (``_gather``)."""
         if self.mode == "ring" and distributed:
             problem = Problem(self, spec, self.block_size, RingBlocks())
             aggregates, count, stats = blockwise_aggregates(
                 problem, queries, queries_meta, cands, cands_meta, scale, bias
             )
         else:
-            if distributed:
-                cands, cands_meta = gather_with_grad(cands), all_gather_no_grad(cands_meta)
             if self.mode == "gather":
                 aggregates, count, stats = full_aggregates(
                     self, spec, queries, queries_meta, cands, cands_meta, scale, bias
