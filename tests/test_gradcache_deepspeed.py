@@ -55,6 +55,7 @@ TIMEOUT_S = 240.0
 # and a whole-batch forward (different matmul shapes, different summation order).
 ATOL, RTOL = 2e-6, 1e-5
 UPDATE_RTOL, UPDATE_FLOOR = 1e-4, 1e-5
+CLIP = 0.05  # far below the quickstart's gradient norms: every step is clipped
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S + 60)
 
@@ -95,7 +96,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------- on each rank
 
 
-def _engine(model: DualEncoder, stage: int):
+def _engine(model: DualEncoder, stage: int, clip: tuple[str, float] | None = None):
     import deepspeed
 
     from clray.jobs.cli import QUICKSTART_CONFIG
@@ -111,8 +112,12 @@ def _engine(model: DualEncoder, stage: int):
     # DeepSpeed clips at norm 1.0 when the key is absent: clipping would rescale every
     # update to the same norm and hide a wrong gradient's size, so switch it off.
     config["gradient_clipping"] = 0.0
+    if clip and clip[0] == "deepspeed":
+        config["gradient_clipping"] = clip[1]
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    if clip and clip[0] == "clray":
+        engine.clray_clip_norm = clip[1]  # what build_engine sets where own_clip(cfg) says clray clips
     return engine
 
 
@@ -125,12 +130,13 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in named}
 
 
-def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str | None = None) -> dict:
+def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str | None = None,
+          clip: tuple[str, float] | None = None) -> dict:
     """One ``train_step`` from fresh identical weights; the parameters after it."""
     from clray.jobs.run.engine import train_step
     from clray.models import gradcache
 
-    engine = _engine(_model(dropout), stage)
+    engine = _engine(_model(dropout), stage, clip)
     if stage == 3:
         assert engine.zero_optimization_partition_weights()
     loss_cfg = LossConfig(gather=broken != "local_loss")
@@ -171,6 +177,8 @@ def _rank_results(rank: int) -> dict:
             "local_loss_gradcache": _step(stage, rank, 0.0, CHUNK, broken="local_loss"),
             "boundary_every_chunk": _step(stage, rank, 0.0, CHUNK, broken="boundary_every_chunk"),
         }
+    for how in ("deepspeed", "clray"):  # ZeRO-0: clray clips itself (jobs.run.engine.own_clip)
+        results[0][f"clipped_by_{how}"] = _step(0, rank, 0.0, None, clip=(how, CLIP))
     return results
 
 
@@ -319,3 +327,25 @@ def test_the_comparison_has_teeth(ranks: list[dict], reference: dict) -> None:
             errors = _update_errors(got["boundary_every_chunk"]["params"], want, initial)
             if stage in (1, 2):
                 assert errors["logit_scale"] > 100 * UPDATE_RTOL, (stage, errors["logit_scale"])
+
+
+def test_clray_clips_at_zero_0_as_deepspeed_would(ranks: list[dict], reference: dict) -> None:
+    """At ZeRO-0 in fp32 clray clips with torch's fused clip_grad_norm_ before DeepSpeed's
+    step, and DeepSpeed does not clip (it would all-reduce a norm every rank already has):
+    the parameters after two clipped steps are DeepSpeed's own clipping's, and clipping
+    did act (they are not the unclipped steps')."""
+    from clray.jobs.cli import QUICKSTART_CONFIG
+    from clray.jobs.config import load_config
+    from clray.jobs.run.engine import deepspeed_config, own_clip
+
+    for rank in ranks:
+        by_clray, by_ds = rank[0]["clipped_by_clray"], rank[0]["clipped_by_deepspeed"]
+        errors = _update_errors(by_clray["params"], by_ds["params"], reference["initial"])
+        assert max(errors.values()) < UPDATE_RTOL, errors
+        unclipped = _update_errors(by_ds["params"], rank[0]["plain"]["params"], reference["initial"])
+        assert max(unclipped.values()) > 0.1, unclipped
+    for stage, precision, clray_clips in ((0, "fp32", True), (2, "fp32", False), (0, "bf16", False)):
+        cfg = load_config(QUICKSTART_CONFIG, [f"train.zero_stage={stage}", f'train.precision="{precision}"',
+                                              "optim.grad_clip=0.5"] + (["scaling.use_gpu=true"] if precision == "bf16" else []))
+        assert own_clip(cfg) == (0.5 if clray_clips else 0.0)
+        assert deepspeed_config(cfg)["gradient_clipping"] == (0.0 if clray_clips else 0.5)
