@@ -204,7 +204,7 @@ def _stop_worker(rank: int, port: int, out_dir: str) -> None:
         time.sleep(0.01 if rank == 0 else 0.003)  # unequal steps: the ranks drift apart
         if rank == 0 and step == 5:
             Path(flag_file).touch()
-            while not stops._seen.is_set():  # the watcher saw it (within a poll or two)
+            while not stops.requested:  # the watcher saw it (within a poll or two)
                 time.sleep(0.001)
             seen_at = step
         answers.append(stops.after_step())

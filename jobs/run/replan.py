@@ -173,7 +173,7 @@ class EpochPlans:
                 entry = ray.get(self.worker.spec.board.get.remote(boundary))  # [ray]
                 flags[0] = float(entry is not None and entry[0] == "ready")
                 flags[1] = float(entry is not None and entry[0] == "failed")
-                flags[2] = float(self.worker.spec.stop is not None and not self.worker.spec.stop.empty())  # [ray]
+                flags[2] = float(self.worker.stops.requested)  # rank 0's watch of the stop queue
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0] > 0 or flags[1] > 0:

@@ -92,10 +92,13 @@ class StopAgreement:
         self._seen = threading.Event()
         self._done = threading.Event()
         self._pending: tuple[Any, Any] | None = None
-        self._thread: threading.Thread | None = None
         if queue is not None and rank == 0:
-            self._thread = threading.Thread(target=self._watch, args=(poll_s,), name="clray-stop-poll", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._watch, args=(poll_s,), name="clray-stop-poll", daemon=True).start()
+
+    @property
+    def requested(self) -> bool:
+        """Rank 0: whether its watch has seen a stop request (False on every other rank)."""
+        return self._seen.is_set()
 
     def _watch(self, poll_s: float) -> None:
         while not self._done.wait(poll_s):
@@ -114,14 +117,14 @@ class StopAgreement:
         if self.queue is None:
             return False
         if not (dist.is_available() and dist.is_initialized()):
-            return self._seen.is_set()
+            return self.requested
 
         agreed = False
         if self._pending is not None:
             work, flag = self._pending
             work.wait()
             agreed = bool(flag.item() > 0)
-        flag = torch.tensor([1.0 if self._seen.is_set() else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
         return agreed
 

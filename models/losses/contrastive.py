@@ -219,10 +219,10 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         """Every rank's candidates of both directions, (columns, metadata) each: a2p's (its
         positives, then its hard negatives, rank after rank) and p2a's (its anchors).
 
-        One all-gather carries both directions' columns (and one all-reduce their
+        One all-gather carries both directions' columns (and one all-to-all their
         gradients back in backward); the metadata takes a second one only when a mask
         reads ids, labels or teacher flags (``_all_meta``). So a step waits for the other
-        ranks at one or two collectives instead of six (a gather and a metadata gather
+        ranks at two or three collectives instead of six (a gather and a metadata gather
         per direction, an all-reduce per direction in backward). p2a's metadata is a2p's
         in-batch part, which leads each rank's block."""
         world, n, rows = world_size(), cands.shape[0], anchor.shape[0]
@@ -241,10 +241,11 @@ class ContrastiveObjective(ContrastiveLoss, Kernel):
         same hard negatives per pair): built here, not sent."""
         if spec.same_id or spec.same_label or spec.label_positives or spec.teacher:
             return all_gather_no_grad(cands_meta)
+        world = world_size()
         own = cands_meta.clone()
         own[:, ID], own[:, LABEL], own[:, DROP] = 0, -1, 0  # unread: the values of rows without ids or labels
-        shifts = (torch.arange(world_size(), device=own.device) - rank()) * rows
-        blocks = own.unsqueeze(0).repeat(world_size(), 1, 1)
+        shifts = (torch.arange(world, device=own.device) - rank()) * rows
+        blocks = own.unsqueeze(0).repeat(world, 1, 1)
         blocks[:, :, ROW] += shifts[:, None]
         return blocks.reshape(-1, own.shape[1])
 
