@@ -41,6 +41,10 @@ RAY_KNOBS: dict[str, str] = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5: Ray Train V2's controller polls its workers this often "
     "(default 2 s); it takes one report per worker per poll, so every checkpoint (a report) stalled the "
     "workers up to 2 s, and the end of every fit was noticed up to 2 s late",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0 on a local Ray clray starts (one node, which "
+    "nothing can preempt): Ray Train V2 starts a watcher actor for every worker group that polls "
+    "for draining nodes, and a new actor process costs 3-4 CPU-seconds, a tenth of a short fit's "
+    "CPU on 2 cores; on a cluster (RAY_ADDRESS, clray submit) it is left on",
     "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
     "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
     "CPU); clray compiles nothing",
@@ -84,6 +88,9 @@ the installed Ray)."""
 TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 """Set in the driver's environment (unless the user set them), which Ray Train passes on
 to its controller; why each: RAY_KNOBS."""
+
+LOCAL_TRAIN_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""The same, on a local Ray that clray starts (one node), for its jobs' processes too."""
 
 TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
 
@@ -147,13 +154,29 @@ def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = Fals
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
         pin_data_coordinator()
         return
+    # A local Ray's processes inherit the environment its raylet started with, so the job's
+    # variables are set there rather than as a runtime_env: with one, every worker process
+    # starts twice (Ray's setup_worker applies it, then execs the worker), about 0.4
+    # CPU-seconds more per process, and a run starts about ten of them.
+    env = {name: os.environ.setdefault(name, value) for name, value in LOCAL_TRAIN_DEFAULTS.items()}
+    env.update(env_vars)
+    del kwargs["runtime_env"]
     if dashboard:
         port = free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-        kwargs["runtime_env"] = {"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     if resources:
         kwargs["resources"] = dict(resources)
-    ray.init(num_cpus=local_cpus(needed_cpus), _system_config={"worker_niceness": 0}, **kwargs)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=local_cpus(needed_cpus), _system_config={"worker_niceness": 0}, **kwargs)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     start_reaper()
 
 
@@ -231,6 +254,75 @@ def start_reaper() -> None:
         return
     subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+# ------------------------------------------------------------------ a run's channel
+
+
+class _Mailboxes:
+    """The actor behind a run's channel: one FIFO per topic (async, so a ``get`` waiting
+    for an item does not hold up a ``put``)."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[str, Any] = {}
+
+    def _box(self, topic: str) -> Any:
+        import asyncio
+
+        return self.boxes.setdefault(topic, asyncio.Queue())
+
+    async def put(self, topic: str, item: Any) -> None:
+        self._box(topic).put_nowait(item)
+
+    async def get(self, topic: str, timeout: float) -> tuple[bool, Any]:
+        import asyncio
+
+        try:
+            return True, await asyncio.wait_for(self._box(topic).get(), timeout)
+        except asyncio.TimeoutError:
+            return False, None
+
+    async def size(self, topic: str) -> int:
+        return self._box(topic).qsize()
+
+
+class Mailbox:
+    """One topic of a run's channel, with the part of ``ray.util.queue.Queue``'s interface
+    clray uses: ``put``, ``get(timeout)`` (raises ``queue.Empty``) and ``empty``."""
+
+    def __init__(self, actor: Any, topic: str) -> None:
+        self.actor, self.topic = actor, topic
+
+    def put(self, item: Any) -> None:
+        import ray
+
+        ray.get(self.actor.put.remote(self.topic, item))
+
+    def get(self, timeout: float) -> Any:
+        import queue
+
+        import ray
+
+        found, item = ray.get(self.actor.get.remote(self.topic, timeout))
+        if not found:
+            raise queue.Empty
+        return item
+
+    def empty(self) -> bool:
+        import ray
+
+        return ray.get(self.actor.size.remote(self.topic)) == 0
+
+
+def run_channel(actor_options: dict[str, Any]) -> tuple[Mailbox, Mailbox]:
+    """A run's progress (workers -> driver) and stop (driver -> rank 0) queues, both served
+    by one small actor: each actor is a process of its own, which costs 2-3 CPU-seconds to
+    start, and two ``ray.util.queue.Queue`` cost two. The actor's class lives here, in a
+    module that imports neither torch nor Ray Train, so its process starts light."""
+    import ray
+
+    actor = ray.remote(_Mailboxes).options(**actor_options).remote()
+    return Mailbox(actor, "progress"), Mailbox(actor, "stop")
 
 
 # ------------------------------------------------------------------ Ray's failures

@@ -136,6 +136,55 @@ def test_a_local_ray_runs_its_workers_at_normal_priority(ray_session: None) -> N
     assert ray.get(niceness.remote()) == os.nice(0)
 
 
+def test_a_local_rays_processes_get_the_jobs_environment_without_a_runtime_env(ray_session: None) -> None:
+    """A local Ray clray starts hands the job's variables to its processes through the
+    raylet's environment, not a runtime_env (which makes every worker process start twice),
+    and leaves the driver's own environment as it was; Ray Train's preemption watcher (an
+    actor per worker group) is off on one node."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def seen() -> tuple[str | None, str | None, dict]:
+        return (os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+                ray.get_runtime_context().runtime_env)
+
+    address, watcher, runtime_env = ray.get(seen.remote())
+    assert address is not None and address.startswith("http://127.0.0.1:")
+    assert watcher == "0" and os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert not runtime_env.get("env_vars")
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+
+def test_a_runs_channel_carries_progress_and_stops_in_one_actor(ray_session: None) -> None:
+    """The run's progress and stop queues are two topics of one actor: each keeps its own
+    order, a get waits up to its timeout and then raises queue.Empty, and a worker-side
+    handle (pickled into the workers' spec) reaches the same queues."""
+    import queue
+
+    import ray
+
+    from clray.jobs.runtime import run_channel
+
+    progress, stop = run_channel({"num_cpus": 0})
+    assert progress.actor._actor_id == stop.actor._actor_id
+    assert progress.empty() and stop.empty()
+
+    @ray.remote(num_cpus=0)
+    def publish(box: bytes) -> None:
+        for step in range(3):
+            pickle.loads(box).put({"step": step})
+
+    ray.get(publish.remote(pickle.dumps(progress)))
+    stop.put("SIGTERM")
+    assert [progress.get(timeout=5)["step"] for _ in range(3)] == [0, 1, 2]
+    assert not stop.empty() and stop.get(timeout=1) == "SIGTERM" and stop.empty()
+    with pytest.raises(queue.Empty):
+        progress.get(timeout=0.2)
+    ray.kill(progress.actor)
+
+
 def test_ray_is_the_release_its_knobs_were_checked_against() -> None:
     """Private Ray APIs and knobs (jobs.runtime.RAY_KNOBS, RAY_PRIVATE_APIS) were checked
     against one Ray release: a different one must be checked again before it is used."""

@@ -36,7 +36,7 @@ from clray.jobs.run.schedule import Schedule
 from clray.jobs.run.stop import StopRequests
 from clray.jobs.run.summary import TrainSummary, checkpoints_of, summarize
 from clray.jobs.run.worker import RECORD_BATCHES_ENV, SELECTED, WorkerSpec, train_loop_per_worker
-from clray.jobs.runtime import describe_failure, start_ray, training_cpus, worker_env
+from clray.jobs.runtime import describe_failure, run_channel, start_ray, training_cpus, worker_env
 
 if TYPE_CHECKING:
     from clray.jobs.run.overlap import OverlapMiner
@@ -357,7 +357,6 @@ class _Fit:
 
     def fit_once(self) -> BaseException | None:
         import ray
-        from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         cfg, location, stops = self.start.cfg, self.start.location, self.start.stops
@@ -365,8 +364,7 @@ class _Fit:
         # would go down with that node, taking the run with it instead of a restart.
         here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)}
-        self.spec.progress = Queue(actor_options=here)
-        self.spec.stop = Queue(actor_options=dict(here))
+        self.spec.progress, self.spec.stop = run_channel(here)
         overlap = self.start.overlap
         if overlap is not None:
             overlap.post = self.spec.progress.put
@@ -399,7 +397,7 @@ class _Fit:
     def drain(self, timeout: float) -> None:
         try:
             item = self.spec.progress.get(timeout=timeout)
-        except Exception:  # ray.util.queue.Empty on timeout; progress is best-effort
+        except Exception:  # queue.Empty on timeout; progress is best-effort
             return
         self.relay(item)
 

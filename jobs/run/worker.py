@@ -70,9 +70,10 @@ class WorkerSpec:
     start_from: str | None = None
     adopt_config: bool = False
     progress: Any = None
-    """A ``ray.util.queue.Queue`` rank 0 publishes events to (None: events are dropped)."""
+    """The run channel's progress queue (``jobs.runtime.Mailbox``) rank 0 publishes events to
+    (None: events are dropped)."""
     stop: Any = None
-    """A ``ray.util.queue.Queue`` the driver puts a stop request into (None: no stops)."""
+    """The run channel's stop queue the driver puts a stop request into (None: no stops)."""
     packed: Any = None
     """Packed plans of global batches: the driver's checked ``DataSpec``, from which each
     rank builds its own part of every batch (None otherwise)."""
