@@ -41,10 +41,11 @@ RAY_KNOBS: dict[str, str] = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5: Ray Train V2's controller polls its workers this often "
     "(default 2 s); it takes one report per worker per poll, so every checkpoint (a report) stalled the "
     "workers up to 2 s, and the end of every fit was noticed up to 2 s late",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0 on a local Ray clray starts (one node, which "
-    "nothing can preempt): Ray Train V2 starts a watcher actor for every worker group that polls "
-    "for draining nodes, and a new actor process costs 3-4 CPU-seconds, a tenth of a short fit's "
-    "CPU on 2 cores; on a cluster (RAY_ADDRESS, clray submit) it is left on",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0 on a Ray clray starts on this machine (a local Ray, "
+    "the local head of clray submit, the simulated cluster; nothing there is preempted): Ray Train "
+    "V2 starts a watcher actor for every worker group that polls for draining nodes, and a new "
+    "actor process costs 3-4 CPU-seconds, a tenth of a short fit's CPU on 2 cores; on a cluster "
+    "someone else started (RAY_ADDRESS) it is left on",
     "TORCHDYNAMO_DISABLE": "1 in training workers: DeepSpeed's optimizer check imports an "
     "optimizer decorated with torch.compile, which imports inductor (2 s per worker on a "
     "CPU); clray compiles nothing",
@@ -90,7 +91,7 @@ TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 to its controller; why each: RAY_KNOBS."""
 
 LOCAL_TRAIN_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-"""The same, on a local Ray that clray starts (one node), for its jobs' processes too."""
+"""The same, on a Ray that clray starts on this machine, for its jobs' processes too."""
 
 TUNE_DEFAULTS = {"TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_FORCE_TRIAL_CLEANUP_S": "3", "RAY_AIR_NEW_OUTPUT": "0"}
 
@@ -123,6 +124,32 @@ def worker_env(use_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, 
         env["DS_ACCELERATOR"] = "cpu"
     env.update(extra or {})
     return env
+
+
+def own_op_builds() -> None:
+    """Build DeepSpeed's CPU communication op (torch compiles it on first use) the same way
+    in every process of this installation, so it is built once and then only loaded.
+
+    - PATH starts with this interpreter's ``bin``, so ``ninja`` is the virtualenv's own
+      (pip's, a DeepSpeed dependency) in a training worker, a submitted job (whose PATH
+      starts with it anyway) and ``.ci/bootstrap``'s pre-build alike: two ninja versions
+      hash a build command differently, so each took the other's build for a stale one.
+    - ``TORCH_EXTENSIONS_DIR`` (unless set) is a directory of this installation's own, so
+      two virtualenvs (their include paths differ) do not take turns rebuilding one cache.
+
+    Each such rebuild cost about 40 s on 2 cores, at the start of a run."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    own = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != own:
+        os.environ["PATH"] = own + os.pathsep + path if path else own
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "clray" / "torch_extensions" / key)
 
 
 def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False,

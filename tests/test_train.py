@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +56,23 @@ def quickstart_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dic
     out = io.StringIO()
     here = os.getcwd()
     os.chdir(tmp_path)
+    builds_before = _op_builds()
     try:
         with contextlib.redirect_stdout(out):
             code = main(["quickstart"])
     finally:
         os.chdir(here)
-    return {"code": code, "out": out.getvalue(), "tmp_path": tmp_path}
+    return {"code": code, "out": out.getvalue(), "tmp_path": tmp_path, "op_builds": (builds_before, _op_builds())}
+
+
+def _op_builds() -> list[str]:
+    """The build log of DeepSpeed's CPU comm op where clray's workers build it (one line per
+    compiled file; jobs.runtime.own_op_builds), read in a subprocess to leave this one's
+    environment alone."""
+    code = ("from clray.jobs.runtime import own_op_builds; own_op_builds(); import os, pathlib; "
+            "log = pathlib.Path(os.environ['TORCH_EXTENSIONS_DIR']).glob('*/deepspeed_shm_comm/.ninja_log'); "
+            "print(''.join(p.read_text() for p in log))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
 def test_quickstart_command_reaches_target(quickstart_run: dict) -> None:
@@ -88,6 +101,9 @@ def test_quickstart_command_reaches_target(quickstart_run: dict) -> None:
     for key in ("eval/a2p_R@1", "eval/a2p_R@5", "eval/a2p_R@10", "eval/p2a_R@1", "eval/p2a_R@10"):
         assert 0.0 <= summary["eval"][key] <= 1.0, key
     assert [Path(p).name for p in summary["checkpoints"]] == [f"checkpoint_{summary['steps']:08d}"]
+    # The workers loaded DeepSpeed's CPU comm op as .ci/bootstrap built it; none compiled it.
+    before, after = quickstart_run["op_builds"]
+    assert before and after == before, after[len(before):]
 
     # The export loads without Ray and classifies digits like the trained model did.
     from clray.models.export import load_exported

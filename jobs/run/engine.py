@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from clray.jobs.config import JobConfig
+from clray.jobs.runtime import own_op_builds
 
 
 def use_bf16(cfg: JobConfig) -> bool:
@@ -101,6 +102,7 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int, load_
     by another worker count and converted, ``jobs.run.resume.prepare_elastic``)."""
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_op_builds()  # where and with which ninja the op was pre-built; otherwise it is built again
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

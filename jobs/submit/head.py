@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clray.jobs.runtime import free_port
+from clray.jobs.runtime import LOCAL_TRAIN_DEFAULTS, free_port
 from clray.jobs.submit.errors import SubmitError
 
 STATE_DIR_ENV = "CLRAY_STATE_DIR"
@@ -152,6 +152,7 @@ def start_head(num_cpus: float, temp_root: str | None = None, timeout_s: float =
     gcs_port, dash_port = free_port(), free_port()
     extra: list[str] = []
     env = dict(os.environ)
+    env.update({name: env.get(name, value) for name, value in LOCAL_TRAIN_DEFAULTS.items()})  # nothing here is preempted
     if autoscaling is not None:
         autoscaling = {**autoscaling, "provider": {**autoscaling["provider"], "gcs_address": f"127.0.0.1:{gcs_port}"}}
         config_path = Path(temp_dir) / "autoscaling.json"
