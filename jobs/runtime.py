@@ -127,29 +127,29 @@ def worker_env(use_gpu: bool, extra: dict[str, str] | None = None) -> dict[str, 
 
 
 def own_op_builds() -> None:
-    """Build DeepSpeed's CPU communication op (torch compiles it on first use) the same way
-    in every process of this installation, so it is built once and then only loaded.
+    """Build DeepSpeed's CPU communication op (torch compiles it on first use) with one and
+    the same ``ninja`` in every process, so that it is built once and then only loaded.
 
-    - PATH starts with this interpreter's ``bin``, so ``ninja`` is the virtualenv's own
-      (pip's, a DeepSpeed dependency) in a training worker, a submitted job (whose PATH
-      starts with it anyway) and ``.ci/bootstrap``'s pre-build alike: two ninja versions
-      hash a build command differently, so each took the other's build for a stale one.
-    - ``TORCH_EXTENSIONS_DIR`` (unless set) is a directory of this installation's own, so
-      two virtualenvs (their include paths differ) do not take turns rebuilding one cache.
-
-    Each such rebuild cost about 40 s on 2 cores, at the start of a run."""
-    import hashlib
-    import sys
+    PATH starts with the directory of the ``ninja`` that pip installed beside DeepSpeed (a
+    dependency of it), found from the ``ninja`` package without importing it: a training
+    worker, a submitted job (whose PATH starts with the venv's ``bin``), ``.ci/bootstrap``'s
+    pre-build and a venv that borrows this one's packages all use it. Before, some found a
+    system ninja of another version; two versions hash a build command differently, so
+    each took the other's build for a stale one and compiled the op again (about 40 s on 2
+    cores, at the start of a run)."""
+    import importlib.util
     from pathlib import Path
 
-    own = str(Path(sys.executable).parent)
+    spec = importlib.util.find_spec("ninja")
+    if spec is None or spec.origin is None:
+        return
+    # site-packages/ninja/__init__.py -> the environment's bin/ (lib/pythonX.Y/site-packages)
+    own = Path(spec.origin).resolve().parents[4] / "bin"
+    if not (own / "ninja").is_file():
+        return
     path = os.environ.get("PATH", "")
-    if path.split(os.pathsep)[0] != own:
-        os.environ["PATH"] = own + os.pathsep + path if path else own
-    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "clray" / "torch_extensions" / key)
+    if path.split(os.pathsep)[0] != str(own):
+        os.environ["PATH"] = f"{own}{os.pathsep}{path}" if path else str(own)
 
 
 def start_ray(needed_cpus: float, env_vars: dict[str, str], verbose: bool = False, dashboard: bool = False,

@@ -183,7 +183,10 @@ def _rank_results(rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    from clray.jobs.runtime import own_op_builds
+
     os.environ["DS_ACCELERATOR"] = "cpu"
+    own_op_builds()  # as jobs.run.engine.build_engine does: the ninja the op was pre-built with
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     init_gloo(rank, WORLD, port)

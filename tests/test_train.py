@@ -66,11 +66,10 @@ def quickstart_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _op_builds() -> list[str]:
-    """The build log of DeepSpeed's CPU comm op where clray's workers build it (one line per
-    compiled file; jobs.runtime.own_op_builds), read in a subprocess to leave this one's
-    environment alone."""
-    code = ("from clray.jobs.runtime import own_op_builds; own_op_builds(); import os, pathlib; "
-            "log = pathlib.Path(os.environ['TORCH_EXTENSIONS_DIR']).glob('*/deepspeed_shm_comm/.ninja_log'); "
+    """The build log of DeepSpeed's CPU comm op (torch's extension cache; one line per
+    compiled file)."""
+    code = ("import os, pathlib; root = os.environ.get('TORCH_EXTENSIONS_DIR') or pathlib.Path.home() / '.cache' / "
+            "'torch_extensions'; log = pathlib.Path(root).glob('*/deepspeed_shm_comm/.ninja_log'); "
             "print(''.join(p.read_text() for p in log))")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
 

@@ -102,7 +102,7 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int, load_
     by another worker count and converted, ``jobs.run.resume.prepare_elastic``)."""
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    own_op_builds()  # where and with which ninja the op was pre-built; otherwise it is built again
+    own_op_builds()  # the ninja the op was pre-built with; another one builds it again
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
