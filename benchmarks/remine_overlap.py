@@ -24,7 +24,8 @@ sequential run trains epochs 1, 2, 3 on plans mined at 1, 2, 3), so the overlapp
 mines one plan fewer. On this 2-core machine the mining shares the cores with the
 training, which slows the steps taken while it runs; on a cluster it runs on CPU nodes.
 
-``--tiny`` trains 3 epochs: for catching API changes only.
+``--tiny`` trains 3 epochs overlapped (what overlap needs) and 2 sequential (one boundary
+runs every step of sequential re-mining): for catching API changes only.
 """
 
 from __future__ import annotations
@@ -124,15 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--tiny", action="store_true", help="3 epochs: a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="3 epochs overlapped, 2 sequential: a smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
         args.epochs = 3
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clray-remine-overlap-"))
     work.mkdir(parents=True, exist_ok=True)
     plan = first_plan(work)
+    sequential_epochs = 2 if args.tiny else args.epochs
     results = {
-        "sequential": train(work, plan, "sequential", args.epochs, args.every, overlap=False),
+        "sequential": train(work, plan, "sequential", sequential_epochs, args.every, overlap=False),
         "overlapped": train(work, plan, "overlapped", args.epochs, args.every, overlap=True),
     }
     for name, r in results.items():
