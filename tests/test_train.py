@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +64,12 @@ def quickstart_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _op_builds() -> list[str]:
-    """The build log of DeepSpeed's CPU comm op (torch's extension cache; one line per
+    """The build log of DeepSpeed's CPU comm op in torch's extension cache (one line per
     compiled file)."""
-    code = ("import os, pathlib; root = os.environ.get('TORCH_EXTENSIONS_DIR') or pathlib.Path.home() / '.cache' / "
-            "'torch_extensions'; log = pathlib.Path(root).glob('*/deepspeed_shm_comm/.ninja_log'); "
-            "print(''.join(p.read_text() for p in log))")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    from torch.utils.cpp_extension import get_default_build_root
+
+    logs = Path(get_default_build_root()).glob("*/deepspeed_shm_comm/.ninja_log")
+    return "".join(log.read_text() for log in logs).splitlines()
 
 
 def test_quickstart_command_reaches_target(quickstart_run: dict) -> None:
