@@ -131,12 +131,19 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
 
 
 def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str | None = None,
-          clip: tuple[str, float] | None = None) -> dict:
-    """One ``train_step`` from fresh identical weights; the parameters after it."""
+          clip: tuple[str, float] | None = None, clray_reduces: bool = False) -> dict:
+    """One ``train_step`` from fresh identical weights; the parameters after it.
+    ``clray_reduces``: the engine reduces gradients with clray's row-sparse all-reduce
+    (what ``build_engine`` installs at ZeRO-0 in fp32), not DeepSpeed's."""
     from clray.jobs.run.engine import train_step
+    from clray.jobs.run.reduction import own_reduction
     from clray.models import gradcache
 
     engine = _engine(_model(dropout), stage, clip)
+    # min_rows: the char tokenizer's 164-row vocabulary counts as a table sent by rows
+    reduction = own_reduction(engine, min_rows=100) if clray_reduces else None
+    if clray_reduces:
+        assert reduction is not None and len(reduction.tables) == 1  # the word embeddings
     if stage == 3:
         assert engine.zero_optimization_partition_weights()
     loss_cfg = LossConfig(gather=broken != "local_loss")
@@ -153,7 +160,8 @@ def _step(stage: int, rank: int, dropout: float, chunk: int | None, broken: str 
             out, scale, _ = train_step(engine, build_loss(loss_cfg), _local_batch(rank, step), gradcache_chunk=chunk)
             losses.append(float(out.loss.detach()))
             scales.append(scale)
-    return {"losses": losses, "scales": scales, "params": _gathered(engine)}
+    return {"losses": losses, "scales": scales, "params": _gathered(engine),
+            "rows_sent": reduction.rows_sent if reduction else None}
 
 
 @contextlib.contextmanager
@@ -179,6 +187,8 @@ def _rank_results(rank: int) -> dict:
         }
     for how in ("deepspeed", "clray"):  # ZeRO-0: clray clips itself (jobs.run.engine.own_clip)
         results[0][f"clipped_by_{how}"] = _step(0, rank, 0.0, None, clip=(how, CLIP))
+    results[0]["plain_clray_reduces"] = _step(0, rank, 0.0, None, clray_reduces=True)
+    results[0]["gradcache_clray_reduces"] = _step(0, rank, 0.0, CHUNK, clray_reduces=True)
     return results
 
 
@@ -352,3 +362,42 @@ def test_clray_clips_at_zero_0_as_deepspeed_would(ranks: list[dict], reference: 
                                               "optim.grad_clip=0.5"] + (["scaling.use_gpu=true"] if precision == "bf16" else []))
         assert own_clip(cfg) == (0.5 if clray_clips else 0.0)
         assert deepspeed_config(cfg)["gradient_clipping"] == (0.0 if clray_clips else 0.5)
+
+
+def test_clray_row_sparse_reduction_equals_deepspeeds_bit_for_bit(ranks: list[dict], reference: dict) -> None:
+    """At ZeRO-0 in fp32 clray all-reduces the word-embedding gradient by its non-zero rows
+    only (jobs.run.reduction): two steps with it, plain and with GradCache, leave every
+    parameter exactly where DeepSpeed's dense all-reduce leaves it. The batches use token
+    ids 5-59 of the char tokenizer's 164-row vocabulary (a table sent by rows for this test),
+    so the rows sent are a union smaller than the table, and the table did move."""
+    initial = reference["initial"]
+    vocab = initial["anchor_tower.model.embeddings.word_embeddings.weight"].shape[0]
+    for rank in ranks:
+        for variant in ("plain", "gradcache"):
+            ours, deepspeeds = rank[0][f"{variant}_clray_reduces"], rank[0][variant]
+            for name, value in deepspeeds["params"].items():
+                torch.testing.assert_close(ours["params"][name], value, rtol=0, atol=0, msg=f"{variant}: {name}")
+            assert ours["losses"] == deepspeeds["losses"]
+            (sent,) = ours["rows_sent"]
+            assert 5 < sent <= 60 and vocab == 164, sent
+    word = "anchor_tower.model.embeddings.word_embeddings.weight"
+    moved = (reference["plain"]["params"][word] - initial[word]).abs().amax(dim=1) > 0
+    assert 5 < int(moved.sum()) <= 60
+    for stage, precision, installed in ((0, "fp32", True), (2, "fp32", False), (0, "bf16", False)):
+        assert _reduction_applies(stage, precision) == installed
+
+
+def _reduction_applies(stage: int, precision: str) -> bool:
+    """What ``own_reduction`` decides for an engine of this stage and precision (a stand-in
+    engine on a 2-rank world: the decision reads only these)."""
+    from unittest import mock
+
+    from clray.jobs.run.reduction import own_reduction
+
+    engine = mock.Mock(module=torch.nn.Embedding(2000, 4), dp_world_size=2)
+    engine.zero_optimization_stage.return_value = stage
+    engine.bfloat16_enabled.return_value = precision == "bf16"
+    engine.fp16_enabled.return_value = False
+    with mock.patch.object(dist, "is_initialized", return_value=True), \
+            mock.patch.object(dist, "get_world_size", return_value=2):
+        return own_reduction(engine) is not None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from clray.jobs.config import JobConfig
+from clray.jobs.run.reduction import own_reduction
 from clray.jobs.runtime import own_op_builds
 
 
@@ -128,6 +129,7 @@ def build_engine(model: torch.nn.Module, cfg: JobConfig, total_steps: int, load_
         dist_init_required=False,
     )
     engine.clray_clip_norm = own_clip(cfg)  # read by train_step
+    own_reduction(engine)  # ZeRO-0 fp32: the gradient all-reduce by rows of the vocabulary
     return engine
 
 
