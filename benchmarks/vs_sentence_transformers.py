@@ -390,12 +390,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                         help="time plain torch's forward and backward of a worker's share on one thread vs the "
                              "global batch on every core: the best ratio any data-parallel trainer could reach")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None, help="where each part makes its own directory (created if missing)")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     parser.add_argument("--tiny", action="store_true", help="a few dozen rows, one setting: a smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
         args.rows, args.eval_rows, args.batch, args.settings = 48, 32, 16, ["short"]
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     print(f"clray vs sentence-transformers, {args.rows} pairs of {args.corpus} (load {load()})", flush=True)
     figures: dict[str, Any] = {name: run_setting(name, args) for name in args.settings}
     if args.teacher:

@@ -299,3 +299,50 @@ def test_without_a_stop_queue_no_rank_stops_or_all_reduces() -> None:
     stops = StopAgreement(None, 0, torch.device("cpu"), poll_s=0.01)
     assert [stops.after_step() for _ in range(3)] == [False] * 3 and stops._pending is None
     stops.close()
+
+
+def test_a_rank_waiting_for_an_overlapped_plan_takes_it_fails_with_the_reason_or_stops(ray_session: None,
+                                                                                        monkeypatch) -> None:  # noqa: ANN001
+    """remine.overlap: a rank at a boundary whose plan is not mined yet polls the driver's
+    board until the plan is there, raises the miner's reason when it failed, and gives up
+    (None) when a stop is asked for while it waits; a start stopped there checkpoints
+    the step it stopped at, unless that step has a checkpoint already."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import ray
+    import torch
+
+    from clray.jobs.run import replan, worker
+    from clray.jobs.run.overlap import PlanBoard
+
+    monkeypatch.setattr(replan, "POLL_WAIT_S", 0.02)
+    board = ray.remote(num_cpus=0)(PlanBoard).remote()
+    stops = SimpleNamespace(requested=False)
+    rank = SimpleNamespace(rank=0, device=torch.device("cpu"), stops=stops, spec=SimpleNamespace(board=board, packed=None))
+    plans = replan.EpochPlans(rank)
+
+    def later(action) -> None:  # noqa: ANN001
+        threading.Timer(0.3, action).start()
+
+    later(lambda: board.put.remote(1, "plan mined at 1"))
+    started = time.monotonic()
+    assert plans._wait(1) == "plan mined at 1" and time.monotonic() - started >= 0.3
+    ray.get(board.fail.remote(2, "the teacher at epoch 2 could not be read"))
+    with pytest.raises(replan.RemineFailedError, match="teacher at epoch 2"):
+        plans._wait(2)
+    later(lambda: setattr(stops, "requested", True))
+    started = time.monotonic()
+    assert plans._wait(3) is None and time.monotonic() - started >= 0.3
+    ray.kill(board)
+
+    saved = []
+    for saved_step in (6, 7):
+        state = SimpleNamespace(step=7)
+        stopped = SimpleNamespace(
+            plans=SimpleNamespace(begin=lambda engine, state: False), saved_step=saved_step,
+            checkpoint=lambda engine, state: saved.append(state.step),
+            schedule=SimpleNamespace(end_step=20), cfg=SimpleNamespace(loss=SimpleNamespace(gradcache=False)))
+        assert worker._train(stopped, None, None, state, None, None, None) is True
+    assert saved == [7]  # once: the second start had checkpointed step 7 already
