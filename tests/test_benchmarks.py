@@ -18,8 +18,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3", "remine_overlap")
 """Scripts that train with clray (run_training, run_mining, run_tune), each starting its own
-local Ray: 1-2.5 minutes each on 2 cores, remine_overlap (2 epochs re-mined sequentially,
-then 3 overlapped; overlap needs 3) about 4; about 16 minutes in all."""
+local Ray: 1-2 minutes each on 2 cores, remine_overlap (2 epochs re-mined sequentially,
+then 3 overlapped; overlap needs 3) about 3; about 11 minutes in all (2026-12-07)."""
 STANDALONE = ("gradcache", "losses", "mining", "siglip_ring")
 
 
