@@ -57,15 +57,11 @@ class RowSparseAllReduce:
         flat = torch.cat(parts)
         dist.all_reduce(flat)
         flat.mul_(1.0 / world)
-        offset = 0
-        for p in self.dense:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-        for p, index in zip(self.tables, rows, strict=True):
-            n = index.numel() * p.shape[1]
-            p.grad.index_copy_(0, index, flat[offset:offset + n].view(index.numel(), p.shape[1]))
-            offset += n
+        pieces = flat.split([part.numel() for part in parts])
+        for p, piece in zip(self.dense, pieces, strict=False):
+            p.grad.copy_(piece.view_as(p.grad))
+        for p, index, piece in zip(self.tables, rows, pieces[len(self.dense):], strict=True):
+            p.grad.index_copy_(0, index, piece.view(index.numel(), p.shape[1]))
 
     def _union_rows(self) -> list[torch.Tensor]:
         """Per table, the indices of the rows whose gradient is not zero on some rank."""
