@@ -42,6 +42,13 @@ class TextTowerConfig(Strict):
     """How token states become one vector: masked mean, or the first token."""
     max_length: int = Field(default=32, ge=2)
     """Tokens per text after truncation."""
+    split_by_length: bool = True
+    """Encode a batch's rows in a few groups of similar length, each padded to its own
+    longest row, instead of all of them at the batch's longest row. The rows, their
+    embeddings (to float rounding) and so the negatives are unchanged; only work on
+    padding is saved. The groups are chosen by a cost model (``models.towers.split_costs``)
+    that weighs the padding saved against the cost of one more encoder call, so a batch of
+    even lengths, or a small model whose calls cost more than its tokens, stays whole."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TextTowerConfig:

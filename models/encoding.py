@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,3 +51,46 @@ def encode_by_length(
     out = torch.empty_like(sorted_out)
     out[order] = sorted_out
     return out
+
+
+def length_spans(lengths: np.ndarray, overhead: float, attention: float, multiple: int = 1,
+                 width: int | None = None) -> list[tuple[int, int, int]]:
+    """How to cut rows sorted by token count (ascending ``lengths``) into consecutive
+    chunks, each padded to its own longest row (rounded up to ``multiple``, never past
+    ``width``), so that the encoder's estimated cost is least: ``(start, stop, width)``
+    per chunk, covering every row once.
+
+    A chunk of ``r`` rows at width ``w`` is taken to cost ``r * w * (1 + w / attention)``
+    token-units (the per-token work of the layers, plus attention's part, which grows
+    with the width and equals it at ``w = attention``) plus ``overhead`` units for the
+    call itself (per-operator dispatch, kernel launches). Exact dynamic programming over
+    the places where the length changes (a cut between equal lengths saves nothing), so
+    at most one candidate per distinct length.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cap = int(width) if width is not None else int(lengths[-1])
+    padded = np.minimum(-(-np.maximum(lengths, 1) // multiple) * multiple, max(cap, 1))
+    # candidate cut points: after the last row of each distinct padded width
+    ends = np.flatnonzero(np.r_[padded[1:] != padded[:-1], True]) + 1  # exclusive ends, ascending
+    widths = padded[ends - 1].astype(np.float64)
+    per_row = widths * (1.0 + widths / attention)
+    starts = np.r_[0, ends[:-1]]
+    best = np.empty(len(ends))
+    choice = np.empty(len(ends), dtype=np.int64)
+    for j in range(len(ends)):
+        # chunk = candidates i..j (rows starts[i]..ends[j]); the cost before it is best[i - 1]
+        before = np.r_[0.0, best[:j]]
+        rows = ends[j] - starts[: j + 1]
+        total = before + rows * per_row[j] + overhead
+        i = int(np.argmin(total))
+        best[j], choice[j] = total[i], i
+    spans = []
+    j = len(ends) - 1
+    while j >= 0:
+        i = int(choice[j])
+        spans.append((int(starts[i]), int(ends[j]), int(padded[ends[j] - 1])))
+        j = i - 1
+    return spans[::-1]

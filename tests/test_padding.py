@@ -12,7 +12,7 @@ from tiny_models import TINY_BERT
 
 from clray.models.config import ModelConfig, TextTowerConfig
 from clray.models.dual_encoder import DualEncoder
-from clray.models.encoding import encode_by_length
+from clray.models.encoding import encode_by_length, length_spans
 from clray.models.preprocess import tokenize, trim_padding
 from clray.pipelines.length_groups import length_grouped_batches, row_lengths
 
@@ -168,3 +168,67 @@ def test_length_grouped_batches_with_a_window_under_one_batch() -> None:
 def test_tokenize_still_stores_max_length() -> None:
     cfg = TextTowerConfig.model_validate({"config": TINY_BERT, "max_length": 16})
     assert tokenize(cfg, ["ab", "abc"], "v")["v_input_ids"].shape == (2, 16)
+
+
+def _cut_cost(lengths: np.ndarray, cuts: list[tuple[int, int, int]], overhead: float, attention: float) -> float:
+    return sum((stop - start) * width * (1 + width / attention) + overhead for start, stop, width in cuts)
+
+
+def test_length_spans_is_the_cheapest_cut_into_chunks() -> None:
+    """The dynamic programme against every way of cutting a few sorted rows into
+    consecutive chunks; the chunks cover every row once, each at its longest row."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        n = int(rng.integers(1, 9))
+        lengths = np.sort(rng.integers(1, 65, n))
+        overhead, attention = float(rng.choice([0.0, 5.0, 48.0, 400.0])), float(rng.choice([64.0, 265.0]))
+        cuts = length_spans(lengths, overhead, attention)
+        assert [c[0] for c in cuts] == [0] + [c[1] for c in cuts[:-1]] and cuts[-1][1] == n
+        assert all(width == lengths[stop - 1] for _, stop, width in cuts)
+        best = min(
+            _cut_cost(lengths, [(a, b, int(lengths[b - 1])) for a, b in zip((0, *inner), (*inner, n), strict=True)], overhead,
+                      attention)
+            for k in range(n) for inner in itertools.combinations(range(1, n), k)
+        )
+        assert _cut_cost(lengths, cuts, overhead, attention) == pytest.approx(best), (lengths, overhead, cuts)
+    assert length_spans(np.array([3, 9, 40]), 1e9, 265.0) == [(0, 3, 40)]  # calls dearer than any padding
+    assert length_spans(np.array([3, 3, 9, 40]), 0.0, 265.0) == [(0, 2, 3), (2, 3, 9), (3, 4, 40)]
+    assert length_spans(np.array([3, 9, 13]), 0.0, 265.0, multiple=8, width=14) == [(0, 1, 8), (1, 3, 14)]
+
+
+def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> None:
+    """The pretrained MiniLM (dropout off) encoding a batch in length-sorted chunks, each
+    cut to its own longest row, against the whole batch in one call: the same embeddings
+    in the same row order to 1e-5, and the same gradient on every weight to 1e-4 of its
+    largest entry, the vocabulary table (looked up once for all chunks) included. The default cost model does split a
+    batch of very unequal lengths, and a left-padded batch is encoded whole."""
+    model = minilm_model(max_length=64)
+    tower = model.anchor_tower
+    texts = TEXTS * 3
+    order = np.random.default_rng(0).permutation(len(texts))
+    batch = trim_padding({**padded_inputs(model, [texts[i] for i in order], "anchor"),
+                          **padded_inputs(model, texts[::-1], "positive")})
+    assert tower._spans(batch["anchor_attention_mask"]) is not None  # MiniLM's own costs split this batch
+    weights = torch.randn(384, generator=torch.Generator().manual_seed(0))
+
+    def run(split: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tower.cfg = tower.cfg.model_copy(update={"split_by_length": split})
+        model.zero_grad()
+        out = model(batch)
+        ((out.anchor @ weights).square().sum() + (out.positive @ weights).sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return torch.cat([out.anchor, out.positive]).detach(), grads
+
+    tower.split_costs = (0.0, 265.0)  # a chunk per distinct length: the most cuts there can be
+    cuts = tower._spans(batch["anchor_attention_mask"])[1]
+    assert len(cuts) == len(set(batch["anchor_attention_mask"].sum(1).tolist())) > 3
+    whole, whole_grads = run(False)
+    split, split_grads = run(True)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    assert whole_grads.keys() == split_grads.keys() and "anchor_tower.model.embeddings.word_embeddings.weight" in whole_grads
+    for name, grad in whole_grads.items():  # float rounding of sums taken in another order: 1e-5 of the scale
+        assert (split_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name  # key bias: 0
+    left = {key: value.flip(-1) for key, value in batch.items()}
+    assert tower._spans(left["anchor_attention_mask"]) is None
