@@ -110,7 +110,7 @@ class TextTower(nn.Module):
                 f"({tokenizer_source(cfg)!r}) has {len(tokenizer)} tokens: {fix}"
             )
         self.output_dim: int = int(self.model.config.hidden_size)
-        self.split_costs: tuple[float, float] | None = None
+        self.cost_override: tuple[float, float] | None = None
         """(overhead, attention) for ``length_spans`` in place of ``split_costs``' estimate."""
         self._takes_embeds = "inputs_embeds" in inspect.signature(self.model.forward).parameters
 
@@ -143,7 +143,7 @@ class TextTower(nn.Module):
         counts = mask.sum(dim=1)
         order = torch.argsort(counts, stable=True)
         device = mask.device.type
-        overhead, attention = self.split_costs or split_costs(self.model.config, device)
+        overhead, attention = self.cost_override or split_costs(self.model.config, device)
         multiple = 8 if device == "cuda" else 1
         cuts = length_spans(counts[order].cpu().numpy(), overhead, attention, multiple, mask.shape[1])
         return None if len(cuts) == 1 else (order, cuts)

@@ -221,7 +221,7 @@ def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> Non
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         return torch.cat([out.anchor, out.positive]).detach(), grads
 
-    tower.split_costs = (0.0, 265.0)  # a chunk per distinct length: the most cuts there can be
+    tower.cost_override = (0.0, 265.0)  # a chunk per distinct length: the most cuts there can be
     cuts = tower._spans(batch["anchor_attention_mask"])[1]
     assert len(cuts) == len(set(batch["anchor_attention_mask"].sum(1).tolist())) > 3
     whole, whole_grads = run(False)
