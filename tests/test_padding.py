@@ -170,7 +170,7 @@ def test_tokenize_still_stores_max_length() -> None:
     assert tokenize(cfg, ["ab", "abc"], "v")["v_input_ids"].shape == (2, 16)
 
 
-def _cut_cost(lengths: np.ndarray, cuts: list[tuple[int, int, int]], overhead: float, attention: float) -> float:
+def _cut_cost(cuts: list[tuple[int, int, int]], overhead: float, attention: float) -> float:
     return sum((stop - start) * width * (1 + width / attention) + overhead for start, stop, width in cuts)
 
 
@@ -188,11 +188,11 @@ def test_length_spans_is_the_cheapest_cut_into_chunks() -> None:
         assert [c[0] for c in cuts] == [0] + [c[1] for c in cuts[:-1]] and cuts[-1][1] == n
         assert all(width == lengths[stop - 1] for _, stop, width in cuts)
         best = min(
-            _cut_cost(lengths, [(a, b, int(lengths[b - 1])) for a, b in zip((0, *inner), (*inner, n), strict=True)], overhead,
+            _cut_cost([(a, b, int(lengths[b - 1])) for a, b in zip((0, *inner), (*inner, n), strict=True)], overhead,
                       attention)
             for k in range(n) for inner in itertools.combinations(range(1, n), k)
         )
-        assert _cut_cost(lengths, cuts, overhead, attention) == pytest.approx(best), (lengths, overhead, cuts)
+        assert _cut_cost(cuts, overhead, attention) == pytest.approx(best), (lengths, overhead, cuts)
     assert length_spans(np.array([3, 9, 40]), 1e9, 265.0) == [(0, 3, 40)]  # calls dearer than any padding
     assert length_spans(np.array([3, 3, 9, 40]), 0.0, 265.0) == [(0, 2, 3), (2, 3, 9), (3, 4, 40)]
     assert length_spans(np.array([3, 9, 13]), 0.0, 265.0, multiple=8, width=14) == [(0, 1, 8), (1, 3, 14)]
@@ -202,8 +202,9 @@ def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> Non
     """The pretrained MiniLM (dropout off) encoding a batch in length-sorted chunks, each
     cut to its own longest row, against the whole batch in one call: the same embeddings
     in the same row order to 1e-5, and the same gradient on every weight to 1e-4 of its
-    largest entry, the vocabulary table (looked up once for all chunks) included. The default cost model does split a
-    batch of very unequal lengths, and a left-padded batch is encoded whole."""
+    largest entry, the vocabulary table (looked up once for all chunks) included. The
+    default cost model does split a batch of very unequal lengths, and a left-padded
+    batch is encoded whole."""
     model = minilm_model(max_length=64)
     tower = model.anchor_tower
     texts = TEXTS * 3
@@ -228,7 +229,7 @@ def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> Non
     split, split_grads = run(True)
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
     assert whole_grads.keys() == split_grads.keys() and "anchor_tower.model.embeddings.word_embeddings.weight" in whole_grads
-    for name, grad in whole_grads.items():  # float rounding of sums taken in another order: 1e-5 of the scale
+    for name, grad in whole_grads.items():  # float rounding of sums taken in another order: 1e-4 of the scale
         assert (split_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name  # key bias: 0
     left = {key: value.flip(-1) for key, value in batch.items()}
     assert tower._spans(left["anchor_attention_mask"]) is None
