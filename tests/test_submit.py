@@ -404,14 +404,20 @@ def test_submit_follow_and_read_the_result(
     assert f"job {job_id}" in out and f"clray jobs logs {job_id} --follow" in out
 
     # --after: `after` waits on the cluster for the job above, then trains; `doomed` waits for
-    # a job that is stopped while it waits, so it fails without training.
+    # `stopped`, which is stopped while it waits, so both end without training. `stopped`
+    # waits for a gate job that runs until the test stops it: were it to wait for the job
+    # above, a fast machine could finish that job before the stop, and `stopped` would train.
+    gate_id = f"gate-{os.getpid()}"
+    submit.connect(address).submit_job(
+        entrypoint="python -c 'import time; time.sleep(900)'", submission_id=gate_id)
+
     def submit_after(name: str, first: str) -> int:
         return main(["submit", "train", str(config), "--address", address, "--deps", "none",
                      "--set", f"run.name={name}", "--after", first, "--submission-id", f"{name}-{os.getpid()}"])
 
     after_id, stopped_id, doomed_id = (f"{n}-{os.getpid()}" for n in ("after", "stopped", "doomed"))
     assert submit_after("after", job_id) == 0
-    assert submit_after("stopped", job_id) == 0
+    assert submit_after("stopped", gate_id) == 0
     assert submit_after("doomed", stopped_id) == 0
     capsys.readouterr()
     monkeypatch.setenv("COLUMNS", "200")  # one table row per job
@@ -421,6 +427,7 @@ def test_submit_follow_and_read_the_result(
             if len(cells) > 5}
     assert rows[after_id][2].endswith("(waiting)") and rows[after_id][5] == job_id, listing
     assert main(["jobs", "stop", stopped_id, "--address", address]) == 0
+    assert main(["jobs", "stop", gate_id, "--address", address]) == 0
 
     assert main(["jobs", "logs", job_id, "--follow", "--address", address]) == 0
     logs = capsys.readouterr().out
