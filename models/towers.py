@@ -112,6 +112,9 @@ class TextTower(nn.Module):
         self.output_dim: int = int(self.model.config.hidden_size)
         self.cost_override: tuple[float, float] | None = None
         """(overhead, attention) for ``length_spans`` in place of ``split_costs``' estimate."""
+        self.pad_multiple = 1
+        """``split_by_length`` rounds each chunk's width up to this (the run's
+        ``data.pad_to_multiple_of``, set by ``pad_chunks_to``), as the batch itself is."""
         self._takes_embeds = "inputs_embeds" in inspect.signature(self.model.forward).parameters
 
     def forward(self, inputs: dict[str, Tensor], prefix: str) -> Tensor:
@@ -144,9 +147,20 @@ class TextTower(nn.Module):
         order = torch.argsort(counts, stable=True)
         device = mask.device.type
         overhead, attention = self.cost_override or split_costs(self.model.config, device)
-        multiple = 8 if device == "cuda" else 1
-        cuts = length_spans(counts[order].cpu().numpy(), overhead, attention, multiple, mask.shape[1])
+        cuts = length_spans(counts[order].cpu().numpy(), overhead, attention, self.pad_multiple, mask.shape[1])
         return None if len(cuts) == 1 else (order, cuts)
+
+
+def pad_chunks_to(model: nn.Module, multiple: int) -> nn.Module:
+    """Every text tower in ``model`` rounds its ``split_by_length`` chunks up to
+    ``multiple`` tokens wide (``data.pad_to_multiple_of``: 8 suits GPU tensor cores), as
+    the batches it is given are; returns ``model``."""
+    if multiple < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {multiple}")
+    for module in model.modules():
+        if isinstance(module, TextTower):
+            module.pad_multiple = multiple
+    return model
 
 
 # The cost model behind split_by_length, measured on all-MiniLM-L6-v2 (hidden 384,

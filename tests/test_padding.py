@@ -14,6 +14,7 @@ from clray.models.config import ModelConfig, TextTowerConfig
 from clray.models.dual_encoder import DualEncoder
 from clray.models.encoding import encode_by_length, length_spans
 from clray.models.preprocess import tokenize, trim_padding
+from clray.models.towers import pad_chunks_to
 from clray.pipelines.length_groups import length_grouped_batches, row_lengths
 
 TEXTS = [
@@ -233,3 +234,11 @@ def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> Non
         assert (split_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name  # key bias: 0
     left = {key: value.flip(-1) for key, value in batch.items()}
     assert tower._spans(left["anchor_attention_mask"]) is None
+    # data.pad_to_multiple_of = 8 rounds every chunk up to 8 tokens, never past the stored width
+    mask = batch["anchor_attention_mask"]
+    tower.cost_override = (1.0, 265.0)  # a call costs a token: two chunks of one width cost more than one
+    assert pad_chunks_to(model, 8) is model and model.positive_tower.pad_multiple == 8
+    widths = [width for _, _, width in tower._spans(mask)[1]]
+    assert all(width % 8 == 0 or width == mask.shape[1] for width in widths) and len(widths) > 1, widths
+    assert widths == sorted(set(widths)), widths  # rounding merges chunks of one width
+    pad_chunks_to(model, 1)

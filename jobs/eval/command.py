@@ -61,6 +61,7 @@ def checkpoint_export(run_dir: Path, name: str | None, out: Path) -> tuple[Path,
     from clray.jobs.run.location import checkpoint_step
     from clray.models.dual_encoder import DualEncoder
     from clray.models.export import export_model
+    from clray.models.towers import pad_chunks_to
 
     found = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=checkpoint_step)
     chosen = run_dir / name if name else (found[-1] if found else None)
@@ -68,7 +69,7 @@ def checkpoint_export(run_dir: Path, name: str | None, out: Path) -> tuple[Path,
         names = ", ".join(p.name for p in found) or "none"
         raise DataError(f"{run_dir}: no checkpoint {name or ''} to evaluate (the run has: {names})")
     cfg = load_config(run_dir / "config.toml")
-    model = DualEncoder(cfg.model)
+    model = pad_chunks_to(DualEncoder(cfg.model), cfg.data.pad_to_multiple_of)
     state_dir = chosen / CHECKPOINT_TAG
     if any(state_dir.glob(f"*{PARTITION_SUFFIX}")):  # ZeRO 1-3 (or bf16): fp32 weights from the shards
         state = get_fp32_state_dict_from_zero_checkpoint(str(chosen), tag=CHECKPOINT_TAG)

@@ -152,9 +152,10 @@ class Worker(EpochBatches):
         dropout streams per rank."""
         from clray.models.dual_encoder import DualEncoder
         from clray.models.losses import build_loss
+        from clray.models.towers import pad_chunks_to
 
         seed_everything(self.cfg.run.seed)
-        model = DualEncoder(self.cfg.model).to(self.device)
+        model = pad_chunks_to(DualEncoder(self.cfg.model), self.cfg.data.pad_to_multiple_of).to(self.device)
         # A checkpoint of another worker count loads from its universal form (resume.prepare_elastic).
         universal = bool(self.point and self.point.commit.world_size != self.world and self.point.commit.partitioned)
         engine = build_engine(model, self.cfg, self.schedule.total_steps, load_universal=universal)

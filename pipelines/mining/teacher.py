@@ -133,7 +133,9 @@ class TeacherEmbedder:
 
         torch.set_num_threads(max(1, int(teacher_cfg.cpus_per_actor)))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_teacher(teacher_cfg).to(self.device)
+        from clray.models.towers import pad_chunks_to
+
+        self.model = pad_chunks_to(load_teacher(teacher_cfg), data_cfg.pad_to_multiple_of).to(self.device)
         self.data_cfg = data_cfg
         self.batch_size = teacher_cfg.batch_size
         self.towers = {"anchor": self.model.cfg.anchor, "positive": self.model.cfg.positive_tower}
@@ -154,7 +156,8 @@ class TeacherEmbedder:
         # padded to its own longest row, the order restored (models.encoding): on real
         # text most forwards are far shorter than max_length.
         with torch.inference_mode():
-            return encode_by_length(encode, inputs, view_name, self.batch_size).float().cpu().numpy()
+            return encode_by_length(encode, inputs, view_name, self.batch_size,
+                                    self.data_cfg.pad_to_multiple_of).float().cpu().numpy()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from clray.pipelines.validate import PATH_COLUMN, row_problems
