@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpora import codesearch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "b3", "remine_overlap")
@@ -21,9 +22,6 @@ ON_RAY = ("train_loop", "vs_sentence_transformers", "mined_vs_random", "tune", "
 local Ray: 1-2 minutes each on 2 cores, remine_overlap (2 epochs re-mined sequentially,
 then 3 overlapped; overlap needs 3) about 3; about 11 minutes in all (2026-12-07)."""
 STANDALONE = ("gradcache", "losses", "mining", "siglip_ring")
-CODESEARCH = Path("/work/shared/corpora/codesearch")
-"""Where the development machine keeps the corpus (as in test_eval.py): a script's own default
-is the ``shared/`` beside the repository, which a clone elsewhere (/tmp/fresh) lacks."""
 
 
 def test_every_benchmark_is_classified_and_has_a_tiny_mode() -> None:
@@ -37,13 +35,14 @@ def run_tiny(name: str, timeout: int, workdir: Path) -> None:
     """``benchmarks/NAME.py --tiny`` as its own command: it must exit 0 and print its figures.
     A script that keeps its work directory (``--workdir``; it defaults to a new one under
     /tmp) gets the test's own, so the suite leaves nothing behind; one that reads the
-    codesearch corpus gets ``CODESEARCH``, so the suite runs from a clone anywhere."""
+    codesearch corpus gets the one the tests found (``tests/corpora.py``): a script's own
+    default is the ``shared/`` beside the repository, which a clone elsewhere lacks."""
     script = BENCHMARKS / f"{name}.py"
     command = [sys.executable, str(script), "--tiny"]
     if '"--workdir"' in script.read_text():
         command += ["--workdir", str(workdir)]
     if '"--corpus"' in script.read_text():
-        command += ["--corpus", str(CODESEARCH)]
+        command += ["--corpus", str(codesearch())]
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.strip(), f"benchmarks/{name}.py --tiny printed nothing"

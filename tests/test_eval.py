@@ -4,16 +4,15 @@ embedded by Ray actors, scored like sentence-transformers' InformationRetrievalE
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
+from corpora import codesearch
 
 from clray.jobs.cli import main
 
-CODESEARCH = Path("/work/shared/corpora/codesearch")
 ROWS = 120
 
 
@@ -27,10 +26,8 @@ def minilm() -> str:
 def codesearch_slice(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The first ROWS eval pairs, four of them with a code text repeated from another row
     (so duplicates are folded as the evaluator folds them) and one row with no query."""
-    if not CODESEARCH.is_dir():
-        pytest.fail(f"{CODESEARCH} is missing: the shared corpora come with the development machine")
     tmp = tmp_path_factory.mktemp("codesearch")
-    table = pq.read_table(next((CODESEARCH / "eval").glob("*.parquet")), columns=["id", "query", "code"]).slice(0, ROWS)
+    table = pq.read_table(next((codesearch() / "eval").glob("*.parquet")), columns=["id", "query", "code"]).slice(0, ROWS)
     rows = table.to_pylist()
     for i in range(4):
         rows[10 + i]["code"] = rows[i]["code"]

