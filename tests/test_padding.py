@@ -241,4 +241,3 @@ def test_split_by_length_gives_the_embeddings_and_gradients_of_one_call() -> Non
     widths = [width for _, _, width in tower._spans(mask)[1]]
     assert all(width % 8 == 0 or width == mask.shape[1] for width in widths) and len(widths) > 1, widths
     assert widths == sorted(set(widths)), widths  # rounding merges chunks of one width
-    pad_chunks_to(model, 1)

@@ -6,6 +6,7 @@ for, and leaves it back at the head alone once idle."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -185,10 +186,8 @@ def test_a_search_grows_the_cluster_queues_what_does_not_fit_and_idle_nodes_go(
     # another had finished. (How far apart they start depends on how fast nodes come up:
     # on a fast machine the second node can come after the first trial has ended.)
     times = _trial_times(search_dir)
-    edges = sorted([(start, 1) for start, _ in times.values()] + [(end, -1) for _, end in times.values()],
-                   key=lambda edge: (edge[0], edge[1]))
-    training = [sum(step for _, step in edges[:i + 1]) for i in range(len(edges))]
-    assert max(training) <= 2, times
+    edges = sorted([(start, 1) for start, _ in times.values()] + [(end, -1) for _, end in times.values()])
+    assert max(itertools.accumulate(step for _, step in edges)) <= 2, times  # an end before a start at one time
     waited = [t for t, (start, _) in times.items() if any(end < start for u, (_, end) in times.items() if u != t)]
     assert waited, times
     with capsys.disabled():
